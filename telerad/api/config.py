@@ -1,0 +1,148 @@
+"""Runtime configuration: what the operator renders into a site's ConfigMap and a
+model's worker, and what the gateway and worker load. One definition for both sides;
+spec parts are reused as they are, so a field means the same thing everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field
+
+from telerad.api.aimodel import IntendedUse, ModelRef, Thresholds
+from telerad.api.base import ApiModel
+from telerad.api.routing import Match
+from telerad.api.site import AllowedCaller, Completion, Destination, Dimse, Notifications
+from telerad.api.types import AETitle, DNSLabel, HttpUrl, Priority
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class TLSFiles(ApiModel):
+    """TLS material as files mounted from the site's Secret."""
+
+    cert_file: Path
+    """PEM certificate chain of the gateway."""
+    key_file: Path
+    """PEM private key of the gateway."""
+    ca_file: Path | None = None
+    """PEM CA bundle that client certificates must chain to."""
+    require_client_certificate: bool = False
+    """Refuse peers without a valid client certificate."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """Lowest TLS version accepted."""
+
+
+class StoragePaths(ApiModel):
+    """The site's tiers as mounted directories."""
+
+    hot_dir: Path
+    """Hot tier: instances, the catalog and the job queue."""
+    warm_dir: Path | None = None
+    """Warm tier, when the site has one."""
+    hot_days: int = Field(default=7, ge=1)
+    """Days in the hot tier."""
+    retention_days: int = Field(default=30, ge=1)
+    """Days before deletion from every tier."""
+
+
+class ModelRoute(ApiModel):
+    """A model a compiled rule sends studies to, with what the gateway must know of it."""
+
+    name: DNSLabel
+    """AIModel name; jobs are queued under it."""
+    third_party: bool = False
+    """Only de-identified data may be served to it."""
+    intended_use: IntendedUse
+    """What the model may be given."""
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    """When its findings are critical."""
+
+
+class CompiledRule(ApiModel):
+    """A routing rule resolved against its policy and models, in evaluation order."""
+
+    policy: DNSLabel
+    """RoutingPolicy the rule comes from."""
+    name: DNSLabel
+    """Rule name within the policy."""
+    match: Match = Field(default_factory=Match)
+    """Which studies the rule takes."""
+    models: list[ModelRoute] = Field(min_length=1)
+    """Models that receive a job per matching study."""
+    priority: Priority = Priority.ROUTINE
+    """Priority of the jobs."""
+    deidentify: bool = False
+    """De-identify for every model of the rule."""
+    notify: bool = True
+    """Send critical findings to the site's webhooks."""
+
+
+class GatewayConfig(ApiModel):
+    """Everything a site gateway needs; rendered by the operator into the site's ConfigMap."""
+
+    site: DNSLabel
+    """ImagingSite name (used in metric labels and logs)."""
+    namespace: DNSLabel = "default"
+    """Tenant namespace."""
+    ae_title: AETitle
+    """Called AE title of the receiver."""
+    dicom_port: Port = 11112
+    """Port the DICOM receiver listens on."""
+    http_port: Port = 8080
+    """Port of DICOMweb, the job API, metrics and health."""
+    bind_address: str = "0.0.0.0"  # noqa: S104  (a pod listens on its own interface)
+    """Address both listeners bind."""
+    allowed_callers: list[AllowedCaller] = Field(min_length=1)
+    """Who may send."""
+    tls: TLSFiles | None = None
+    """TLS material; when set, plain connections are refused."""
+    storage: StoragePaths
+    """Tier directories and ages."""
+    completion: Completion = Field(default_factory=Completion)
+    """When a study is complete."""
+    dimse: Dimse = Field(default_factory=Dimse)
+    """Receiver limits."""
+    routing: list[CompiledRule] = Field(default_factory=list)
+    """Rules of every policy that selects this site, in order."""
+    destinations: list[Destination] = Field(default_factory=list)
+    """Where results are forwarded."""
+    notifications: Notifications = Field(default_factory=Notifications)
+    """Critical-finding webhooks."""
+
+    @classmethod
+    def load(cls, path: Path) -> GatewayConfig:
+        return cls.model_validate(yaml.safe_load(path.read_text()))
+
+
+class GatewayEndpoint(ApiModel):
+    """A gateway a worker claims jobs from."""
+
+    site: DNSLabel
+    """ImagingSite name."""
+    url: HttpUrl
+    """Base URL of the gateway's HTTP port."""
+
+
+class WorkerConfig(ApiModel):
+    """Everything an inference worker needs; rendered by the operator per AIModel."""
+
+    model: ModelRef
+    """Plugin and version to load."""
+    gateways: list[GatewayEndpoint] = Field(default_factory=list)
+    """Gateways whose routing sends jobs to this model."""
+    third_party: bool = False
+    """Fetch only de-identified studies."""
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    """When a finding is critical."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto uses a GPU when one is present."""
+    lease_seconds: int = Field(default=60, ge=5, le=3600)
+    """Lease of a claimed job; extended while the worker runs."""
+    metrics_port: Port = 9090
+    """Port of /metrics and /healthz."""
+
+    @classmethod
+    def load(cls, path: Path) -> WorkerConfig:
+        return cls.model_validate(yaml.safe_load(path.read_text()))

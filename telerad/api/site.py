@@ -1,0 +1,254 @@
+"""ImagingSite: one hospital or imaging centre of a tenant, and its DICOM gateway."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from telerad.api.base import SET, ApiModel, Rule, list_map
+from telerad.api.names import SITE_NAME_MAX, SITE_SUFFIXES, longest
+from telerad.api.types import (
+    AETitle,
+    Cidr,
+    Conditions,
+    DNSLabel,
+    HttpUrl,
+    ObjectMeta,
+    Priority,
+    Quantity,
+    ResourceRequirements,
+    SecretKeyRef,
+    name_rule,
+)
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Days = Annotated[int, Field(ge=1, le=36500)]
+
+
+class AllowedCaller(ApiModel):
+    """A modality or PACS allowed to open DICOM associations with the site."""
+
+    ae_title: AETitle
+    """Calling AE title the peer presents."""
+    cidrs: Annotated[list[Cidr], SET] = Field(default_factory=list, max_length=32)
+    """Source networks the peer connects from; empty accepts the AE title from anywhere
+    the NetworkPolicy lets through."""
+    description: Annotated[str, Field(max_length=256)] | None = None
+    """Free text for people: which device this is. Never patient data."""
+
+
+class TLS(ApiModel):
+    """TLS for DICOM (and the HTTP port). When set, plain DIMSE connections are refused."""
+
+    secret_name: DNSLabel
+    """Secret with tls.crt and tls.key (the site's certificate) and ca.crt (the CA that
+    signs client certificates)."""
+    require_client_certificate: bool = False
+    """Mutual TLS: refuse peers without a certificate signed by ca.crt."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """Lowest TLS version accepted."""
+
+
+class ServiceSpec(ApiModel):
+    """How the gateway is exposed."""
+
+    __rules__: ClassVar = (
+        Rule(
+            "self.type != 'ClusterIP' || !has(self.nodePort)",
+            "nodePort needs service type NodePort or LoadBalancer",
+            lambda s: s.type != "ClusterIP" or s.node_port is None,
+        ),
+    )
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """Kubernetes Service type."""
+    node_port: Annotated[int, Field(ge=30000, le=32767)] | None = None
+    """Fixed node port for DICOM (NodePort and LoadBalancer only); chosen by Kubernetes if unset."""
+    annotations: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict, max_length=64
+    )
+    """Annotations for the Service, e.g. a cloud load balancer's settings."""
+    load_balancer_source_ranges: Annotated[list[Cidr], SET] = Field(
+        default_factory=list, max_length=64
+    )
+    """For LoadBalancer: source networks the cloud load balancer admits."""
+
+
+class Tier(ApiModel):
+    """A storage tier: one PersistentVolumeClaim of the tenant's storage class."""
+
+    __rules__: ClassVar = (
+        Rule(
+            "has(self.storageClassName) == has(oldSelf.storageClassName) && "
+            "(!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)",
+            "storageClassName is immutable: a tier's volume cannot move to another storage class",
+        ),
+    )
+
+    storage_class_name: DNSLabel | None = None
+    """StorageClass of the tier's volume; the cluster default when unset. Immutable."""
+    size: Quantity = "100Gi"
+    """Capacity requested for the volume."""
+    days: Days = 7
+    """Days a study stays in this tier before it moves to the next (or is deleted)."""
+
+
+class Storage(ApiModel):
+    """Where received studies and results live, and for how long."""
+
+    __rules__: ClassVar = (
+        Rule(
+            "self.hot.days <= self.retentionDays",
+            "hot.days must not exceed retentionDays",
+            lambda s: s.hot.days <= s.retention_days,
+        ),
+    )
+
+    hot: Tier = Field(default_factory=Tier)
+    """Fast tier every study lands in; also holds the catalog and job queue."""
+    warm: Tier | None = None
+    """Cheaper tier studies move to after hot.days; without it they are deleted then."""
+    retention_days: Days = 30
+    """Days after which a study is deleted from every tier."""
+
+
+class Completion(ApiModel):
+    """When a study counts as complete and is routed."""
+
+    quiet_seconds: Annotated[int, Field(ge=1, le=86400)] = 30
+    """Seconds without a new instance after which a study is complete."""
+
+
+class DicomPeer(ApiModel):
+    """A DICOM C-STORE peer (a PACS)."""
+
+    host: Annotated[str, Field(min_length=1, max_length=253)]
+    """Host name or address."""
+    port: Port = 104
+    """DICOM port."""
+    ae_title: AETitle
+    """The peer's (called) AE title."""
+    tls: bool = False
+    """Connect with TLS."""
+
+
+class DicomWebPeer(ApiModel):
+    """A DICOMweb STOW-RS endpoint."""
+
+    url: HttpUrl
+    """Base URL of the DICOMweb service (STOW-RS goes to {url}/studies)."""
+    token_secret: SecretKeyRef | None = None
+    """Secret key holding a bearer token for the endpoint."""
+
+
+class Destination(ApiModel):
+    """Where AI results are forwarded; exactly one of dicom or dicomweb."""
+
+    __rules__: ClassVar = (
+        Rule(
+            "has(self.dicom) != has(self.dicomweb)",
+            "a destination sets exactly one of dicom or dicomweb",
+            lambda d: (d.dicom is None) != (d.dicomweb is None),
+        ),
+    )
+
+    name: DNSLabel
+    """Unique name of the destination within the site."""
+    dicom: DicomPeer | None = None
+    """Send results with C-STORE."""
+    dicomweb: DicomWebPeer | None = None
+    """Send results with STOW-RS."""
+
+
+class Webhook(ApiModel):
+    """An HTTP endpoint that receives critical-finding alerts."""
+
+    name: DNSLabel
+    """Unique name of the webhook within the site."""
+    url: HttpUrl
+    """Receives a JSON POST per alert, signed when a secret is set."""
+    signing_secret: SecretKeyRef | None = None
+    """Secret key with the HMAC-SHA256 key that signs each request."""
+    min_priority: Priority = Priority.STAT
+    """Lowest priority that triggers this webhook."""
+
+
+class Notifications(ApiModel):
+    """Who hears about critical findings."""
+
+    webhooks: Annotated[list[Webhook], list_map("name")] = Field(
+        default_factory=list, max_length=16
+    )
+    """Webhooks called for critical findings."""
+
+
+class Dimse(ApiModel):
+    """DICOM upper-layer limits of the receiver."""
+
+    max_associations: Annotated[int, Field(ge=1, le=1024)] = 32
+    """Concurrent associations accepted; more are rejected (transient)."""
+    max_pdu_length: Annotated[int, Field(ge=4096, le=4194304, alias="maxPDULength")] = 262144
+    """Largest PDU the receiver accepts, in bytes."""
+
+
+class ImagingSiteSpec(ApiModel):
+    """Desired state of an imaging site."""
+
+    ae_title: AETitle
+    """The site's own (called) AE title that modalities send to."""
+    port: Port = 11112
+    """DICOM port of the Service."""
+    http_port: Port = 8080
+    """HTTP port of the Service: DICOMweb, job API, metrics."""
+    allowed_callers: Annotated[list[AllowedCaller], list_map("aeTitle")] = Field(
+        min_length=1, max_length=256
+    )
+    """Calling AE titles (and optionally source networks) allowed to send. Everyone else
+    is rejected at association time."""
+    tls: TLS | None = None
+    """TLS for DICOM and HTTP; when set, plain connections are refused."""
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    """How the gateway is exposed."""
+    storage: Storage = Field(default_factory=Storage)
+    """Storage tiers and retention."""
+    completion: Completion = Field(default_factory=Completion)
+    """When a study counts as complete."""
+    destinations: Annotated[list[Destination], list_map("name")] = Field(
+        default_factory=list, max_length=16
+    )
+    """Where AI results are forwarded besides being stored with the study."""
+    notifications: Notifications = Field(default_factory=Notifications)
+    """Alerts for critical findings."""
+    dimse: Dimse = Field(default_factory=Dimse)
+    """DICOM receiver limits."""
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    """Compute resources of the gateway container."""
+
+
+class ImagingSiteStatus(ApiModel):
+    """Observed state of an imaging site."""
+
+    conditions: Conditions
+    """Ready, Progressing and Degraded."""
+    observed_generation: int | None = None
+    """The metadata.generation the status describes."""
+    endpoint: Annotated[str, Field(max_length=512)] | None = None
+    """Where modalities send: host:port and AE title."""
+    studies_received: Annotated[int, Field(ge=0)] | None = None
+    """Studies received since the gateway started."""
+    jobs_queued: Annotated[int, Field(ge=0)] | None = None
+    """Inference jobs waiting."""
+
+
+class ImagingSite(ApiModel):
+    """A hospital or imaging centre of a tenant: its DICOM gateway, storage and network
+    policy."""
+
+    __rules__: ClassVar = (name_rule("ImagingSite", SITE_NAME_MAX, longest(SITE_SUFFIXES)),)
+
+    api_version: Literal["telerad.io/v1alpha1"] = "telerad.io/v1alpha1"
+    kind: Literal["ImagingSite"] = "ImagingSite"
+    metadata: ObjectMeta
+    spec: ImagingSiteSpec
+    status: ImagingSiteStatus | None = None

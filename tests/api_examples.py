@@ -1,0 +1,56 @@
+"""The sample and invalid objects shipped with the API, shared by unit and cluster tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from telerad.api.aimodel import AIModel
+from telerad.api.routing import RoutingPolicy
+from telerad.api.site import ImagingSite
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "manifests" / "samples"
+INVALID = ROOT / "crds" / "examples" / "invalid"
+MODELS: dict[str, type[BaseModel]] = {
+    "ImagingSite": ImagingSite,
+    "AIModel": AIModel,
+    "RoutingPolicy": RoutingPolicy,
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    obj: dict[str, Any]
+    expect: str = ""
+
+    @property
+    def model(self) -> type[BaseModel]:
+        return MODELS[self.obj["kind"]]
+
+
+def samples() -> list[Example]:
+    found = []
+    for path in sorted(SAMPLES.glob("*.yaml")):
+        obj = yaml.safe_load(path.read_text())
+        if obj.get("kind") in MODELS:
+            found.append(Example(path, obj))
+    return found
+
+
+def invalid_examples() -> list[Example]:
+    found = []
+    for path in sorted(INVALID.glob("*.yaml")):
+        text = path.read_text()
+        expect = next(
+            line.removeprefix("# expect:").strip()
+            for line in text.splitlines()
+            if line.startswith("# expect:")
+        )
+        found.append(Example(path, yaml.safe_load(text), expect))
+    return found
