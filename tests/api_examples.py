@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
 
 from telerad.api.aimodel import AIModel
+from telerad.api.base import ApiModel
 from telerad.api.routing import RoutingPolicy
 from telerad.api.site import ImagingSite
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "manifests" / "samples"
 INVALID = ROOT / "crds" / "examples" / "invalid"
-MODELS: dict[str, type[BaseModel]] = {
+MODELS: dict[str, type[ApiModel]] = {
     "ImagingSite": ImagingSite,
     "AIModel": AIModel,
     "RoutingPolicy": RoutingPolicy,
@@ -30,7 +30,7 @@ class Example:
     expect: str = ""
 
     @property
-    def model(self) -> type[BaseModel]:
+    def model(self) -> type[ApiModel]:
         return MODELS[self.obj["kind"]]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from pydantic import (
     BaseModel,
@@ -66,6 +66,12 @@ class ApiModel(BaseModel):
             if rule.check is not None and not rule.check(self):
                 raise ValueError(rule.message)
         return self
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        """Parse an object as the API server or a config file holds it: camelCase names
+        only, as the server accepts (Python names stay usable in code)."""
+        return cls.model_validate(data, by_alias=True, by_name=False)
 
     def to_wire(self) -> dict[str, Any]:
         """The object as the API server stores it: camelCase, defaults filled, unset

@@ -113,7 +113,7 @@ class GatewayConfig(ApiModel):
 
     @classmethod
     def load(cls, path: Path) -> GatewayConfig:
-        return cls.model_validate(yaml.safe_load(path.read_text()))
+        return cls.from_wire(yaml.safe_load(path.read_text()))
 
 
 class GatewayEndpoint(ApiModel):
@@ -145,4 +145,4 @@ class WorkerConfig(ApiModel):
 
     @classmethod
     def load(cls, path: Path) -> WorkerConfig:
-        return cls.model_validate(yaml.safe_load(path.read_text()))
+        return cls.from_wire(yaml.safe_load(path.read_text()))

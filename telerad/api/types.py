@@ -53,7 +53,8 @@ DicomUID = Annotated[
     str, Matches(UID, "must be a DICOM UID such as 1.2.840.10008.5.1.4.1.1.2", max_length=64)
 ]
 
-HTTP_URL = r"^https?://[^\s/$.?#][^\s]*$"
+# Whitespace spelt out: Python's \s also matches Unicode spaces, RE2's does not.
+HTTP_URL = r"^https?://[^\t\n\f\r /$.?#][^\t\n\f\r ]*$"
 HttpUrl = Annotated[str, Matches(HTTP_URL, "must be an http:// or https:// URL", max_length=2048)]
 
 LabelKey = Annotated[str, Field(min_length=1, max_length=317)]

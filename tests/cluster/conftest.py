@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 from lightkube import Client, KubeConfig
+from lightkube.config import client_adapter
+from lightkube.config.client_adapter import ConnectionParams
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace
 
@@ -60,6 +63,12 @@ class Cluster:
             KubeConfig.from_file(self.kubeconfig),
             namespace=namespace,
             field_manager="telerad-tests",
+        )
+
+    def http(self) -> httpx.Client:
+        """A raw HTTP client with the kubeconfig's credentials, for calls that must be fast."""
+        return client_adapter.Client(
+            KubeConfig.from_file(self.kubeconfig).get(), ConnectionParams()
         )
 
     def kubectl(
