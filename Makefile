@@ -23,6 +23,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/telerad crds --check
 
 test: lint k8s-bins
 	TELERAD_K8S_BIN="$$(hack/build-k8s.sh)" $(BIN)/pytest $(PYTEST_ARGS)
