@@ -65,5 +65,46 @@ def crds(out_dir: Path, check: bool) -> None:
         click.echo(f"wrote {len(stale)} of {len(KINDS)} CRDs to {out_dir}/", err=True)
 
 
+@cli.command()
+@click.option(
+    "-n",
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Serve only these namespaces (repeatable).",
+)
+@click.option("--resync-seconds", type=float, help="Interval of the full periodic reconcile.")
+@click.option("--metrics-port", type=int, help="Port of /metrics (0 disables).")
+@click.option("--liveness-port", type=int, help="Port of /healthz (0 disables).")
+@click.option("--image", help="Image of the gateways.")
+@click.option("--monitoring-namespace", help="Namespace allowed to scrape the gateways.")
+@click.option(
+    "--log-format", type=click.Choice(["plain", "full", "json"]), default="full", show_default=True
+)
+@click.option("-v", "--verbose", is_flag=True)
+def operator(log_format: str, verbose: bool, **options: object) -> None:
+    """Run the operator against the current KUBECONFIG or in-cluster config.
+
+    Every option can also be set as TELERAD_<OPTION> (e.g. TELERAD_RESYNC_SECONDS).
+    """
+    import kopf  # noqa: PLC0415  (only this command needs kopf)
+
+    from telerad.operator import handlers  # noqa: PLC0415
+    from telerad.operator.settings import OperatorSettings  # noqa: PLC0415
+
+    given = {k: v for k, v in options.items() if v not in (None, ())}
+    settings = OperatorSettings(**given)  # type: ignore[arg-type]
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat[log_format.upper()])
+    kopf.run(
+        registry=handlers.build(settings),
+        standalone=True,
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz"
+        if settings.liveness_port
+        else None,
+    )
+
+
 def main() -> None:
     cli()

@@ -111,6 +111,10 @@ class Storage(ApiModel):
     """Cheaper tier studies move to after hot.days; without it they are deleted then."""
     retention_days: Days = 30
     """Days after which a study is deleted from every tier."""
+    reclaim_policy: Literal["Retain", "Delete"] = "Retain"
+    """What happens to the tiers' volumes when the ImagingSite is deleted: Retain keeps
+    them (released from the site, for an archive or a new site to take over), Delete
+    removes them with the site."""
 
 
 class Completion(ApiModel):

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import ssl
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,11 +31,45 @@ from telerad.devcluster.process import (
     log_tail,
     stop_group,
 )
+from telerad.devcluster.provisioner import PROVISIONER
 
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
 STATE_FILE = "state.json"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "provisioner",
+)
+# Every write (not read) is recorded, so tests can count what a client changed.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "Metadata", "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+        {"level": "None"},
+    ],
+}
+STORAGE_CLASSES = ("standard", "fast-ssd", "standard-hdd")
+
+
+def _storage_class(name: str, default: bool) -> Any:
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {
+            "name": name,
+            "annotations": {"storageclass.kubernetes.io/is-default-class": str(default).lower()},
+        },
+        "provisioner": PROVISIONER,
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "Immediate",
+        "allowVolumeExpansion": True,
+    }
 
 
 def free_port() -> int:
@@ -75,6 +110,11 @@ class ControlPlane:
     @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def audit_log(self) -> Path:
+        """JSON lines, one per write request the API server handled."""
+        return self.logs_dir / "audit.log"
 
     def binary(self, name: str) -> Path:
         path = self.bin_dir / name
@@ -123,8 +163,14 @@ class ControlPlane:
             deadline,
         )
 
+        audit_policy = self.state_dir / "audit-policy.yaml"
+        audit_policy.write_text(json.dumps(AUDIT_POLICY))
         apiserver = self._spawn(
             "kube-apiserver",
+            f"--audit-policy-file={audit_policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=200",
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
             "--bind-address=127.0.0.1",
             f"--secure-port={api_port}",
@@ -153,6 +199,21 @@ class ControlPlane:
                 and _answers_ok(f"{self.server}/api/v1/namespaces/default", ctx)
             ),
             deadline,
+        )
+
+        for i, name in enumerate(STORAGE_CLASSES):
+            self._request(
+                "POST", "/apis/storage.k8s.io/v1/storageclasses", _storage_class(name, i == 0), ctx
+            )
+        provisioner = self._spawn(
+            "provisioner",
+            f"--server={self.server}",
+            f"--ca={pki.ca_cert}",
+            f"--cert={pki.admin.cert}",
+            f"--key={pki.admin.key}",
+            f"--root={self.state_dir / 'volumes'}",
+            exe=Path(sys.executable),
+            module="telerad.devcluster.provisioner",
         )
 
         kcm_port, sched_port = free_port(), free_port()
@@ -221,6 +282,12 @@ class ControlPlane:
             return names <= ready
 
         self._wait(kwok, "fake nodes Ready and untainted", nodes_ready, deadline)
+        self._wait(
+            provisioner,
+            "provisioner serving",
+            lambda: "serving" in log_tail(provisioner.log),
+            deadline,
+        )
         # The serviceaccount controller running is the sign that kcm's controllers started.
         self._wait(
             kcm,
@@ -244,7 +311,10 @@ class ControlPlane:
             "server": self.server,
             "kubeconfig": str(self.kubeconfig),
             "bin_dir": str(self.bin_dir),
-            "processes": [{"name": p.name, "pid": p.pid} for p in self.processes],
+            "processes": [
+                {"name": p.name, "pid": p.pid, "exe": str(Path(p.argv[0]).resolve())}
+                for p in self.processes
+            ],
         }
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -255,10 +325,11 @@ class ControlPlane:
             state = json.loads((state_dir / STATE_FILE).read_text())
         except FileNotFoundError:
             return
-        bin_dir = Path(state["bin_dir"]).resolve()
         for entry in state["processes"]:
             exe = executable_of(int(entry["pid"]))
-            if exe is not None and exe.resolve() == bin_dir / entry["name"]:
+            # State files written before "exe" was recorded name a binary in bin_dir.
+            expected = Path(entry.get("exe") or Path(state["bin_dir"]) / entry["name"])
+            if exe is not None and exe.resolve() == expected.resolve():
                 yield entry["name"], int(entry["pid"])
 
     @classmethod
@@ -278,8 +349,16 @@ class ControlPlane:
         ctx.load_cert_chain(str(pki.admin.cert), str(pki.admin.key))
         return ctx
 
-    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Process:
-        proc = Process(name, [str(self.binary(name)), *args], self.logs_dir / f"{name}.log", env)
+    def _spawn(
+        self,
+        name: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        exe: Path | None = None,
+        module: str | None = None,
+    ) -> Process:
+        prefix = [str(exe), "-m", module] if exe and module else [str(self.binary(name))]
+        proc = Process(name, [*prefix, *args], self.logs_dir / f"{name}.log", env)
         self.processes.append(proc.start())
         return proc
 

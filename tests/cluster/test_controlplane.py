@@ -271,3 +271,54 @@ def test_server_side_apply_conflicts_between_field_managers(
     owners = {m.manager: json.dumps(m.fieldsV1) for m in got.metadata.managedFields}
     assert "f:colour" in owners["bob"]
     assert "f:colour" not in owners["alice"]
+
+
+def test_claims_are_provisioned_bound_and_reclaimed(cluster: Cluster, namespace: str) -> None:
+    if not cluster.local:
+        pytest.skip("the hostPath provisioner belongs to the local control plane")
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "data"},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "fast-ssd",
+            "resources": {"requests": {"storage": "5Gi"}},
+        },
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "user"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "registry.invalid/x",
+                    "volumeMounts": [{"name": "d", "mountPath": "/d"}],
+                }
+            ],
+            "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}],
+        },
+    }
+    for obj in (claim, pod):
+        cluster.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(obj))
+    eventually(
+        lambda: (
+            cluster.kubectl_json("-n", namespace, "get", "pod", "user")["status"].get("phase")
+            == "Running"
+        ),
+        "the pod with a claim to run",
+    )
+    bound = cluster.kubectl_json("-n", namespace, "get", "pvc", "data")
+    assert bound["status"]["phase"] == "Bound"
+    volume = bound["spec"]["volumeName"]
+    pv = cluster.kubectl_json("get", "pv", volume)
+    assert pv["spec"]["capacity"]["storage"] == "5Gi"
+    assert pv["spec"]["storageClassName"] == "fast-ssd"
+    cluster.kubectl("-n", namespace, "delete", "pod", "user", "--wait=true")
+    cluster.kubectl("-n", namespace, "delete", "pvc", "data", "--wait=true")
+    eventually(
+        lambda: cluster.kubectl("get", "pv", volume, check=False).returncode != 0,
+        "the released volume to be deleted",
+    )

@@ -1,0 +1,159 @@
+"""An AIModel's children: worker ConfigMap, Deployment and metrics Service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from telerad.api import names
+from telerad.api.aimodel import AIModel
+from telerad.api.config import GatewayEndpoint, WorkerConfig
+from telerad.operator.builders.common import (
+    CONFIG_HASH_ANNOTATION,
+    CONTAINER_SECURITY,
+    POD_SECURITY,
+    Manifest,
+    config_hash,
+    metadata,
+    resources,
+)
+from telerad.operator.settings import OperatorSettings
+
+COMPONENT = "worker"
+METRICS_PORT = 9090
+CONFIG_DIR = Path("/etc/telerad")
+CONFIG_FILE = "worker.yaml"
+GPU = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+
+def desired_replicas(model: AIModel) -> tuple[int, str]:
+    """Replicas and why. spec.replicas (kubectl scale) wins; otherwise minReplicas, and
+    at least one worker until the queue-driven autoscaler decides otherwise."""
+    if model.spec.replicas is not None:
+        return model.spec.replicas, "fixed by spec.replicas"
+    floor = max(model.spec.scaling.min_replicas, 1)
+    return floor, f"minReplicas floor ({floor}); queue-driven autoscaling is not enabled yet"
+
+
+def worker_config(model: AIModel, namespace: str, gateways: dict[str, int]) -> WorkerConfig:
+    """``gateways``: site name -> HTTP port of the sites whose rules route to this model."""
+    return WorkerConfig(
+        model=model.spec.model,
+        gateways=[
+            GatewayEndpoint(
+                site=site, url=f"http://{names.site_child(site, 'gateway')}.{namespace}.svc:{port}"
+            )
+            for site, port in sorted(gateways.items())
+        ],
+        third_party=model.spec.third_party,
+        thresholds=model.spec.thresholds,
+        device="auto" if model.spec.gpu.count else "cpu",
+        metrics_port=METRICS_PORT,
+    )
+
+
+def config_map(owner: Manifest, config: WorkerConfig) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner, names.model_child(owner["metadata"]["name"]), COMPONENT),
+        "data": {CONFIG_FILE: yaml.safe_dump(config.to_wire(), sort_keys=False)},
+    }
+
+
+def deployment(
+    owner: Manifest, model: AIModel, config: Manifest, settings: OperatorSettings
+) -> Manifest:
+    model_name = owner["metadata"]["name"]
+    name = names.model_child(model_name)
+    gpu = model.spec.gpu
+    res = resources(model.spec.resources)
+    node_selector = dict(gpu.node_selector)
+    tolerations = [t.to_wire() for t in gpu.tolerations]
+    if gpu.count:
+        # Extended resources are requested through limits; requests default to them.
+        res["limits"] = {**res.get("limits", {}), GPU: str(gpu.count)}
+        tolerations.insert(0, {"key": GPU, "operator": "Exists", "effect": "NoSchedule"})
+        if gpu.product:
+            node_selector[GPU_PRODUCT_LABEL] = gpu.product
+    pod: Manifest = {
+        "automountServiceAccountToken": False,
+        "securityContext": POD_SECURITY,
+        "containers": [
+            {
+                "name": COMPONENT,
+                "image": model.spec.image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "args": [COMPONENT, "--config", str(CONFIG_DIR / CONFIG_FILE)],
+                "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+                "readinessProbe": {
+                    "httpGet": {"path": "/healthz", "port": "metrics"},
+                    "periodSeconds": 5,
+                },
+                "livenessProbe": {
+                    "httpGet": {"path": "/healthz", "port": "metrics"},
+                    "periodSeconds": 10,
+                },
+                "resources": res,
+                "securityContext": CONTAINER_SECURITY,
+                "volumeMounts": [
+                    {"name": "config", "mountPath": str(CONFIG_DIR), "readOnly": True},
+                    {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108  (read-only root filesystem)
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "config", "configMap": {"name": name}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if tolerations:
+        pod["tolerations"] = tolerations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(owner, name, COMPONENT),
+        "spec": {
+            "replicas": desired_replicas(model)[0],
+            "selector": {"matchLabels": names.selector_labels(model_name, COMPONENT)},
+            "template": {
+                "metadata": {
+                    "labels": names.labels(model_name, COMPONENT),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config["data"])},
+                },
+                "spec": pod,
+            },
+        },
+    }
+
+
+def service(owner: Manifest) -> Manifest:
+    model_name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, names.model_child(model_name), COMPONENT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": names.selector_labels(model_name, COMPONENT),
+            "ports": [
+                {
+                    "name": "metrics",
+                    "port": METRICS_PORT,
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def children(
+    owner: Manifest, model: AIModel, gateways: dict[str, int], settings: OperatorSettings
+) -> list[Manifest]:
+    config = config_map(owner, worker_config(model, owner["metadata"]["namespace"], gateways))
+    return [config, service(owner), deployment(owner, model, config, settings)]

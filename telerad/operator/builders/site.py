@@ -1,0 +1,280 @@
+"""An ImagingSite's children: gateway ConfigMap, Deployment, Service, PVCs,
+NetworkPolicy and ServiceAccount."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from telerad.api import names
+from telerad.api.config import CompiledRule, GatewayConfig, StoragePaths, TLSFiles
+from telerad.api.site import ImagingSite
+from telerad.operator.builders.common import (
+    CONFIG_HASH_ANNOTATION,
+    CONTAINER_SECURITY,
+    POD_SECURITY,
+    Manifest,
+    config_hash,
+    metadata,
+    resources,
+)
+from telerad.operator.settings import OperatorSettings
+
+COMPONENT = "gateway"
+DICOM_PORT = 11112
+HTTP_PORT = 8080
+CONFIG_DIR = Path("/etc/telerad")
+CONFIG_FILE = "gateway.yaml"
+TLS_DIR = CONFIG_DIR / "tls"
+DATA_DIR = Path("/var/lib/telerad")
+TIER_LABEL = f"{names.GROUP}/tier"
+
+
+def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule]) -> GatewayConfig:
+    spec = site.spec
+    tls = None
+    if spec.tls is not None:
+        tls = TLSFiles(
+            cert_file=TLS_DIR / "tls.crt",
+            key_file=TLS_DIR / "tls.key",
+            ca_file=TLS_DIR / "ca.crt",
+            require_client_certificate=spec.tls.require_client_certificate,
+            min_version=spec.tls.min_version,
+        )
+    return GatewayConfig(
+        site=site.metadata.name,
+        namespace=namespace,
+        ae_title=spec.ae_title,
+        dicom_port=DICOM_PORT,
+        http_port=HTTP_PORT,
+        allowed_callers=spec.allowed_callers,
+        tls=tls,
+        storage=StoragePaths(
+            hot_dir=DATA_DIR / "hot",
+            warm_dir=DATA_DIR / "warm" if spec.storage.warm else None,
+            hot_days=spec.storage.hot.days,
+            retention_days=spec.storage.retention_days,
+        ),
+        completion=spec.completion,
+        dimse=spec.dimse,
+        routing=rules,
+        destinations=spec.destinations,
+        notifications=spec.notifications,
+    )
+
+
+def config_map(owner: Manifest, config: GatewayConfig) -> Manifest:
+    name = names.site_child(owner["metadata"]["name"], "gateway")
+    text = yaml.safe_dump(config.to_wire(), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner, name, COMPONENT),
+        "data": {CONFIG_FILE: text},
+    }
+
+
+def _tiers(site: ImagingSite) -> list[tuple[str, Any]]:
+    storage = site.spec.storage
+    return [("hot", storage.hot)] + ([("warm", storage.warm)] if storage.warm else [])
+
+
+def deployment(
+    owner: Manifest, site: ImagingSite, config: Manifest, settings: OperatorSettings
+) -> Manifest:
+    site_name = owner["metadata"]["name"]
+    name = names.site_child(site_name, "gateway")
+    mounts: list[Manifest] = [
+        {"name": "config", "mountPath": str(CONFIG_DIR), "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108  (the root filesystem is read-only)
+    ]
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": name}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    for tier, _ in _tiers(site):
+        mounts.append({"name": tier, "mountPath": str(DATA_DIR / tier)})
+        volumes.append(
+            {
+                "name": tier,
+                "persistentVolumeClaim": {"claimName": names.site_child(site_name, tier)},
+            }
+        )
+    if site.spec.tls is not None:
+        mounts.append({"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": site.spec.tls.secret_name}})
+    selector = names.selector_labels(site_name, COMPONENT)
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(owner, name, COMPONENT),
+        "spec": {
+            # One writer per SQLite catalog: never two gateways on the same volume.
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {
+                    "labels": names.labels(site_name, COMPONENT),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config["data"])},
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "automountServiceAccountToken": False,
+                    "securityContext": POD_SECURITY,
+                    "containers": [
+                        {
+                            "name": COMPONENT,
+                            "image": settings.image,
+                            "imagePullPolicy": settings.image_pull_policy,
+                            "args": [COMPONENT, "--config", str(CONFIG_DIR / CONFIG_FILE)],
+                            "ports": [
+                                {"name": "dicom", "containerPort": DICOM_PORT, "protocol": "TCP"},
+                                {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+                            ],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/readyz", "port": "http"},
+                                "periodSeconds": 5,
+                            },
+                            "livenessProbe": probe,
+                            "resources": resources(site.spec.resources),
+                            "securityContext": CONTAINER_SECURITY,
+                            "volumeMounts": mounts,
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def service(owner: Manifest, site: ImagingSite) -> Manifest:
+    site_name = owner["metadata"]["name"]
+    svc = site.spec.service
+    dicom: Manifest = {
+        "name": "dicom",
+        "port": site.spec.port,
+        "targetPort": "dicom",
+        "protocol": "TCP",
+    }
+    if svc.node_port is not None:
+        dicom["nodePort"] = svc.node_port
+    spec: Manifest = {
+        "type": svc.type,
+        "selector": names.selector_labels(site_name, COMPONENT),
+        "ports": [
+            dicom,
+            {"name": "http", "port": site.spec.http_port, "targetPort": "http", "protocol": "TCP"},
+        ],
+    }
+    if svc.type == "LoadBalancer" and svc.load_balancer_source_ranges:
+        spec["loadBalancerSourceRanges"] = list(svc.load_balancer_source_ranges)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(
+            owner,
+            names.site_child(site_name, "gateway"),
+            COMPONENT,
+            annotations=dict(svc.annotations) or None,
+        ),
+        "spec": spec,
+    }
+
+
+def volume_claims(owner: Manifest, site: ImagingSite) -> list[Manifest]:
+    site_name = owner["metadata"]["name"]
+    # Retained volumes carry no owner reference, so garbage collection leaves them.
+    owned = site.spec.storage.reclaim_policy == "Delete"
+    claims = []
+    for tier, spec in _tiers(site):
+        claim_spec: Manifest = {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": spec.size}},
+        }
+        if spec.storage_class_name:
+            claim_spec["storageClassName"] = spec.storage_class_name
+        claims.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": metadata(
+                    owner,
+                    names.site_child(site_name, tier),
+                    COMPONENT,
+                    owned=owned,
+                    labels={TIER_LABEL: tier},
+                ),
+                "spec": claim_spec,
+            }
+        )
+    return claims
+
+
+def network_policy(owner: Manifest, site: ImagingSite, settings: OperatorSettings) -> Manifest:
+    site_name = owner["metadata"]["name"]
+    callers = site.spec.allowed_callers
+    # DICOM only from the callers' networks; when a caller names none, the AE title
+    # allow-list alone decides, so the port is open to every source.
+    cidrs = sorted({c for caller in callers for c in caller.cidrs})
+    dicom_from = [{"ipBlock": {"cidr": c}} for c in cidrs] if all(c.cidrs for c in callers) else []
+    dicom_rule: Manifest = {"ports": [{"protocol": "TCP", "port": DICOM_PORT}]}
+    if dicom_from:
+        dicom_rule["from"] = dicom_from
+    http_rule = {
+        "ports": [{"protocol": "TCP", "port": HTTP_PORT}],
+        "from": [
+            {
+                "podSelector": {
+                    "matchLabels": {
+                        "app.kubernetes.io/component": "worker",
+                        "app.kubernetes.io/part-of": names.PART_OF,
+                    }
+                }
+            },
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": settings.monitoring_namespace}
+                }
+            },
+        ],
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(owner, names.site_child(site_name, "gateway"), COMPONENT),
+        "spec": {
+            "podSelector": {"matchLabels": names.selector_labels(site_name, COMPONENT)},
+            "policyTypes": ["Ingress"],
+            "ingress": [dicom_rule, http_rule],
+        },
+    }
+
+
+def service_account(owner: Manifest) -> Manifest:
+    name = names.site_child(owner["metadata"]["name"], "gateway")
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(owner, name, COMPONENT),
+        "automountServiceAccountToken": False,
+    }
+
+
+def children(
+    owner: Manifest, site: ImagingSite, rules: list[CompiledRule], settings: OperatorSettings
+) -> list[Manifest]:
+    """Every child of a site, in the order they are applied (dependencies first)."""
+    config = config_map(owner, gateway_config(site, owner["metadata"]["namespace"], rules))
+    return [
+        service_account(owner),
+        config,
+        *volume_claims(owner, site),
+        network_policy(owner, site, settings),
+        service(owner, site),
+        deployment(owner, site, config, settings),
+    ]

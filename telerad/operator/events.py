@@ -1,0 +1,26 @@
+"""Every reason the operator posts Kubernetes Events with, in one place."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    APPLIED = "Applied"
+    """Children were created or brought back to their desired state."""
+    READY = "Ready"
+    """The object became Ready."""
+    NOT_READY = "NotReady"
+    """The object stopped being Ready."""
+    INVALID_SPEC = "InvalidSpec"
+    """The spec cannot be reconciled; nothing was changed."""
+    MISSING_SECRET = "MissingSecret"  # noqa: S105  (a reason, not a secret)
+    """A Secret the spec names does not exist."""
+    REFUSED = "Refused"
+    """A RoutingPolicy was not accepted."""
+    ACCEPTED = "Accepted"
+    """A RoutingPolicy was accepted."""
+    PAUSED = "Paused"
+    """Reconciliation stopped by the telerad.io/paused annotation."""
+    RESUMED = "Resumed"
+    """Reconciliation resumed after the pause annotation was removed."""

@@ -1,0 +1,157 @@
+"""kopf handlers: thin. Each turns a watch event into a call to the reconciler, and
+reconcile failures into kopf's retry semantics.
+
+kopf has no Owns(): children are watched by the managed-by label and mapped back to
+their owner through the instance and component labels. Objects that depend on each
+other (a policy names models, a site's rules name models, a worker lists the gateways
+that route to it) are re-reconciled when what they depend on changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from telerad.api import names
+from telerad.operator import startup
+from telerad.operator.k8s import KubeError
+from telerad.operator.metrics import MANAGED
+from telerad.operator.reconcile import Outcome, Reconciler, World
+from telerad.operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+KIND_OF = {"imagingsites": "ImagingSite", "aimodels": "AIModel", "routingpolicies": "RoutingPolicy"}
+OWNER_OF_COMPONENT = {"gateway": "ImagingSite", "worker": "AIModel"}
+CHILDREN = (
+    ("v1", "configmaps"),
+    ("v1", "services"),
+    ("v1", "serviceaccounts"),
+    ("v1", "persistentvolumeclaims"),
+    ("apps/v1", "deployments"),
+    ("networking.k8s.io/v1", "networkpolicies"),
+)
+RETRY_DELAY = 5.0
+
+
+def _world(namespace: str | None, kwargs: dict[str, Any]) -> World:
+    ns = namespace or ""
+
+    def named(plural: str) -> dict[str, Any]:
+        return {b["metadata"]["name"]: b for b in kwargs[f"{plural}_index"].get(ns, [])}
+
+    return World(ns, named("imagingsites"), named("aimodels"), named("routingpolicies"))
+
+
+async def _run(reconciler: Reconciler, kind: str, world: World, name: str, *, strict: bool) -> None:
+    try:
+        outcome = await reconciler.reconcile(kind, world, name)
+    except KubeError as err:
+        raise kopf.TemporaryError(str(err), delay=RETRY_DELAY) from err
+    if outcome is Outcome.INVALID and strict:
+        # Status says why; retrying an invalid spec would only repeat it.
+        raise kopf.PermanentError(
+            f"{kind} {world.namespace}/{name}: invalid spec, see its Degraded condition"
+        )
+
+
+async def _dependents(reconciler: Reconciler, kind: str, world: World, name: str) -> None:
+    """Reconcile what depends on the object that changed."""
+    if kind == "ImagingSite":
+        await reconciler.reconcile_all("AIModel", world, world.models_of_site(name))
+        await reconciler.reconcile_all("RoutingPolicy", world, world.policies)
+    elif kind == "AIModel":
+        users = world.policies_using(name)
+        await reconciler.reconcile_all("RoutingPolicy", world, users)
+        await reconciler.reconcile_all(
+            "ImagingSite", world, {s for p in users for s in world.sites_of(p)}
+        )
+    else:
+        await reconciler.reconcile_all("ImagingSite", world, world.sites_of(name))
+        await reconciler.reconcile_all("AIModel", world, world.models)
+
+
+def index_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
+    # Handlers wait until every index is filled, so after a restart no reconcile ever
+    # sees (and writes a config from) half a namespace.
+    return {namespace or "": dict(body)}
+
+
+async def on_change(
+    *, resource: kopf.Resource, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    kind = KIND_OF[resource.plural]
+    world = _world(namespace, kwargs)
+    MANAGED.labels(kind).set(sum(len(v) for v in kwargs[f"{resource.plural}_index"].values()))
+    await _run(memo["reconciler"], kind, world, name, strict=True)
+    await _dependents(memo["reconciler"], kind, world, name)
+
+
+async def on_delete(
+    *,
+    resource: kopf.Resource,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    kind = KIND_OF[resource.plural]
+    world = _world(namespace, kwargs)
+    # The index has dropped the object; what depended on it is still computed from it.
+    {"ImagingSite": world.sites, "AIModel": world.models, "RoutingPolicy": world.policies}[kind][
+        name
+    ] = dict(body)
+    await _dependents(memo["reconciler"], kind, world, name)
+
+
+async def on_resync(
+    *, resource: kopf.Resource, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    await _run(
+        memo["reconciler"], KIND_OF[resource.plural], _world(namespace, kwargs), name, strict=False
+    )
+
+
+async def on_child_event(
+    *, type: str | None, labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    owner = OWNER_OF_COMPONENT.get(labels.get("app.kubernetes.io/component", ""))
+    instance = labels.get("app.kubernetes.io/instance")
+    # type None is the initial listing, which the resume handlers already cover.
+    if owner is None or instance is None or type is None:
+        return
+    try:
+        await memo["reconciler"].reconcile(owner, _world(namespace, kwargs), instance)
+    except KubeError as err:
+        log.warning(
+            "reconcile of %s %s/%s after a child event failed: %s", owner, namespace, instance, err
+        )
+
+
+def build(settings: OperatorSettings) -> kopf.OperatorRegistry:
+    """A registry with every handler of the operator, configured by ``settings``."""
+    registry = kopf.OperatorRegistry()
+    startup.register(registry, settings)
+    for plural in KIND_OF:
+        resource = (names.GROUP, names.VERSION, plural)
+        kopf.index(*resource, id=f"{plural}_index", registry=registry)(index_by_namespace)
+        for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
+            decorator(*resource, registry=registry)(on_change)
+        kopf.on.delete(*resource, optional=True, registry=registry)(on_delete)
+        kopf.timer(
+            *resource,
+            interval=settings.resync_seconds,
+            initial_delay=settings.resync_seconds,
+            registry=registry,
+        )(on_resync)
+    for api_version, plural in CHILDREN:
+        group, _, version = api_version.rpartition("/")
+        kopf.on.event(
+            *((group, version, plural) if group else (version, plural)),
+            labels={"app.kubernetes.io/managed-by": names.FIELD_MANAGER},
+            registry=registry,
+        )(on_child_event)
+    return registry

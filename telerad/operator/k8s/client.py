@@ -1,0 +1,182 @@
+"""Reads and writes against the API server, for the reconcilers.
+
+Children are written with server-side apply under the field manager
+``telerad-operator``, a complete desired object each time, and only when the live
+object does not already hold every field of it: an unchanged resync sends no write.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from decimal import InvalidOperation
+from typing import Any, cast
+
+import httpx2 as httpx
+from lightkube import ApiError, AsyncClient
+from lightkube.codecs import from_dict
+from lightkube.core.resource_registry import resource_registry
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import Event
+from lightkube.types import PatchType
+from lightkube.utils.quantity import parse_quantity
+
+from telerad.api.names import FIELD_MANAGER, GROUP, VERSION
+from telerad.operator.metrics import WRITES
+
+log = logging.getLogger(__name__)
+
+PLURALS = {"ImagingSite": "imagingsites", "AIModel": "aimodels", "RoutingPolicy": "routingpolicies"}
+# lightkube's typed overloads do not cover resource classes chosen at run time; this
+# module is the boundary, so they are handled as Any here and nowhere else.
+CUSTOM: dict[str, Any] = {
+    kind: create_namespaced_resource(GROUP, VERSION, kind, plural)
+    for kind, plural in PLURALS.items()
+}
+
+
+def _resource(api_version: str, kind: str) -> Any:
+    return CUSTOM[kind] if kind in CUSTOM else resource_registry.load(api_version, kind)
+
+
+class KubeError(Exception):
+    """The API server failed or could not be reached; worth retrying."""
+
+
+def _wrap(err: Exception) -> KubeError:
+    if isinstance(err, ApiError):
+        return KubeError(f"API server answered {err.status.code}: {err.status.message}")
+    return KubeError(f"API server unreachable: {err}")
+
+
+def _same_quantity(want: object, have: object) -> bool:
+    try:
+        return bool(parse_quantity(str(want)) == parse_quantity(str(have)))
+    except (ValueError, InvalidOperation, TypeError):
+        return False
+
+
+def contains(want: Any, have: Any, path: str = "") -> bool:
+    """Whether ``have`` (a live object) holds every field of ``want`` (a desired one).
+    Fields the server adds are ignored; empty values match absent ones; resource
+    quantities compare by value, as the server normalises them ("0.5" -> "500m")."""
+    if isinstance(want, dict):
+        if not isinstance(have, dict):
+            return not want and have is None
+        return all(contains(v, have.get(k), f"{path}.{k}") for k, v in want.items())
+    if isinstance(want, list):
+        if not want:
+            return not have
+        pairs = (
+            zip(want, have, strict=True)
+            if isinstance(have, list) and len(have) == len(want)
+            else None
+        )
+        return pairs is not None and all(contains(w, h, path) for w, h in pairs)
+    if want == have:
+        return True
+    return ".resources." in path and _same_quantity(want, have)
+
+
+class Kube:
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = cast(Any, client)
+
+    @classmethod
+    def connect(cls) -> Kube:
+        """From KUBECONFIG, ~/.kube/config or the pod's service account."""
+        return cls(AsyncClient(field_manager=FIELD_MANAGER))
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self._client, method)(*args, **kwargs)
+        except (ApiError, httpx.HTTPError) as err:
+            raise _wrap(err) from err
+
+    async def get(
+        self, api_version: str, kind: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        try:
+            obj = await self._client.get(_resource(api_version, kind), name, namespace=namespace)
+        except ApiError as err:
+            if err.status.code == 404:
+                return None
+            raise _wrap(err) from err
+        except httpx.HTTPError as err:
+            raise _wrap(err) from err
+        return cast(dict[str, Any], obj.to_dict())
+
+    async def ensure(self, desired: dict[str, Any]) -> bool:
+        """Make the live object hold ``desired``; return whether a write was needed."""
+        meta = desired["metadata"]
+        live = await self.get(
+            desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"]
+        )
+        if live is not None and contains(desired, live):
+            return False
+        await self._call("apply", from_dict(desired), field_manager=FIELD_MANAGER, force=True)
+        WRITES.labels(desired["kind"]).inc()
+        log.info("applied %s %s/%s", desired["kind"], meta["namespace"], meta["name"])
+        return True
+
+    async def patch_status(
+        self, kind: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> None:
+        try:
+            await self._client.patch(
+                CUSTOM[kind].Status,
+                name,
+                {"status": status},
+                namespace=namespace,
+                patch_type=PatchType.MERGE,
+            )
+        except ApiError as err:
+            if err.status.code == 404:  # deleted meanwhile: nothing left to report on
+                return
+            raise _wrap(err) from err
+        except httpx.HTTPError as err:
+            raise _wrap(err) from err
+        WRITES.labels(f"{kind}/status").inc()
+
+    async def secret_exists(self, namespace: str, name: str) -> bool:
+        return await self.get("v1", "Secret", namespace, name) is not None
+
+    async def post_event(
+        self, owner: dict[str, Any], type_: str, reason: str, message: str
+    ) -> None:
+        """A core/v1 Event on ``owner``. Messages carry names and reasons, never study data."""
+        meta = owner["metadata"]
+        now = datetime.datetime.now(datetime.UTC)
+        event = Event.from_dict(
+            {
+                "metadata": {
+                    "name": f"{meta['name']}.{now.strftime('%Y%m%d%H%M%S%f')}",
+                    "namespace": meta["namespace"],
+                },
+                "involvedObject": {
+                    "apiVersion": owner["apiVersion"],
+                    "kind": owner["kind"],
+                    "name": meta["name"],
+                    "namespace": meta["namespace"],
+                    "uid": meta["uid"],
+                },
+                "type": type_,
+                "reason": reason,
+                "message": message[:1024],
+                "source": {"component": FIELD_MANAGER},
+                "reportingComponent": FIELD_MANAGER,
+                "firstTimestamp": now.isoformat(),
+                "lastTimestamp": now.isoformat(),
+                "count": 1,
+            }
+        )
+        try:
+            await self._client.create(event)
+        except (ApiError, httpx.HTTPError) as err:
+            # An event is a courtesy to people; losing one must not fail a reconcile.
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], err)
+            return
+        WRITES.labels("Event").inc()
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,421 @@
+"""One level-based, idempotent reconcile per kind.
+
+Each reads the object, computes every child from its spec (builders), makes the cluster
+hold them (k8s), and derives status from what it finds. Called from create, update and
+resume, from the periodic resync and from events on children, it converges to the same
+state whatever triggered it, and writes nothing when nothing differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from telerad.api import conditions as cond
+from telerad.api import names
+from telerad.api.aimodel import AIModel
+from telerad.api.base import ApiModel
+from telerad.api.routing import RoutingPolicy
+from telerad.api.site import ImagingSite
+from telerad.api.types import Condition
+from telerad.operator.builders import model as model_builders
+from telerad.operator.builders import routing
+from telerad.operator.builders import site as site_builders
+from telerad.operator.events import Reason
+from telerad.operator.k8s import Kube
+from telerad.operator.metrics import RECONCILE_SECONDS, RECONCILES
+from telerad.operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+PAUSED = "Paused"
+M = TypeVar("M", bound=ApiModel)
+Body = dict[str, Any]
+
+
+class Outcome(StrEnum):
+    DONE = "done"
+    INVALID = "invalid"
+    PAUSED = "paused"
+    GONE = "gone"
+
+
+_parsed: dict[tuple[str, str], ApiModel | None] = {}
+
+
+def _parse(model: type[M], body: Body) -> M | None:
+    """Parse once per resourceVersion; an invalid object parses to None."""
+    key = (body["metadata"].get("uid", ""), body["metadata"].get("resourceVersion", ""))
+    if key not in _parsed:
+        try:
+            _parsed[key] = model.from_wire(body)
+        except ValidationError:
+            _parsed[key] = None
+        if len(_parsed) > 50_000:
+            _parsed.clear()
+    found = _parsed[key]
+    return found if isinstance(found, model) else None
+
+
+@dataclass
+class World:
+    """The custom resources of one namespace, as the operator's watches last saw them."""
+
+    namespace: str
+    sites: dict[str, Body] = field(default_factory=dict)
+    models: dict[str, Body] = field(default_factory=dict)
+    policies: dict[str, Body] = field(default_factory=dict)
+
+    def parsed_models(self) -> dict[str, AIModel]:
+        return {n: m for n, b in self.models.items() if (m := _parse(AIModel, b)) is not None}
+
+    def parsed_policies(self) -> list[RoutingPolicy]:
+        return [p for b in self.policies.values() if (p := _parse(RoutingPolicy, b)) is not None]
+
+    def site_labels(self, name: str) -> dict[str, str]:
+        return dict(self.sites.get(name, {}).get("metadata", {}).get("labels") or {})
+
+    def rules_for(self, site: str) -> list[Any]:
+        return routing.compile_rules(
+            site, self.site_labels(site), self.parsed_policies(), self.parsed_models()
+        )
+
+    def models_of_site(self, site: str) -> set[str]:
+        return {route.name for rule in self.rules_for(site) for route in rule.models}
+
+    def gateways_of_model(self, model: str) -> dict[str, int]:
+        """Sites whose rules route to the model, with their HTTP ports."""
+        found = {}
+        for name, body in self.sites.items():
+            parsed = _parse(ImagingSite, body)
+            if parsed is not None and model in self.models_of_site(name):
+                found[name] = parsed.spec.http_port
+        return found
+
+    def policies_using(self, model: str) -> list[str]:
+        return [
+            p.metadata.name
+            for p in self.parsed_policies()
+            if any(model in r.models for r in p.spec.rules)
+        ]
+
+    def sites_of(self, policy: str) -> list[str]:
+        parsed = _parse(RoutingPolicy, self.policies[policy]) if policy in self.policies else None
+        if parsed is None:
+            return []
+        return sorted(s for s in self.sites if routing.selects(parsed, s, self.site_labels(s)))
+
+
+def _conditions(status: Body) -> list[Condition]:
+    return [Condition.from_wire(c) for c in status.get("conditions", [])]
+
+
+def _available(deployment: Body | None) -> bool:
+    conditions = (deployment or {}).get("status", {}).get("conditions") or []
+    return any(c["type"] == "Available" and c["status"] == "True" for c in conditions)
+
+
+def _rolled_out(deployment: Body | None) -> bool:
+    if deployment is None:
+        return False
+    status = deployment.get("status", {})
+    want = deployment["spec"].get("replicas", 1)
+    return bool(
+        status.get("observedGeneration", 0) >= deployment["metadata"]["generation"]
+        and status.get("updatedReplicas", 0) == want
+        and status.get("replicas", 0) == want
+    )
+
+
+def _error_summary(err: ValidationError) -> str:
+    """Field paths and messages only: values can hold anything a user typed."""
+    parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors(include_input=False)]
+    return "; ".join(parts)[:1024]
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._again: set[tuple[str, str, str]] = set()
+
+    # ------------------------------------------------------------------ entry points
+
+    async def reconcile(self, kind: str, world: World, name: str) -> Outcome:
+        """Reconcile one object; a call that arrives while the same object is being
+        reconciled makes that run go round once more instead of waiting its turn."""
+        key = (kind, world.namespace, name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        if lock.locked():
+            self._again.add(key)
+            return Outcome.DONE
+        fn: Callable[[World, str], Awaitable[Outcome]] = {
+            "ImagingSite": self._site,
+            "AIModel": self._model,
+            "RoutingPolicy": self._policy,
+        }[kind]
+        async with lock:
+            while True:
+                self._again.discard(key)
+                started = time.monotonic()
+                result = "error"
+                try:
+                    outcome = await fn(world, name)
+                    result = outcome.value
+                finally:
+                    RECONCILES.labels(kind, result).inc()
+                    RECONCILE_SECONDS.labels(kind, result).observe(time.monotonic() - started)
+                if key not in self._again:
+                    if outcome is Outcome.GONE:
+                        self._locks.pop(key, None)
+                    return outcome
+
+    async def reconcile_all(self, kind: str, world: World, names_: Iterable[str]) -> None:
+        """Reconcile dependents; a failure is logged and left to the periodic resync."""
+        for name in sorted(set(names_)):
+            try:
+                await self.reconcile(kind, world, name)
+            except Exception:
+                log.exception(
+                    "reconcile of %s %s/%s failed; the resync retries", kind, world.namespace, name
+                )
+
+    # ------------------------------------------------------------------ shared steps
+
+    async def _begin(
+        self, kind: str, world: World, name: str
+    ) -> tuple[Body | None, list[Condition], bool]:
+        """Read the object; handle the pause annotation. Returns (body, conditions, paused)."""
+        body = await self.kube.get(names.API_VERSION, kind, world.namespace, name)
+        if body is None:
+            return None, [], False
+        conds = _conditions(body.get("status") or {})
+        gen = body["metadata"]["generation"]
+        annotations = body["metadata"].get("annotations") or {}
+        if annotations.get(names.PAUSED_ANNOTATION, "").lower() in ("true", "1", "yes"):
+            updated = cond.set_condition(
+                conds,
+                PAUSED,
+                True,
+                "Annotated",
+                f"{names.PAUSED_ANNOTATION} is set",
+                generation=gen,
+            )
+            await self._finish(body, conds, updated, {}, Reason.PAUSED)
+            return body, updated, True
+        if cond.find(conds, PAUSED) is not None and cond.is_true(conds, PAUSED):
+            conds = cond.set_condition(conds, PAUSED, False, "Resumed", generation=gen)
+            await self.kube.post_event(body, "Normal", Reason.RESUMED, "reconciliation resumed")
+        return body, conds, False
+
+    async def _invalid(self, body: Body, conds: list[Condition], err: ValidationError) -> Outcome:
+        gen = body["metadata"]["generation"]
+        message = _error_summary(err)
+        updated = cond.set_condition(
+            conds, cond.DEGRADED, True, "InvalidSpec", message, generation=gen
+        )
+        updated = cond.set_condition(
+            updated, cond.READY, False, "InvalidSpec", "see Degraded", generation=gen
+        )
+        await self._finish(body, conds, updated, {}, Reason.INVALID_SPEC, warning=message)
+        return Outcome.INVALID
+
+    async def _finish(
+        self,
+        body: Body,
+        before: list[Condition],
+        after: list[Condition],
+        fields: Body,
+        reason: Reason | None = None,
+        *,
+        warning: str | None = None,
+    ) -> None:
+        """Write status if it differs, and post events for what changed."""
+        current = body.get("status") or {}
+        status = {
+            **fields,
+            "conditions": [c.to_wire() for c in after],
+            "observedGeneration": body["metadata"]["generation"],
+        }
+        if any(current.get(k) != v for k, v in status.items()):
+            await self.kube.patch_status(
+                body["kind"], body["metadata"]["namespace"], body["metadata"]["name"], status
+            )
+        was_ready, is_ready = cond.is_true(before, cond.READY), cond.is_true(after, cond.READY)
+        if warning is not None and current.get("conditions") != status["conditions"]:
+            await self.kube.post_event(body, "Warning", reason or Reason.INVALID_SPEC, warning)
+        elif reason is Reason.PAUSED and not cond.is_true(before, PAUSED):
+            await self.kube.post_event(body, "Normal", reason, "reconciliation paused")
+        if is_ready != was_ready and reason is not Reason.PAUSED:
+            ready = cond.find(after, cond.READY)
+            message = ready.message if ready else ""
+            await self.kube.post_event(
+                body,
+                "Normal" if is_ready else "Warning",
+                Reason.READY if is_ready else Reason.NOT_READY,
+                message,
+            )
+
+    async def _apply(self, owner: Body, children: list[Body]) -> None:
+        written = [
+            f"{c['kind']}/{c['metadata']['name']}" for c in children if await self.kube.ensure(c)
+        ]
+        if written:
+            await self.kube.post_event(
+                owner, "Normal", Reason.APPLIED, "applied " + ", ".join(written)
+            )
+
+    # ------------------------------------------------------------------ kinds
+
+    async def _site(self, world: World, name: str) -> Outcome:
+        body, conds, paused = await self._begin("ImagingSite", world, name)
+        if body is None:
+            return Outcome.GONE
+        if paused:
+            return Outcome.PAUSED
+        try:
+            site = ImagingSite.from_wire(body)
+        except ValidationError as err:
+            return await self._invalid(body, conds, err)
+        ns, gen = world.namespace, body["metadata"]["generation"]
+        await self._apply(
+            body, site_builders.children(body, site, world.rules_for(name), self.settings)
+        )
+
+        problems = []
+        if site.spec.tls and not await self.kube.secret_exists(ns, site.spec.tls.secret_name):
+            problems.append(f"TLS Secret {site.spec.tls.secret_name!r} does not exist")
+        gateway = names.site_child(name, "gateway")
+        deployment = await self.kube.get("apps/v1", "Deployment", ns, gateway)
+        available = _available(deployment)
+        after = cond.set_condition(
+            conds,
+            cond.DEGRADED,
+            bool(problems),
+            "MissingSecret" if problems else "AsExpected",
+            "; ".join(problems),
+            generation=gen,
+        )
+        after = cond.set_condition(
+            after,
+            cond.PROGRESSING,
+            not _rolled_out(deployment),
+            "RollingOut" if not _rolled_out(deployment) else "RolledOut",
+            f"gateway Deployment {gateway}",
+            generation=gen,
+        )
+        ready = available and not problems
+        after = cond.set_condition(
+            after,
+            cond.READY,
+            ready,
+            "GatewayAvailable" if ready else ("Degraded" if problems else "GatewayUnavailable"),
+            f"gateway Deployment {gateway} is {'available' if available else 'not available yet'}",
+            generation=gen,
+        )
+        endpoint = f"{site.spec.ae_title}@{gateway}.{ns}.svc:{site.spec.port}"
+        await self._finish(
+            body, conds, after, {"endpoint": endpoint}, warning="; ".join(problems) or None
+        )
+        return Outcome.DONE
+
+    async def _model(self, world: World, name: str) -> Outcome:
+        body, conds, paused = await self._begin("AIModel", world, name)
+        if body is None:
+            return Outcome.GONE
+        if paused:
+            return Outcome.PAUSED
+        try:
+            model = AIModel.from_wire(body)
+        except ValidationError as err:
+            return await self._invalid(body, conds, err)
+        ns, gen = world.namespace, body["metadata"]["generation"]
+        await self._apply(
+            body, model_builders.children(body, model, world.gateways_of_model(name), self.settings)
+        )
+        worker = names.model_child(name)
+        deployment = await self.kube.get("apps/v1", "Deployment", ns, worker)
+        desired, why = model_builders.desired_replicas(model)
+        status = (deployment or {}).get("status", {})
+        ready_replicas = status.get("readyReplicas", 0)
+        ready = desired == 0 or ready_replicas >= 1
+        after = cond.set_condition(conds, cond.DEGRADED, False, "AsExpected", generation=gen)
+        after = cond.set_condition(
+            after,
+            cond.PROGRESSING,
+            not _rolled_out(deployment),
+            "RolledOut" if _rolled_out(deployment) else "RollingOut",
+            f"worker Deployment {worker}",
+            generation=gen,
+        )
+        after = cond.set_condition(
+            after,
+            cond.READY,
+            ready,
+            ("ScaledToZero" if desired == 0 else "WorkersAvailable") if ready else "NoWorkerReady",
+            f"{ready_replicas} of {desired} workers ready",
+            generation=gen,
+        )
+        selector = ",".join(f"{k}={v}" for k, v in names.selector_labels(name, "worker").items())
+        fields = {
+            "replicas": status.get("replicas", 0),
+            "readyReplicas": ready_replicas,
+            "desiredReplicas": desired,
+            "selector": selector,
+            "scalingReason": why,
+        }
+        previous = body.get("status") or {}
+        if previous.get("desiredReplicas") != desired:
+            fields["lastScaleTime"] = (
+                datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+            )
+        await self._finish(body, conds, after, fields)
+        return Outcome.DONE
+
+    async def _policy(self, world: World, name: str) -> Outcome:
+        body, conds, paused = await self._begin("RoutingPolicy", world, name)
+        if body is None:
+            return Outcome.GONE
+        if paused:
+            return Outcome.PAUSED
+        try:
+            policy = RoutingPolicy.from_wire(body)
+        except ValidationError as err:
+            return await self._invalid(body, conds, err)
+        gen = body["metadata"]["generation"]
+        verdict = routing.evaluate(policy, world.parsed_models())
+        after = cond.set_condition(
+            conds,
+            cond.RESOLVED_REFS,
+            verdict.resolved,
+            "Resolved" if verdict.resolved else "ModelNotFound",
+            "; ".join(verdict.missing) or "every model exists",
+            generation=gen,
+        )
+        problems = verdict.missing + verdict.uncovered
+        after = cond.set_condition(
+            after,
+            cond.ACCEPTED,
+            verdict.accepted,
+            "Accepted" if verdict.accepted else "InvalidRules",
+            "; ".join(problems) or "compiled into the selected sites",
+            generation=gen,
+        )
+        sites = [s for s in world.sites if routing.selects(policy, s, world.site_labels(s))]
+        fields = {"sites": sorted(sites), "warnings": verdict.warnings}
+        was = cond.is_true(conds, cond.ACCEPTED)
+        await self._finish(body, conds, after, fields)
+        if verdict.accepted != was or cond.find(conds, cond.ACCEPTED) is None:
+            reason, kind = (
+                (Reason.ACCEPTED, "Normal") if verdict.accepted else (Reason.REFUSED, "Warning")
+            )
+            await self.kube.post_event(body, kind, reason, "; ".join(problems) or "accepted")
+        return Outcome.DONE
