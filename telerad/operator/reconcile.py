@@ -322,8 +322,9 @@ class Reconciler:
             generation=gen,
         )
         endpoint = f"{site.spec.ae_title}@{gateway}.{ns}.svc:{site.spec.port}"
+        warning = "; ".join(problems) or None
         await self._finish(
-            body, conds, after, {"endpoint": endpoint}, warning="; ".join(problems) or None
+            body, conds, after, {"endpoint": endpoint}, Reason.MISSING_SECRET, warning=warning
         )
         return Outcome.DONE
 

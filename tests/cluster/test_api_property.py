@@ -22,7 +22,6 @@ from pydantic import ValidationError
 from telerad.api.types import CIDR, HTTP_URL, Modality
 from tests.api_examples import MODELS
 from tests.cluster.conftest import Cluster
-from tests.cluster.test_api_server import crds  # noqa: F401  (fixture)
 
 PLURALS = {"ImagingSite": "imagingsites", "AIModel": "aimodels", "RoutingPolicy": "routingpolicies"}
 EXAMPLES = 300

@@ -8,21 +8,11 @@ from typing import Any
 
 import pytest
 
-from telerad.api.crd import KINDS
-from tests.api_examples import ROOT, Example, invalid_examples, samples
+from tests.api_examples import Example, invalid_examples, samples
 from tests.cluster.conftest import Cluster
 
 SAMPLES = samples()
 INVALID = invalid_examples()
-
-
-@pytest.fixture(scope="session")
-def crds(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    for kind in KINDS:
-        cluster.kubectl(
-            "wait", "--for=condition=Established", f"crd/{kind.plural}.telerad.io", "--timeout=60s"
-        )
 
 
 def _create(cluster: Cluster, ns: str, obj: dict[str, Any], *, dry_run: bool = False) -> Any:

@@ -1,0 +1,438 @@
+"""The operator on the real control plane, running as in production: its own process,
+its ServiceAccount's RBAC, kwok nodes with and without GPUs."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.api_examples import samples
+from tests.cluster.conftest import Cluster, Operator
+from tests.cluster.test_controlplane import eventually
+
+SAMPLES = samples()
+SITES = ("st-marys", "riverside-imaging")
+MODELS = ("ct-head-hyperdensity", "chest-xray-triage")
+IMAGE_PATH = "/spec/template/spec/containers/0/image"
+
+
+def apply_samples(cluster: Cluster, ns: str, *, tls_secret: bool = True) -> None:
+    if tls_secret:
+        cluster.kubectl(
+            "-n", ns, "create", "secret", "generic", "st-marys-dicom-tls",
+            "--from-literal=tls.crt=-", "--from-literal=tls.key=-", "--from-literal=ca.crt=-",
+        )  # fmt: skip
+    for example in SAMPLES:
+        cluster.kubectl("-n", ns, "apply", "--server-side", "-f", str(example.path))
+
+
+def wait_ready(cluster: Cluster, ns: str) -> None:
+    for kind in ("imagingsite", "aimodel"):
+        proc = cluster.kubectl(
+            "-n", ns, "wait", "--for=condition=Ready", kind, "--all", "--timeout=90s", check=False
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    proc = cluster.kubectl(
+        "-n", ns, "wait", "--for=condition=Accepted", "routingpolicy", "--all", "--timeout=60s",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def get(cluster: Cluster, ns: str, kind: str, name: str) -> Any:
+    return cluster.kubectl_json("-n", ns, "get", kind, name)
+
+
+def snapshot(cluster: Cluster, ns: str) -> dict[str, tuple[str, str]]:
+    """uid and resourceVersion of every child and custom resource in the namespace."""
+    items = cluster.kubectl_json(
+        "-n", ns, "get", "deploy,svc,cm,pvc,netpol,sa,imagingsite,aimodel,routingpolicy"
+    )["items"]  # fmt: skip
+    return {
+        f"{i['kind']}/{i['metadata']['name']}": (
+            i["metadata"]["uid"],
+            i["metadata"]["resourceVersion"],
+        )
+        for i in items
+        if i["metadata"]["name"] not in ("default", "kube-root-ca.crt")
+    }
+
+
+def settle(op: Operator, seconds: float | None = None) -> None:
+    """Wait past at least one full resync."""
+    time.sleep(seconds if seconds is not None else op.resync_seconds * 2 + 1)
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def test_samples_become_ready_on_the_right_nodes(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)
+    pods = cluster.kubectl_json("-n", namespace, "get", "pods")["items"]
+    placement = {p["metadata"]["labels"]["app.kubernetes.io/component"]: set() for p in pods}
+    for pod in pods:
+        assert pod["status"]["phase"] == "Running"
+        placement[pod["metadata"]["labels"]["app.kubernetes.io/component"]].add(
+            pod["spec"]["nodeName"][:3]
+        )
+    assert placement == {"gateway": {"cpu"}, "worker": {"gpu"}}
+    site = get(cluster, namespace, "imagingsite", "st-marys")
+    assert site["status"]["observedGeneration"] == site["metadata"]["generation"]
+    assert site["status"]["endpoint"] == f"TELERAD_STM@st-marys-gateway.{namespace}.svc:11112"
+    worker = get(cluster, namespace, "deployment", "ct-head-hyperdensity-worker")
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    gateway = get(cluster, namespace, "deployment", "st-marys-gateway")
+    pod_spec = gateway["spec"]["template"]["spec"]
+    assert gateway["spec"]["strategy"]["type"] == "Recreate"
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    assert pod_spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    config = get(cluster, namespace, "configmap", "st-marys-gateway")["data"]["gateway.yaml"]
+    assert "ed-head-ct" in config
+    assert "ct-head-hyperdensity" in config
+    assert (
+        'telerad_operator_reconcile_total{kind="ImagingSite",result="done"}' in operator.metrics()
+    )
+
+
+def test_change_touches_only_affected_children_and_resync_writes_nothing(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)
+    settle(operator)
+    quiet_from = now()
+    settle(operator)
+    writes = operator.writes_since(quiet_from)
+    assert writes == [], [(w["verb"], w["objectRef"]) for w in writes]
+
+    before = snapshot(cluster, namespace)
+    site = get(cluster, namespace, "imagingsite", "riverside-imaging")
+    cluster.kubectl(
+        "-n", namespace, "patch", "imagingsite", "riverside-imaging", "--type=merge",
+        "-p", json.dumps({"spec": {"completion": {"quietSeconds": 45}}}),
+    )  # fmt: skip
+    generation = site["metadata"]["generation"] + 1
+    eventually(
+        lambda: (
+            get(cluster, namespace, "imagingsite", "riverside-imaging")["status"][
+                "observedGeneration"
+            ]
+            == generation
+        ),
+        "observedGeneration to advance",
+    )
+    settle(operator)
+    after = snapshot(cluster, namespace)
+    changed = {k for k in before if before[k] != after.get(k)}
+    assert changed == {
+        "ImagingSite/riverside-imaging",
+        "ConfigMap/riverside-imaging-gateway",
+        "Deployment/riverside-imaging-gateway",
+    }
+    config = get(cluster, namespace, "configmap", "riverside-imaging-gateway")["data"][
+        "gateway.yaml"
+    ]
+    assert "quietSeconds: 45" in config
+
+
+def test_drift_is_undone(cluster: Cluster, operator: Operator, namespace: str) -> None:
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)
+    service_uid = get(cluster, namespace, "service", "st-marys-gateway")["metadata"]["uid"]
+    cluster.kubectl(
+        "-n", namespace, "patch", "deployment", "st-marys-gateway", "--type=json",
+        "-p", json.dumps([{"op": "replace", "path": IMAGE_PATH, "value": "evil:1"}]),
+    )  # fmt: skip
+    cluster.kubectl("-n", namespace, "delete", "service", "st-marys-gateway")
+    cluster.kubectl("-n", namespace, "delete", "configmap", "st-marys-gateway")
+
+    def restored() -> bool:
+        image = get(cluster, namespace, "deployment", "st-marys-gateway")["spec"]["template"][
+            "spec"
+        ]["containers"][0]["image"]
+        svc = cluster.kubectl(
+            "-n", namespace, "get", "service", "st-marys-gateway", "-o", "json", check=False
+        )
+        cm = cluster.kubectl("-n", namespace, "get", "configmap", "st-marys-gateway", check=False)
+        return (
+            image != "evil:1"
+            and svc.returncode == 0
+            and json.loads(svc.stdout)["metadata"]["uid"] != service_uid
+            and cm.returncode == 0
+        )
+
+    eventually(restored, "the operator to undo the edits", timeout=30)
+
+
+def test_policy_refused_until_the_model_is_fixed(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    policy = {
+        "apiVersion": "telerad.io/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": "brain-mr"},
+        "spec": {
+            "sites": {"names": ["st-marys"]},
+            "rules": [
+                {
+                    "name": "brain",
+                    "match": {"modalities": ["MR"]},
+                    "models": ["mr-brain"],
+                    "priority": "urgent",
+                }
+            ],
+        },
+    }
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(policy))
+
+    def condition(type_: str) -> dict[str, Any] | None:
+        status = get(cluster, namespace, "routingpolicy", "brain-mr").get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
+
+    eventually(
+        lambda: condition("ResolvedRefs") and condition("ResolvedRefs")["status"] == "False",
+        "refusal",
+    )
+    message = condition("Accepted")["message"]
+    assert condition("Accepted")["status"] == "False"
+    assert "'brain'" in message
+    assert "'mr-brain'" in message
+    assert "does not exist" in message
+
+    model = copy.deepcopy(
+        next(e.obj for e in SAMPLES if e.obj["metadata"]["name"] == "ct-head-hyperdensity")
+    )
+    model["metadata"]["name"] = "mr-brain"
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(model))
+    eventually(
+        lambda: (
+            condition("ResolvedRefs")["status"] == "True"
+            and "intended" in condition("Accepted")["message"]
+        ),
+        "the model to resolve but not cover MR",
+    )
+    assert condition("Accepted")["status"] == "False"
+    assert "sends modality MR to AIModel 'mr-brain'" in condition("Accepted")["message"]
+
+    generation = get(cluster, namespace, "routingpolicy", "brain-mr")["metadata"]["generation"]
+    cluster.kubectl(
+        "-n", namespace, "patch", "aimodel", "mr-brain", "--type=merge",
+        "-p", json.dumps({"spec": {"intendedUse": {"modalities": ["MR"], "bodyParts": []}}}),
+    )  # fmt: skip
+    eventually(lambda: condition("Accepted")["status"] == "True", "the policy to be accepted")
+    assert (
+        get(cluster, namespace, "routingpolicy", "brain-mr")["metadata"]["generation"] == generation
+    )
+
+
+def test_tenants_see_nothing_of_each_other(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    other = f"{namespace[:50]}-b"
+    cluster.kubectl("create", "namespace", other)
+    try:
+        for ns in (namespace, other):
+            apply_samples(cluster, ns)
+        for ns in (namespace, other):
+            wait_ready(cluster, ns)
+        # A policy in B naming a site that only exists in A selects nothing.
+        cluster.kubectl("-n", other, "delete", "imagingsite", "st-marys")
+        eventually(
+            lambda: (
+                get(cluster, other, "routingpolicy", "default-routing")["status"]["sites"]
+                == ["riverside-imaging"]
+            ),
+            "B's policy to drop the deleted site",
+        )
+        for ns in (namespace, other):
+            elsewhere = other if ns == namespace else namespace
+            for model in MODELS:
+                config = get(cluster, ns, "configmap", f"{model}-worker")["data"]["worker.yaml"]
+                assert f".{ns}.svc" in config
+                assert f".{elsewhere}.svc" not in config
+            for child in cluster.kubectl_json("-n", ns, "get", "deploy,svc,cm,netpol")["items"]:
+                for ref in child["metadata"].get("ownerReferences", []):
+                    owner_kind = ref["kind"].lower()
+                    owner = get(cluster, ns, owner_kind, ref["name"])
+                    assert owner["metadata"]["uid"] == ref["uid"]
+    finally:
+        cluster.kubectl("delete", "namespace", other, "--wait=false")
+
+
+def test_restart_recreates_nothing_and_flips_no_condition(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)
+    settle(operator)
+    before = snapshot(cluster, namespace)
+    conditions = {
+        name: get(cluster, namespace, "imagingsite", name)["status"]["conditions"] for name in SITES
+    }
+    operator.stop()
+    restarted = now()
+    operator.start()
+    settle(operator)
+    assert snapshot(cluster, namespace) == before
+    for name in SITES:
+        assert (
+            get(cluster, namespace, "imagingsite", name)["status"]["conditions"] == conditions[name]
+        )
+    ours = [
+        w for w in operator.writes_since(restarted) if w["objectRef"].get("namespace") == namespace
+    ]
+    assert ours == [], [(w["verb"], w["objectRef"]) for w in ours]
+
+
+def test_deletion_leaves_no_orphans(cluster: Cluster, operator: Operator, namespace: str) -> None:
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)
+    # st-marys retains its volumes (the default); riverside-imaging deletes them.
+    for site in SITES:
+        cluster.kubectl("-n", namespace, "delete", "imagingsite", site)
+    cluster.kubectl("-n", namespace, "delete", "aimodel", "--all")
+
+    def leftovers() -> list[str]:
+        items = cluster.kubectl_json("-n", namespace, "get", "deploy,rs,pods,svc,cm,netpol,sa,pvc")[
+            "items"
+        ]
+        return sorted(
+            f"{i['kind']}/{i['metadata']['name']}"
+            for i in items
+            if i["metadata"]["name"] not in ("default", "kube-root-ca.crt")
+        )
+
+    expected = [
+        "PersistentVolumeClaim/st-marys-gateway-hot",
+        "PersistentVolumeClaim/st-marys-gateway-warm",
+    ]
+    eventually(
+        lambda: leftovers() == expected,
+        "garbage collection to leave only retained volumes",
+        timeout=60,
+    )
+    for name in ("st-marys-gateway-hot", "st-marys-gateway-warm"):
+        assert not get(cluster, namespace, "pvc", name)["metadata"].get("ownerReferences")
+
+
+def test_pause_stops_reconciliation_until_removed(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)
+    cluster.kubectl(
+        "-n", namespace, "annotate", "imagingsite", "riverside-imaging", "telerad.io/paused=true"
+    )
+
+    def paused() -> str | None:
+        status = get(cluster, namespace, "imagingsite", "riverside-imaging")["status"]
+        return next((c["status"] for c in status["conditions"] if c["type"] == "Paused"), None)
+
+    eventually(lambda: paused() == "True", "the Paused condition")
+    cluster.kubectl("-n", namespace, "delete", "service", "riverside-imaging-gateway")
+    settle(operator)
+    assert (
+        cluster.kubectl(
+            "-n", namespace, "get", "service", "riverside-imaging-gateway", check=False
+        ).returncode
+        != 0
+    )
+    cluster.kubectl(
+        "-n", namespace, "annotate", "imagingsite", "riverside-imaging", "telerad.io/paused-"
+    )
+    eventually(
+        lambda: (
+            cluster.kubectl(
+                "-n", namespace, "get", "service", "riverside-imaging-gateway", check=False
+            ).returncode
+            == 0
+        ),
+        "the Service to come back after the pause",
+    )
+    assert paused() == "False"
+
+
+def test_missing_tls_secret_degrades_until_created(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    apply_samples(cluster, namespace, tls_secret=False)
+
+    def conditions() -> dict[str, Any]:
+        status = get(cluster, namespace, "imagingsite", "st-marys").get("status") or {}
+        return {c["type"]: c for c in status.get("conditions", [])}
+
+    eventually(lambda: conditions().get("Degraded", {}).get("status") == "True", "Degraded")
+    assert "st-marys-dicom-tls" in conditions()["Degraded"]["message"]
+    assert conditions()["Ready"]["status"] == "False"
+    events = cluster.kubectl_json(
+        "-n", namespace, "get", "events", "--field-selector", "involvedObject.name=st-marys"
+    )
+    assert any(e["reason"] == "MissingSecret" for e in events["items"])
+    cluster.kubectl(
+        "-n", namespace, "create", "secret", "generic", "st-marys-dicom-tls",
+        "--from-literal=tls.crt=-",
+    )  # fmt: skip
+    eventually(
+        lambda: conditions()["Ready"]["status"] == "True",
+        "Ready once the Secret exists",
+        timeout=30,
+    )
+    assert conditions()["Degraded"]["status"] == "False"
+
+
+def test_kubectl_scale_sets_worker_replicas(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)
+    cluster.kubectl("-n", namespace, "scale", "aimodel/chest-xray-triage", "--replicas=3")
+    eventually(
+        lambda: (
+            get(cluster, namespace, "deployment", "chest-xray-triage-worker")["status"].get(
+                "readyReplicas"
+            )
+            == 3
+        ),
+        "three workers",
+    )
+    eventually(
+        lambda: (
+            get(cluster, namespace, "aimodel", "chest-xray-triage")["status"].get("readyReplicas")
+            == 3
+        ),
+        "status to report them",
+    )
+    assert (
+        get(cluster, namespace, "aimodel", "chest-xray-triage")["status"]["scalingReason"]
+        == "fixed by spec.replicas"
+    )
+
+
+@pytest.mark.parametrize("verb", ["create", "update", "deletecollection"])
+def test_operator_service_account_is_least_privilege(
+    cluster: Cluster, operator: Operator, verb: str
+) -> None:
+    def can(*args: str) -> bool:
+        proc = cluster.kubectl(
+            "auth",
+            "can-i",
+            *args,
+            "--as=system:serviceaccount:telerad-system:telerad-operator",
+            check=False,
+        )
+        return proc.stdout.strip() == "yes"
+
+    assert can("patch", "deployments", "-n", "any")
+    assert not can(verb, "secrets", "-n", "any")
+    assert not can(verb, "clusterroles")
+    assert not can("create", "pods", "-n", "any")

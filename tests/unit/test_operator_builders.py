@@ -1,0 +1,286 @@
+"""The operator's pure parts: routing verdicts and compilation, child builders, and the
+comparison that decides whether a write is needed."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from telerad.api.aimodel import AIModel
+from telerad.api.routing import RoutingPolicy
+from telerad.api.site import ImagingSite
+from telerad.operator.builders import model as model_builders
+from telerad.operator.builders import routing
+from telerad.operator.builders import site as site_builders
+from telerad.operator.builders.common import CONFIG_HASH_ANNOTATION
+from telerad.operator.k8s import contains
+from telerad.operator.settings import OperatorSettings
+from tests.api_examples import samples
+
+SAMPLES = {e.obj["metadata"]["name"]: e.obj for e in samples()}
+SETTINGS = OperatorSettings(image="registry.invalid/telerad:test")
+
+
+def owner(name: str) -> dict[str, Any]:
+    body = copy.deepcopy(SAMPLES[name])
+    body["metadata"].update(namespace="tenant-a", uid=f"uid-{name}", generation=1)
+    return body
+
+
+def models() -> dict[str, AIModel]:
+    return {n: AIModel.from_wire(SAMPLES[n]) for n in ("ct-head-hyperdensity", "chest-xray-triage")}
+
+
+def policy(rules: list[dict[str, Any]], **sites: Any) -> RoutingPolicy:
+    return RoutingPolicy.from_wire(
+        {
+            "metadata": {"name": "p"},
+            "spec": {"sites": sites or {"names": ["st-marys"]}, "rules": rules},
+        }
+    )
+
+
+def test_sample_policy_is_accepted_without_warnings() -> None:
+    verdict = routing.evaluate(RoutingPolicy.from_wire(SAMPLES["default-routing"]), models())
+    assert verdict.accepted
+    assert verdict.warnings == []
+
+
+def test_missing_model_names_rule_and_model() -> None:
+    verdict = routing.evaluate(
+        policy([{"name": "r1", "match": {"modalities": ["CT"]}, "models": ["ghost"]}]), models()
+    )
+    assert not verdict.resolved
+    assert not verdict.accepted
+    assert verdict.missing == [
+        "rule 'r1' names AIModel 'ghost', which does not exist in this namespace"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("match", "problem"),
+    [
+        ({"modalities": ["MR"]}, "sends modality MR to AIModel 'ct-head-hyperdensity'"),
+        ({}, "matches every modality, but AIModel 'ct-head-hyperdensity' is intended for CT only"),
+        ({"modalities": ["CT"]}, "matches every body part, but AIModel 'ct-head-hyperdensity'"),
+        ({"modalities": ["CT"], "bodyParts": ["CHEST"]}, "sends body part CHEST"),
+        (
+            {"modalities": ["CT"], "bodyParts": ["HEAD"], "sopClasses": ["1.2.3"]},
+            "sends SOP class 1.2.3",
+        ),
+    ],
+)
+def test_outside_intended_use_is_refused(match: dict[str, Any], problem: str) -> None:
+    verdict = routing.evaluate(
+        policy([{"name": "r", "match": match, "models": ["ct-head-hyperdensity"]}]), models()
+    )
+    assert verdict.resolved
+    assert not verdict.accepted
+    assert problem in verdict.uncovered[0]
+
+
+def test_rule_without_sop_classes_is_inside_intended_use() -> None:
+    rule = {
+        "name": "r",
+        "match": {"modalities": ["CT"], "bodyParts": ["HEAD"]},
+        "models": ["ct-head-hyperdensity"],
+    }
+    assert routing.evaluate(policy([rule]), models()).accepted
+
+
+def test_shadowed_rule_is_reported() -> None:
+    broad = {
+        "name": "all-ct-head",
+        "match": {"modalities": ["CT"], "bodyParts": ["HEAD"]},
+        "models": ["ct-head-hyperdensity"],
+    }
+    narrow = {
+        "name": "ed-ct-head",
+        "match": {"modalities": ["CT"], "bodyParts": ["HEAD"], "callingAETitles": ["ED_CT"]},
+        "models": ["ct-head-hyperdensity"],
+        "priority": "stat",
+    }
+    verdict = routing.evaluate(policy([broad, narrow]), models())
+    assert verdict.accepted
+    assert verdict.warnings == [
+        "rule 'ed-ct-head' can never match: "
+        "the earlier rule 'all-ct-head' takes every study it would"
+    ]
+    assert routing.evaluate(policy([narrow, broad]), models()).warnings == []
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "selected"),
+    [
+        ({"matchLabels": {"region": "north"}}, {"region": "north"}, True),
+        ({"matchLabels": {"region": "north"}}, {"region": "south"}, False),
+        (
+            {"matchExpressions": [{"key": "region", "operator": "In", "values": ["a", "b"]}]},
+            {"region": "b"},
+            True,
+        ),
+        ({"matchExpressions": [{"key": "region", "operator": "NotIn", "values": ["a"]}]}, {}, True),
+        ({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, {"region": "a"}, False),
+        (
+            {"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]},
+            {"region": "a"},
+            True,
+        ),
+        ({}, {"anything": "x"}, True),
+    ],
+)
+def test_site_selection(selector: dict[str, Any], labels: dict[str, str], selected: bool) -> None:
+    rule = {
+        "name": "r",
+        "match": {"modalities": ["CT"], "bodyParts": ["HEAD"]},
+        "models": ["ct-head-hyperdensity"],
+    }
+    assert routing.selects(policy([rule], selector=selector), "any", labels) is selected
+
+
+def test_compiled_rules_keep_order_and_deidentify_for_third_parties() -> None:
+    sample = RoutingPolicy.from_wire(SAMPLES["default-routing"])
+    rules = routing.compile_rules("st-marys", {"telerad.io/region": "north"}, [sample], models())
+    assert [r.name for r in rules] == ["ed-head-ct", "ed-chest-xray", "chest-xray", "head-ct"]
+    by_name = {r.name: r for r in rules}
+    assert by_name["chest-xray"].deidentify  # chest-xray-triage is third party
+    assert not by_name["head-ct"].deidentify
+    assert by_name["ed-head-ct"].models[0].intended_use.modalities == ["CT"]
+    assert (
+        routing.compile_rules("st-marys", {"telerad.io/region": "west"}, [sample], models()) == []
+    )
+    refused = policy(
+        [{"name": "r", "match": {"modalities": ["MR"]}, "models": ["ct-head-hyperdensity"]}]
+    )
+    assert routing.compile_rules("st-marys", {}, [refused], models()) == []
+
+
+def site_children(name: str, rules: list[Any] | None = None) -> dict[str, dict[str, Any]]:
+    body = owner(name)
+    site = ImagingSite.from_wire(body)
+    built = site_builders.children(body, site, rules or [], SETTINGS)
+    return {f"{c['kind']}/{c['metadata']['name']}": c for c in built}
+
+
+def test_site_children_names_labels_and_owners() -> None:
+    children = site_children("st-marys")
+    assert sorted(children) == [
+        "ConfigMap/st-marys-gateway",
+        "Deployment/st-marys-gateway",
+        "NetworkPolicy/st-marys-gateway",
+        "PersistentVolumeClaim/st-marys-gateway-hot",
+        "PersistentVolumeClaim/st-marys-gateway-warm",
+        "Service/st-marys-gateway",
+        "ServiceAccount/st-marys-gateway",
+    ]
+    for key, child in children.items():
+        labels = child["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "telerad-operator"
+        assert labels["app.kubernetes.io/instance"] == "st-marys"
+        refs = child["metadata"].get("ownerReferences", [])
+        # st-marys keeps its volumes (Retain): no owner, so deleting the site leaves them.
+        assert (refs == []) == key.startswith("PersistentVolumeClaim/")
+    riverside = site_children("riverside-imaging")
+    assert (
+        riverside["PersistentVolumeClaim/riverside-imaging-gateway-hot"]["metadata"][
+            "ownerReferences"
+        ][0]["uid"]
+        == "uid-riverside-imaging"
+    )
+
+
+def test_gateway_deployment_is_hardened_and_rolls_on_config_change() -> None:
+    deployment = site_children("st-marys")["Deployment/st-marys-gateway"]
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["image"] == "registry.invalid/telerad:test"
+    assert {v["name"] for v in pod["volumes"]} == {"config", "tmp", "hot", "warm", "tls"}
+    rules = routing.compile_rules(
+        "st-marys",
+        {"telerad.io/region": "north"},
+        [RoutingPolicy.from_wire(SAMPLES["default-routing"])],
+        models(),
+    )
+    rolled = site_children("st-marys", rules)["Deployment/st-marys-gateway"]
+    annotation = spec["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    assert (
+        rolled["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] != annotation
+    )
+
+
+def test_network_policy_opens_dicom_to_callers_and_http_to_workers() -> None:
+    ingress = site_children("st-marys")["NetworkPolicy/st-marys-gateway"]["spec"]["ingress"]
+    dicom, http = ingress
+    assert dicom["ports"] == [{"protocol": "TCP", "port": 11112}]
+    assert sorted(f["ipBlock"]["cidr"] for f in dicom["from"]) == [
+        "198.51.100.10/32",
+        "203.0.113.0/28",
+    ]
+    assert http["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+    assert http["from"][1]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    body = owner("riverside-imaging")
+    body["spec"]["allowedCallers"].append({"aeTitle": "ANYWHERE"})
+    site = ImagingSite.from_wire(body)
+    open_rule = site_builders.network_policy(body, site, SETTINGS)["spec"]["ingress"][0]
+    assert "from" not in open_rule  # a caller without networks: the AE allow-list decides
+
+
+def test_worker_deployment_requests_gpus_and_tolerates_the_taint() -> None:
+    body = owner("ct-head-hyperdensity")
+    model = AIModel.from_wire(body)
+    children = {
+        c["kind"]: c for c in model_builders.children(body, model, {"st-marys": 8080}, SETTINGS)
+    }
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0] == {
+        "key": "nvidia.com/gpu",
+        "operator": "Exists",
+        "effect": "NoSchedule",
+    }
+    assert (
+        "http://st-marys-gateway.tenant-a.svc:8080" in children["ConfigMap"]["data"]["worker.yaml"]
+    )
+    body["spec"]["gpu"] = {"count": 0}
+    cpu = model_builders.deployment(body, AIModel.from_wire(body), children["ConfigMap"], SETTINGS)
+    assert "tolerations" not in cpu["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in cpu["spec"]["template"]["spec"]["containers"][0][
+        "resources"
+    ].get("limits", {})
+
+
+def test_desired_replicas_prefers_spec_replicas() -> None:
+    body = owner("chest-xray-triage")
+    assert model_builders.desired_replicas(AIModel.from_wire(body))[0] == 1
+    body["spec"]["replicas"] = 3
+    assert model_builders.desired_replicas(AIModel.from_wire(body)) == (3, "fixed by spec.replicas")
+
+
+@pytest.mark.parametrize(
+    ("want", "have", "held"),
+    [
+        ({"a": 1}, {"a": 1, "b": 2}, True),
+        ({"a": 1}, {"a": 2}, False),
+        ({"a": {"b": [1, 2]}}, {"a": {"b": [1, 2], "c": 3}}, True),
+        ({"a": [1, 2]}, {"a": [1]}, False),
+        ({"a": []}, {}, True),
+        ({"a": {}}, {}, True),
+        ({"a": [{"x": 1}]}, {"a": [{"x": 1, "y": 2}]}, True),
+        ({"spec": {"resources": {"cpu": "0.5"}}}, {"spec": {"resources": {"cpu": "500m"}}}, True),
+        ({"spec": {"resources": {"cpu": "1"}}}, {"spec": {"resources": {"cpu": "500m"}}}, False),
+        ({"spec": {"image": "0.5"}}, {"spec": {"image": "500m"}}, False),
+        ({"a": "x"}, None, False),
+    ],
+)
+def test_contains(want: Any, have: Any, held: bool) -> None:
+    assert contains(want, have) is held
