@@ -33,7 +33,8 @@ CHILDREN = (
     ("apps/v1", "deployments"),
     ("networking.k8s.io/v1", "networkpolicies"),
 )
-RETRY_DELAY = 5.0
+RETRY_FIRST = 2.0
+RETRY_MAX = 300.0
 
 
 def _world(namespace: str | None, kwargs: dict[str, Any]) -> World:
@@ -45,11 +46,18 @@ def _world(namespace: str | None, kwargs: dict[str, Any]) -> World:
     return World(ns, named("imagingsites"), named("aimodels"), named("routingpolicies"))
 
 
-async def _run(reconciler: Reconciler, kind: str, world: World, name: str, *, strict: bool) -> None:
+def backoff(retry: int) -> float:
+    """Seconds before retry number ``retry`` (0-based) after an API error."""
+    return min(RETRY_FIRST * float(2**retry), RETRY_MAX)
+
+
+async def _run(
+    reconciler: Reconciler, kind: str, world: World, name: str, *, strict: bool, retry: int = 0
+) -> None:
     try:
         outcome = await reconciler.reconcile(kind, world, name)
     except KubeError as err:
-        raise kopf.TemporaryError(str(err), delay=RETRY_DELAY) from err
+        raise kopf.TemporaryError(str(err), delay=backoff(retry)) from err
     if outcome is Outcome.INVALID and strict:
         # Status says why; retrying an invalid spec would only repeat it.
         raise kopf.PermanentError(
@@ -61,7 +69,7 @@ async def _dependents(reconciler: Reconciler, kind: str, world: World, name: str
     """Reconcile what depends on the object that changed."""
     if kind == "ImagingSite":
         await reconciler.reconcile_all("AIModel", world, world.models_of_site(name))
-        await reconciler.reconcile_all("RoutingPolicy", world, world.policies)
+        await reconciler.reconcile_all("RoutingPolicy", world, world.policies_selecting(name))
     elif kind == "AIModel":
         users = world.policies_using(name)
         await reconciler.reconcile_all("RoutingPolicy", world, users)
@@ -70,7 +78,7 @@ async def _dependents(reconciler: Reconciler, kind: str, world: World, name: str
         )
     else:
         await reconciler.reconcile_all("ImagingSite", world, world.sites_of(name))
-        await reconciler.reconcile_all("AIModel", world, world.models)
+        await reconciler.reconcile_all("AIModel", world, world.models_of_policy(name))
 
 
 def index_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
@@ -80,12 +88,18 @@ def index_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> d
 
 
 async def on_change(
-    *, resource: kopf.Resource, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+    *,
+    resource: kopf.Resource,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    retry: int,
+    **kwargs: Any,
 ) -> None:
     kind = KIND_OF[resource.plural]
     world = _world(namespace, kwargs)
     MANAGED.labels(kind).set(sum(len(v) for v in kwargs[f"{resource.plural}_index"].values()))
-    await _run(memo["reconciler"], kind, world, name, strict=True)
+    await _run(memo["reconciler"], kind, world, name, strict=True, retry=retry)
     await _dependents(memo["reconciler"], kind, world, name)
 
 
@@ -115,13 +129,34 @@ async def on_resync(
     )
 
 
+def worth_reconciling(event_type: str, child: kopf.Body) -> bool:
+    """Whether a change to a child can matter to its owner: a deletion, or a change made
+    by someone else, except status changes of children whose status the owner never
+    reads. The operator's own writes come back as events too; they change nothing."""
+    if event_type == "DELETED":
+        return True
+    entries = child.get("metadata", {}).get("managedFields") or []
+    if not entries:
+        return True
+    last = max(entries, key=lambda e: e.get("time") or "")
+    if last.get("manager") == names.FIELD_MANAGER and last.get("operation") == "Apply":
+        return False
+    return last.get("subresource") != "status" or child.get("kind") == "Deployment"
+
+
 async def on_child_event(
-    *, type: str | None, labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+    *,
+    type: str | None,
+    labels: kopf.Labels,
+    body: kopf.Body,
+    namespace: str | None,
+    memo: kopf.Memo,
+    **kwargs: Any,
 ) -> None:
     owner = OWNER_OF_COMPONENT.get(labels.get("app.kubernetes.io/component", ""))
     instance = labels.get("app.kubernetes.io/instance")
     # type None is the initial listing, which the resume handlers already cover.
-    if owner is None or instance is None or type is None:
+    if owner is None or instance is None or type is None or not worth_reconciling(type, body):
         return
     try:
         await memo["reconciler"].reconcile(owner, _world(namespace, kwargs), instance)

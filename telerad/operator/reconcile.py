@@ -106,11 +106,29 @@ class World:
             if any(model in r.models for r in p.spec.rules)
         ]
 
-    def sites_of(self, policy: str) -> list[str]:
+    def policies_selecting(self, site: str) -> list[str]:
+        """Policies that select the site, or did at their last reconcile."""
+        labels = self.site_labels(site)
+        return [
+            p.metadata.name
+            for p in self.parsed_policies()
+            if routing.selects(p, site, labels)
+            or site in (self.policies[p.metadata.name].get("status") or {}).get("sites", [])
+        ]
+
+    def models_of_policy(self, policy: str) -> set[str]:
         parsed = _parse(RoutingPolicy, self.policies[policy]) if policy in self.policies else None
-        if parsed is None:
+        return {m for r in parsed.spec.rules for m in r.models} if parsed else set()
+
+    def sites_of(self, policy: str) -> list[str]:
+        """Sites the policy selects, and those it selected at its last reconcile."""
+        body = self.policies.get(policy)
+        parsed = _parse(RoutingPolicy, body) if body else None
+        if body is None or parsed is None:
             return []
-        return sorted(s for s in self.sites if routing.selects(parsed, s, self.site_labels(s)))
+        previous = (body.get("status") or {}).get("sites", [])
+        now = [s for s in self.sites if routing.selects(parsed, s, self.site_labels(s))]
+        return sorted({*now, *(s for s in previous if s in self.sites)})
 
 
 def _conditions(status: Body) -> list[Condition]:

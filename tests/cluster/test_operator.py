@@ -436,3 +436,58 @@ def test_operator_service_account_is_least_privilege(
     assert not can(verb, "secrets", "-n", "any")
     assert not can(verb, "clusterroles")
     assert not can("create", "pods", "-n", "any")
+
+
+def test_invalid_stored_object_is_degraded_without_retry_storm(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    """An object stored under a looser CRD (as after a CRD upgrade) that today's model
+    refuses: Degraded with the field and the reason, and no writes while it stays so."""
+    crd = cluster.kubectl_json("get", "crd", "imagingsites.telerad.io")
+    spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    original = copy.deepcopy(spec_schema["properties"]["aeTitle"])
+    loose = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/aeTitle"
+    cluster.kubectl(
+        "patch", "crd", "imagingsites.telerad.io", "--type=json",
+        "-p", json.dumps([{"op": "replace", "path": loose, "value": {"type": "string"}}]),
+    )  # fmt: skip
+    try:
+        site = copy.deepcopy(
+            next(e.obj for e in SAMPLES if e.obj["metadata"]["name"] == "riverside-imaging")
+        )
+        site["spec"]["aeTitle"] = "BAD\\\\AE"
+        eventually(
+            lambda: (
+                cluster.kubectl(
+                    "-n", namespace, "apply", "-f", "-", input=json.dumps(site), check=False
+                ).returncode
+                == 0
+            ),
+            "the loosened CRD to accept the object",
+        )
+    finally:
+        cluster.kubectl(
+            "patch", "crd", "imagingsites.telerad.io", "--type=json",
+            "-p", json.dumps([{"op": "replace", "path": loose, "value": original}]),
+        )  # fmt: skip
+
+    def degraded() -> dict[str, Any] | None:
+        status = get(cluster, namespace, "imagingsite", "riverside-imaging").get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["type"] == "Degraded"), None)
+
+    eventually(lambda: (degraded() or {}).get("reason") == "InvalidSpec", "Degraded InvalidSpec")
+    assert "spec.aeTitle" in degraded()["message"]
+    assert "BAD" not in degraded()["message"]  # field paths and reasons, never values
+    assert (
+        cluster.kubectl(
+            "-n", namespace, "get", "deployment", "riverside-imaging-gateway", check=False
+        ).returncode
+        != 0
+    )
+    settle(operator)
+    quiet_from = now()
+    settle(operator)
+    ours = [
+        w for w in operator.writes_since(quiet_from) if w["objectRef"].get("namespace") == namespace
+    ]
+    assert ours == [], [(w["verb"], w["objectRef"]) for w in ours]

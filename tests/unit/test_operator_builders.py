@@ -284,3 +284,12 @@ def test_desired_replicas_prefers_spec_replicas() -> None:
 )
 def test_contains(want: Any, have: Any, held: bool) -> None:
     assert contains(want, have) is held
+
+
+def test_api_errors_back_off_exponentially_to_a_ceiling() -> None:
+    from telerad.operator.handlers import RETRY_MAX, backoff  # noqa: PLC0415
+
+    delays = [backoff(r) for r in range(12)]
+    assert delays[:4] == [2, 4, 8, 16]
+    assert delays == sorted(delays)
+    assert delays[-1] == RETRY_MAX
