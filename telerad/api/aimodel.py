@@ -10,12 +10,12 @@ from pydantic import Field
 from telerad.api.base import SET, ApiModel, Matches, Rule
 from telerad.api.names import MODEL_NAME_MAX, MODEL_SUFFIXES, longest
 from telerad.api.types import (
-    Conditions,
     DicomUID,
     LabelValue,
     Modality,
     ObjectMeta,
     ResourceRequirements,
+    Status,
     Toleration,
     name_rule,
 )
@@ -144,13 +144,9 @@ class AIModelSpec(ApiModel):
     """The model is run by a third party: only de-identified data reaches it."""
 
 
-class AIModelStatus(ApiModel):
+class AIModelStatus(Status):
     """Observed state of an AI model."""
 
-    conditions: Conditions
-    """Ready, Progressing, Degraded."""
-    observed_generation: int | None = None
-    """The metadata.generation the status describes."""
     replicas: Annotated[int, Field(ge=0)] | None = None
     """Workers that exist."""
     ready_replicas: Annotated[int, Field(ge=0)] | None = None

@@ -41,6 +41,16 @@ class Rule:
         return out
 
 
+def one_of(first: str, second: str, message: str) -> Rule:
+    """Exactly one of two optional fields (wire names) is set."""
+    a, b = to_snake(first), to_snake(second)
+    return Rule(
+        f"has(self.{first}) != has(self.{second})",
+        message,
+        lambda obj: (getattr(obj, a) is None) != (getattr(obj, b) is None),
+    )
+
+
 def _add_rules(schema: JsonDict, cls: type[BaseModel]) -> None:
     rules: tuple[Rule, ...] = getattr(cls, "__rules__", ())
     if rules:

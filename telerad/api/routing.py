@@ -7,17 +7,17 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field
 
 from telerad.api.aimodel import BodyPart
-from telerad.api.base import SET, ApiModel, Rule, list_map
+from telerad.api.base import SET, ApiModel, list_map, one_of
 from telerad.api.names import POLICY_NAME_MAX
 from telerad.api.types import (
     AETitle,
-    Conditions,
     DicomUID,
     DNSLabel,
     LabelSelector,
     Modality,
     ObjectMeta,
     Priority,
+    Status,
     name_rule,
 )
 
@@ -26,11 +26,7 @@ class SiteSelection(ApiModel):
     """The sites a policy applies to: by label selector or by name, not both."""
 
     __rules__: ClassVar = (
-        Rule(
-            "has(self.selector) != has(self.names)",
-            "sites sets exactly one of selector or names",
-            lambda s: (s.selector is None) != (s.names is None),
-        ),
+        one_of("selector", "names", "sites sets exactly one of selector or names"),
     )
 
     selector: LabelSelector | None = None
@@ -83,13 +79,9 @@ class RoutingPolicySpec(ApiModel):
     """Rules in order: the first rule that matches a study decides its models and priority."""
 
 
-class RoutingPolicyStatus(ApiModel):
+class RoutingPolicyStatus(Status):
     """Observed state of a routing policy."""
 
-    conditions: Conditions
-    """Accepted (the rules are valid) and ResolvedRefs (every model exists and covers its rules)."""
-    observed_generation: int | None = None
-    """The metadata.generation the status describes."""
     sites: list[DNSLabel] = Field(default_factory=list, max_length=256)
     """Sites the policy is compiled into."""
     warnings: list[Annotated[str, Field(max_length=1024)]] = Field(

@@ -6,12 +6,11 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from telerad.api.base import SET, ApiModel, Rule, list_map
+from telerad.api.base import SET, ApiModel, Rule, list_map, one_of
 from telerad.api.names import SITE_NAME_MAX, SITE_SUFFIXES, longest
 from telerad.api.types import (
     AETitle,
     Cidr,
-    Conditions,
     DNSLabel,
     HttpUrl,
     ObjectMeta,
@@ -19,6 +18,7 @@ from telerad.api.types import (
     Quantity,
     ResourceRequirements,
     SecretKeyRef,
+    Status,
     name_rule,
 )
 
@@ -150,11 +150,7 @@ class Destination(ApiModel):
     """Where AI results are forwarded; exactly one of dicom or dicomweb."""
 
     __rules__: ClassVar = (
-        Rule(
-            "has(self.dicom) != has(self.dicomweb)",
-            "a destination sets exactly one of dicom or dicomweb",
-            lambda d: (d.dicom is None) != (d.dicomweb is None),
-        ),
+        one_of("dicom", "dicomweb", "a destination sets exactly one of dicom or dicomweb"),
     )
 
     name: DNSLabel
@@ -230,13 +226,9 @@ class ImagingSiteSpec(ApiModel):
     """Compute resources of the gateway container."""
 
 
-class ImagingSiteStatus(ApiModel):
+class ImagingSiteStatus(Status):
     """Observed state of an imaging site."""
 
-    conditions: Conditions
-    """Ready, Progressing and Degraded."""
-    observed_generation: int | None = None
-    """The metadata.generation the status describes."""
     endpoint: Annotated[str, Field(max_length=512)] | None = None
     """Where modalities send: host:port and AE title."""
     studies_received: Annotated[int, Field(ge=0)] | None = None

@@ -171,6 +171,15 @@ Conditions = Annotated[
 ]
 
 
+class Status(ApiModel):
+    """What every kind's status starts with."""
+
+    conditions: Conditions
+    """Ready, Progressing and Degraded (Accepted and ResolvedRefs on a RoutingPolicy)."""
+    observed_generation: int | None = None
+    """The metadata.generation the status describes."""
+
+
 class ObjectMeta(ApiModel):
     """The parts of metadata telerad reads; the API server owns the rest."""
 

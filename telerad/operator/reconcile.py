@@ -234,6 +234,20 @@ class Reconciler:
             await self.kube.post_event(body, "Normal", Reason.RESUMED, "reconciliation resumed")
         return body, conds, False
 
+    async def _load(
+        self, model: type[M], world: World, name: str
+    ) -> tuple[Body, list[Condition], M] | Outcome:
+        """The object, its conditions and its parsed spec; or why there is nothing to do."""
+        body, conds, paused = await self._begin(model.__name__, world, name)
+        if body is None:
+            return Outcome.GONE
+        if paused:
+            return Outcome.PAUSED
+        try:
+            return body, conds, model.from_wire(body)
+        except ValidationError as err:
+            return await self._invalid(body, conds, err)
+
     async def _invalid(self, body: Body, conds: list[Condition], err: ValidationError) -> Outcome:
         gen = body["metadata"]["generation"]
         message = _error_summary(err)
@@ -294,15 +308,10 @@ class Reconciler:
     # ------------------------------------------------------------------ kinds
 
     async def _site(self, world: World, name: str) -> Outcome:
-        body, conds, paused = await self._begin("ImagingSite", world, name)
-        if body is None:
-            return Outcome.GONE
-        if paused:
-            return Outcome.PAUSED
-        try:
-            site = ImagingSite.from_wire(body)
-        except ValidationError as err:
-            return await self._invalid(body, conds, err)
+        loaded = await self._load(ImagingSite, world, name)
+        if isinstance(loaded, Outcome):
+            return loaded
+        body, conds, site = loaded
         ns, gen = world.namespace, body["metadata"]["generation"]
         await self._apply(
             body, site_builders.children(body, site, world.rules_for(name), self.settings)
@@ -347,15 +356,10 @@ class Reconciler:
         return Outcome.DONE
 
     async def _model(self, world: World, name: str) -> Outcome:
-        body, conds, paused = await self._begin("AIModel", world, name)
-        if body is None:
-            return Outcome.GONE
-        if paused:
-            return Outcome.PAUSED
-        try:
-            model = AIModel.from_wire(body)
-        except ValidationError as err:
-            return await self._invalid(body, conds, err)
+        loaded = await self._load(AIModel, world, name)
+        if isinstance(loaded, Outcome):
+            return loaded
+        body, conds, model = loaded
         ns, gen = world.namespace, body["metadata"]["generation"]
         await self._apply(
             body, model_builders.children(body, model, world.gateways_of_model(name), self.settings)
@@ -400,15 +404,10 @@ class Reconciler:
         return Outcome.DONE
 
     async def _policy(self, world: World, name: str) -> Outcome:
-        body, conds, paused = await self._begin("RoutingPolicy", world, name)
-        if body is None:
-            return Outcome.GONE
-        if paused:
-            return Outcome.PAUSED
-        try:
-            policy = RoutingPolicy.from_wire(body)
-        except ValidationError as err:
-            return await self._invalid(body, conds, err)
+        loaded = await self._load(RoutingPolicy, world, name)
+        if isinstance(loaded, Outcome):
+            return loaded
+        body, conds, policy = loaded
         gen = body["metadata"]["generation"]
         verdict = routing.evaluate(policy, world.parsed_models())
         after = cond.set_condition(
