@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 KIND_OF = {"imagingsites": "ImagingSite", "aimodels": "AIModel", "routingpolicies": "RoutingPolicy"}
 OWNER_OF_COMPONENT = {"gateway": "ImagingSite", "worker": "AIModel"}
-CHILDREN = (
+CHILDREN = (  # (apiVersion, plural) of every kind of child
     ("v1", "configmaps"),
     ("v1", "services"),
     ("v1", "serviceaccounts"),
@@ -33,6 +33,14 @@ CHILDREN = (
     ("apps/v1", "deployments"),
     ("networking.k8s.io/v1", "networkpolicies"),
 )
+KIND_OF_CHILD = {
+    "configmaps": "ConfigMap",
+    "services": "Service",
+    "serviceaccounts": "ServiceAccount",
+    "persistentvolumeclaims": "PersistentVolumeClaim",
+    "deployments": "Deployment",
+    "networkpolicies": "NetworkPolicy",
+}
 RETRY_FIRST = 2.0
 RETRY_MAX = 300.0
 
@@ -43,7 +51,12 @@ def _world(namespace: str | None, kwargs: dict[str, Any]) -> World:
     def named(plural: str) -> dict[str, Any]:
         return {b["metadata"]["name"]: b for b in kwargs[f"{plural}_index"].get(ns, [])}
 
-    return World(ns, named("imagingsites"), named("aimodels"), named("routingpolicies"))
+    children = {
+        (b["kind"], b["metadata"]["name"]): b
+        for _, plural in CHILDREN
+        for b in kwargs[f"{plural}_cache"].get(ns, [])
+    }
+    return World(ns, named("imagingsites"), named("aimodels"), named("routingpolicies"), children)
 
 
 def backoff(retry: int) -> float:
@@ -85,6 +98,16 @@ def index_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> d
     # Handlers wait until every index is filled, so after a restart no reconcile ever
     # sees (and writes a config from) half a namespace.
     return {namespace or "": dict(body)}
+
+
+def cache_child(
+    *, namespace: str | None, body: kopf.Body, resource: kopf.Resource, **_: Any
+) -> dict[str, Any]:
+    """The watch cache of children that reconciles compare against instead of a GET each.
+    managedFields are dropped: they are most of an object's size and never compared."""
+    meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+    kind = body.get("kind") or KIND_OF_CHILD[resource.plural]
+    return {namespace or "": {**dict(body), "kind": kind, "metadata": meta}}
 
 
 async def on_change(
@@ -184,9 +207,8 @@ def build(settings: OperatorSettings) -> kopf.OperatorRegistry:
         )(on_resync)
     for api_version, plural in CHILDREN:
         group, _, version = api_version.rpartition("/")
-        kopf.on.event(
-            *((group, version, plural) if group else (version, plural)),
-            labels={"app.kubernetes.io/managed-by": names.FIELD_MANAGER},
-            registry=registry,
-        )(on_child_event)
+        child = (group, version, plural) if group else (version, plural)
+        managed = {"app.kubernetes.io/managed-by": names.FIELD_MANAGER}
+        kopf.index(*child, labels=managed, id=f"{plural}_cache", registry=registry)(cache_child)
+        kopf.on.event(*child, labels=managed, registry=registry)(on_child_event)
     return registry

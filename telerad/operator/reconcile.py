@@ -72,6 +72,8 @@ class World:
     sites: dict[str, Body] = field(default_factory=dict)
     models: dict[str, Body] = field(default_factory=dict)
     policies: dict[str, Body] = field(default_factory=dict)
+    children: dict[tuple[str, str], Body] = field(default_factory=dict)
+    """(kind, name) -> the operator's children in the namespace, from the watch cache."""
 
     def parsed_models(self) -> dict[str, AIModel]:
         return {n: m for n, b in self.models.items() if (m := _parse(AIModel, b)) is not None}
@@ -296,9 +298,11 @@ class Reconciler:
                 message,
             )
 
-    async def _apply(self, owner: Body, children: list[Body]) -> None:
+    async def _apply(self, owner: Body, world: World, children: list[Body]) -> None:
         written = [
-            f"{c['kind']}/{c['metadata']['name']}" for c in children if await self.kube.ensure(c)
+            f"{c['kind']}/{c['metadata']['name']}"
+            for c in children
+            if await self.kube.ensure(c, world.children.get((c["kind"], c["metadata"]["name"])))
         ]
         if written:
             await self.kube.post_event(
@@ -314,14 +318,14 @@ class Reconciler:
         body, conds, site = loaded
         ns, gen = world.namespace, body["metadata"]["generation"]
         await self._apply(
-            body, site_builders.children(body, site, world.rules_for(name), self.settings)
+            body, world, site_builders.children(body, site, world.rules_for(name), self.settings)
         )
 
         problems = []
         if site.spec.tls and not await self.kube.secret_exists(ns, site.spec.tls.secret_name):
             problems.append(f"TLS Secret {site.spec.tls.secret_name!r} does not exist")
         gateway = names.site_child(name, "gateway")
-        deployment = await self.kube.get("apps/v1", "Deployment", ns, gateway)
+        deployment = world.children.get(("Deployment", gateway))
         available = _available(deployment)
         after = cond.set_condition(
             conds,
@@ -360,12 +364,14 @@ class Reconciler:
         if isinstance(loaded, Outcome):
             return loaded
         body, conds, model = loaded
-        ns, gen = world.namespace, body["metadata"]["generation"]
+        gen = body["metadata"]["generation"]
         await self._apply(
-            body, model_builders.children(body, model, world.gateways_of_model(name), self.settings)
+            body,
+            world,
+            model_builders.children(body, model, world.gateways_of_model(name), self.settings),
         )
         worker = names.model_child(name)
-        deployment = await self.kube.get("apps/v1", "Deployment", ns, worker)
+        deployment = world.children.get(("Deployment", worker))
         desired, why = model_builders.desired_replicas(model)
         status = (deployment or {}).get("status", {})
         ready_replicas = status.get("readyReplicas", 0)

@@ -59,7 +59,9 @@ def config_map(owner: Manifest, config: WorkerConfig) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(owner, names.model_child(owner["metadata"]["name"]), COMPONENT),
-        "data": {CONFIG_FILE: yaml.safe_dump(config.to_wire(), sort_keys=False)},
+        "data": {
+            CONFIG_FILE: yaml.dump(config.to_wire(), Dumper=yaml.CSafeDumper, sort_keys=False)
+        },
     }
 
 

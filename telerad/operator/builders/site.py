@@ -67,7 +67,7 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
 
 def config_map(owner: Manifest, config: GatewayConfig) -> Manifest:
     name = names.site_child(owner["metadata"]["name"], "gateway")
-    text = yaml.safe_dump(config.to_wire(), sort_keys=False)
+    text = yaml.dump(config.to_wire(), Dumper=yaml.CSafeDumper, sort_keys=False)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -106,14 +106,13 @@ class Kube:
             raise _wrap(err) from err
         return cast(dict[str, Any], obj.to_dict())
 
-    async def ensure(self, desired: dict[str, Any]) -> bool:
-        """Make the live object hold ``desired``; return whether a write was needed."""
-        meta = desired["metadata"]
-        live = await self.get(
-            desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"]
-        )
+    async def ensure(self, desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
+        """Make the cluster hold ``desired``, given the ``live`` object as the watch cache
+        last saw it (None: absent); return whether a write was needed. A stale cache
+        costs at most one idempotent apply, never a wrong object."""
         if live is not None and contains(desired, live):
             return False
+        meta = desired["metadata"]
         await self._call("apply", from_dict(desired), field_manager=FIELD_MANAGER, force=True)
         WRITES.labels(desired["kind"]).inc()
         log.info("applied %s %s/%s", desired["kind"], meta["namespace"], meta["name"])
