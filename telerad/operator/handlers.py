@@ -10,6 +10,7 @@ that route to it) are re-reconciled when what they depend on changes.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import kopf
@@ -18,7 +19,7 @@ from telerad.api import names
 from telerad.operator import startup
 from telerad.operator.k8s import KubeError
 from telerad.operator.metrics import MANAGED
-from telerad.operator.reconcile import Outcome, Reconciler, World
+from telerad.operator.reconcile import Outcome, Reconciler, Snapshot, World
 from telerad.operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -65,33 +66,45 @@ def backoff(retry: int) -> float:
 
 
 async def _run(
-    reconciler: Reconciler, kind: str, world: World, name: str, *, strict: bool, retry: int = 0
+    reconciler: Reconciler,
+    kind: str,
+    namespace: str,
+    name: str,
+    snapshot: Snapshot,
+    *,
+    strict: bool,
+    retry: int = 0,
 ) -> None:
     try:
-        outcome = await reconciler.reconcile(kind, world, name)
+        outcome = await reconciler.reconcile(kind, namespace, name, snapshot)
     except KubeError as err:
         raise kopf.TemporaryError(str(err), delay=backoff(retry)) from err
     if outcome is Outcome.INVALID and strict:
         # Status says why; retrying an invalid spec would only repeat it.
         raise kopf.PermanentError(
-            f"{kind} {world.namespace}/{name}: invalid spec, see its Degraded condition"
+            f"{kind} {namespace}/{name}: invalid spec, see its Degraded condition"
         )
 
 
-async def _dependents(reconciler: Reconciler, kind: str, world: World, name: str) -> None:
-    """Reconcile what depends on the object that changed."""
+async def _dependents(
+    reconciler: Reconciler, kind: str, world: World, name: str, snapshot: Snapshot
+) -> None:
+    """Reconcile what depends on the object that changed (found in ``world``)."""
+    ns = world.namespace
     if kind == "ImagingSite":
-        await reconciler.reconcile_all("AIModel", world, world.models_of_site(name))
-        await reconciler.reconcile_all("RoutingPolicy", world, world.policies_selecting(name))
+        await reconciler.reconcile_all("AIModel", ns, world.models_of_site(name), snapshot)
+        await reconciler.reconcile_all(
+            "RoutingPolicy", ns, world.policies_selecting(name), snapshot
+        )
     elif kind == "AIModel":
         users = world.policies_using(name)
-        await reconciler.reconcile_all("RoutingPolicy", world, users)
+        await reconciler.reconcile_all("RoutingPolicy", ns, users, snapshot)
         await reconciler.reconcile_all(
-            "ImagingSite", world, {s for p in users for s in world.sites_of(p)}
+            "ImagingSite", ns, {s for p in users for s in world.sites_of(p)}, snapshot
         )
     else:
-        await reconciler.reconcile_all("ImagingSite", world, world.sites_of(name))
-        await reconciler.reconcile_all("AIModel", world, world.models_of_policy(name))
+        await reconciler.reconcile_all("ImagingSite", ns, world.sites_of(name), snapshot)
+        await reconciler.reconcile_all("AIModel", ns, world.models_of_policy(name), snapshot)
 
 
 def index_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
@@ -110,6 +123,10 @@ def cache_child(
     return {namespace or "": {**dict(body), "kind": kind, "metadata": meta}}
 
 
+def _snapshot(namespace: str | None, kwargs: dict[str, Any]) -> Snapshot:
+    return partial(_world, namespace, kwargs)
+
+
 async def on_change(
     *,
     resource: kopf.Resource,
@@ -120,10 +137,10 @@ async def on_change(
     **kwargs: Any,
 ) -> None:
     kind = KIND_OF[resource.plural]
-    world = _world(namespace, kwargs)
+    snapshot = _snapshot(namespace, kwargs)
     MANAGED.labels(kind).set(sum(len(v) for v in kwargs[f"{resource.plural}_index"].values()))
-    await _run(memo["reconciler"], kind, world, name, strict=True, retry=retry)
-    await _dependents(memo["reconciler"], kind, world, name)
+    await _run(memo["reconciler"], kind, namespace or "", name, snapshot, strict=True, retry=retry)
+    await _dependents(memo["reconciler"], kind, snapshot(), name, snapshot)
 
 
 async def on_delete(
@@ -141,30 +158,16 @@ async def on_delete(
     {"ImagingSite": world.sites, "AIModel": world.models, "RoutingPolicy": world.policies}[kind][
         name
     ] = dict(body)
-    await _dependents(memo["reconciler"], kind, world, name)
+    await _dependents(memo["reconciler"], kind, world, name, _snapshot(namespace, kwargs))
 
 
 async def on_resync(
     *, resource: kopf.Resource, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
 ) -> None:
+    kind = KIND_OF[resource.plural]
     await _run(
-        memo["reconciler"], KIND_OF[resource.plural], _world(namespace, kwargs), name, strict=False
+        memo["reconciler"], kind, namespace or "", name, _snapshot(namespace, kwargs), strict=False
     )
-
-
-def worth_reconciling(event_type: str, child: kopf.Body) -> bool:
-    """Whether a change to a child can matter to its owner: a deletion, or a change made
-    by someone else, except status changes of children whose status the owner never
-    reads. The operator's own writes come back as events too; they change nothing."""
-    if event_type == "DELETED":
-        return True
-    entries = child.get("metadata", {}).get("managedFields") or []
-    if not entries:
-        return True
-    last = max(entries, key=lambda e: e.get("time") or "")
-    if last.get("manager") == names.FIELD_MANAGER and last.get("operation") == "Apply":
-        return False
-    return last.get("subresource") != "status" or child.get("kind") == "Deployment"
 
 
 async def on_child_event(
@@ -179,10 +182,17 @@ async def on_child_event(
     owner = OWNER_OF_COMPONENT.get(labels.get("app.kubernetes.io/component", ""))
     instance = labels.get("app.kubernetes.io/instance")
     # type None is the initial listing, which the resume handlers already cover.
-    if owner is None or instance is None or type is None or not worth_reconciling(type, body):
+    if owner is None or instance is None or type is None:
         return
+    kube, ns = memo["kube"], namespace or ""
+    kind = body.get("kind") or KIND_OF_CHILD[kwargs["resource"].plural]
+    child, version = body["metadata"]["name"], body["metadata"].get("resourceVersion", "")
+    if type == "DELETED":
+        kube.forget(kind, ns, child)
+    elif kube.wrote(kind, ns, child, version):
+        return  # the echo of the operator's own apply: nothing new for the owner
     try:
-        await memo["reconciler"].reconcile(owner, _world(namespace, kwargs), instance)
+        await memo["reconciler"].reconcile(owner, ns, instance, _snapshot(namespace, kwargs))
     except KubeError as err:
         log.warning(
             "reconcile of %s %s/%s after a child event failed: %s", owner, namespace, instance, err

@@ -133,6 +133,10 @@ class World:
         return sorted({*now, *(s for s in previous if s in self.sites)})
 
 
+Snapshot = Callable[[], World]
+"""Builds the namespace's World from the watch caches as they are now."""
+
+
 def _conditions(status: Body) -> list[Condition]:
     return [Condition.from_wire(c) for c in status.get("conditions", [])]
 
@@ -169,10 +173,11 @@ class Reconciler:
 
     # ------------------------------------------------------------------ entry points
 
-    async def reconcile(self, kind: str, world: World, name: str) -> Outcome:
-        """Reconcile one object; a call that arrives while the same object is being
-        reconciled makes that run go round once more instead of waiting its turn."""
-        key = (kind, world.namespace, name)
+    async def reconcile(self, kind: str, namespace: str, name: str, snapshot: Snapshot) -> Outcome:
+        """Reconcile one object. A call that arrives while the same object is being
+        reconciled makes that run go round once more, on a fresh snapshot, instead of
+        waiting its turn."""
+        key = (kind, namespace, name)
         lock = self._locks.setdefault(key, asyncio.Lock())
         if lock.locked():
             self._again.add(key)
@@ -188,7 +193,7 @@ class Reconciler:
                 started = time.monotonic()
                 result = "error"
                 try:
-                    outcome = await fn(world, name)
+                    outcome = await fn(snapshot(), name)
                     result = outcome.value
                 finally:
                     RECONCILES.labels(kind, result).inc()
@@ -198,14 +203,16 @@ class Reconciler:
                         self._locks.pop(key, None)
                     return outcome
 
-    async def reconcile_all(self, kind: str, world: World, names_: Iterable[str]) -> None:
+    async def reconcile_all(
+        self, kind: str, namespace: str, names_: Iterable[str], snapshot: Snapshot
+    ) -> None:
         """Reconcile dependents; a failure is logged and left to the periodic resync."""
         for name in sorted(set(names_)):
             try:
-                await self.reconcile(kind, world, name)
+                await self.reconcile(kind, namespace, name, snapshot)
             except Exception:
                 log.exception(
-                    "reconcile of %s %s/%s failed; the resync retries", kind, world.namespace, name
+                    "reconcile of %s %s/%s failed; the resync retries", kind, namespace, name
                 )
 
     # ------------------------------------------------------------------ shared steps

@@ -112,7 +112,9 @@ def test_change_touches_only_affected_children_and_resync_writes_nothing(
     settle(operator)
     quiet_from = now()
     settle(operator)
-    writes = operator.writes_since(quiet_from)
+    writes = [
+        w for w in operator.writes_since(quiet_from) if w["objectRef"].get("namespace") == namespace
+    ]
     assert writes == [], [(w["verb"], w["objectRef"]) for w in writes]
 
     before = snapshot(cluster, namespace)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from decimal import InvalidOperation
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from telerad.api.names import FIELD_MANAGER, GROUP, VERSION
 from telerad.operator.metrics import WRITES
 
 log = logging.getLogger(__name__)
+APPLIED_TTL = 30.0  # seconds an applied object stands in for the watch cache
 
 PLURALS = {"ImagingSite": "imagingsites", "AIModel": "aimodels", "RoutingPolicy": "routingpolicies"}
 # lightkube's typed overloads do not cover resource classes chosen at run time; this
@@ -78,9 +80,19 @@ def contains(want: Any, have: Any, path: str = "") -> bool:
     return ".resources." in path and _same_quantity(want, have)
 
 
+def _version(obj: dict[str, Any]) -> int:
+    """resourceVersion as a number: opaque by contract, an etcd revision in practice; an
+    unreadable one sorts first, so the watch cache is believed."""
+    try:
+        return int(obj["metadata"].get("resourceVersion", ""))
+    except ValueError:
+        return -1
+
+
 class Kube:
     def __init__(self, client: AsyncClient) -> None:
         self._client = cast(Any, client)
+        self._applied: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
 
     @classmethod
     def connect(cls) -> Kube:
@@ -108,15 +120,46 @@ class Kube:
 
     async def ensure(self, desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
         """Make the cluster hold ``desired``, given the ``live`` object as the watch cache
-        last saw it (None: absent); return whether a write was needed. A stale cache
-        costs at most one idempotent apply, never a wrong object."""
+        last saw it (None: absent); return whether a write was needed. Until the watch
+        brings back an object this client wrote, the object its apply returned stands in
+        for it, so a stale cache does not cause the same write twice."""
+        meta = desired["metadata"]
+        key = (desired["kind"], meta["namespace"], meta["name"])
+        live = self._newest(key, live)
         if live is not None and contains(desired, live):
             return False
-        meta = desired["metadata"]
-        await self._call("apply", from_dict(desired), field_manager=FIELD_MANAGER, force=True)
+        applied = await self._call(
+            "apply", from_dict(desired), field_manager=FIELD_MANAGER, force=True
+        )
+        written = cast(dict[str, Any], applied.to_dict())
+        written["metadata"].pop("managedFields", None)
+        self._applied[key] = (time.monotonic(), written)
         WRITES.labels(desired["kind"]).inc()
         log.info("applied %s %s/%s", desired["kind"], meta["namespace"], meta["name"])
         return True
+
+    def _newest(
+        self, key: tuple[str, str, str], live: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        entry = self._applied.get(key)
+        if entry is None:
+            return live
+        written_at, mine = entry
+        caught_up = live is not None and _version(live) >= _version(mine)
+        # Past the age limit the cache is believed even if an event was missed.
+        if caught_up or time.monotonic() - written_at > APPLIED_TTL:
+            del self._applied[key]
+            return live
+        return mine
+
+    def wrote(self, kind: str, namespace: str, name: str, resource_version: str) -> bool:
+        """Whether this exact version of the object is this client's own last write."""
+        entry = self._applied.get((kind, namespace, name))
+        return entry is not None and entry[1]["metadata"].get("resourceVersion") == resource_version
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """The object was deleted: what this client last wrote of it no longer stands."""
+        self._applied.pop((kind, namespace, name), None)
 
     async def patch_status(
         self, kind: str, namespace: str, name: str, status: dict[str, Any]
