@@ -196,6 +196,17 @@ class Operator:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return str(resp.read().decode())
 
+    def writes_in(
+        self, namespace: str, since: datetime.datetime
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """(verb, object) of the writes the operator's ServiceAccount sent to objects in
+        ``namespace`` since ``since``, from the API server's audit log."""
+        return [
+            (w["verb"], w["objectRef"])
+            for w in self.writes_since(since)
+            if w["objectRef"].get("namespace") == namespace
+        ]
+
     def writes_since(self, since: datetime.datetime) -> list[dict[str, Any]]:
         """Write requests the operator's ServiceAccount sent, from the audit log."""
         if self.cluster.plane is None:
