@@ -11,8 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -82,6 +84,11 @@ class ApiModel(BaseModel):
         """Parse an object as the API server or a config file holds it: camelCase names
         only, as the server accepts (Python names stay usable in code)."""
         return cls.model_validate(data, by_alias=True, by_name=False)
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        """Read a YAML file (a config the operator rendered, or one written by hand)."""
+        return cls.from_wire(yaml.safe_load(path.read_text()))
 
     def to_wire(self) -> dict[str, Any]:
         """The object as the API server stores it: camelCase, defaults filled, unset

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import Field
 
 from telerad.api.aimodel import IntendedUse, ModelRef, Thresholds
@@ -111,10 +110,6 @@ class GatewayConfig(ApiModel):
     notifications: Notifications = Field(default_factory=Notifications)
     """Critical-finding webhooks."""
 
-    @classmethod
-    def load(cls, path: Path) -> GatewayConfig:
-        return cls.from_wire(yaml.safe_load(path.read_text()))
-
 
 class GatewayEndpoint(ApiModel):
     """A gateway a worker claims jobs from."""
@@ -142,7 +137,3 @@ class WorkerConfig(ApiModel):
     """Lease of a claimed job; extended while the worker runs."""
     metrics_port: Port = 9090
     """Port of /metrics and /healthz."""
-
-    @classmethod
-    def load(cls, path: Path) -> WorkerConfig:
-        return cls.from_wire(yaml.safe_load(path.read_text()))
