@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CLUSTER_DIR ?= .cluster
 
-.PHONY: setup k8s-bins lint test test-fast cluster cluster-down cluster-status bench clean demo
+.PHONY: setup k8s-bins debs lint test test-fast cluster cluster-down cluster-status bench clean demo
 
 # Python environment from uv.lock (frozen: CI fails if pyproject.toml and the lock disagree).
 setup: $(VENV)/.synced
@@ -18,6 +18,10 @@ $(VENV)/.synced: pyproject.toml uv.lock
 k8s-bins:
 	@hack/build-k8s.sh >/dev/null
 
+# The real DICOM peers (dcmtk, Orthanc, dicom3tools) from Debian (a no-op once installed).
+debs:
+	@hack/debs.sh
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -25,7 +29,7 @@ lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/telerad crds --check
 
-test: lint k8s-bins
+test: lint k8s-bins debs
 	TELERAD_K8S_BIN="$$(hack/build-k8s.sh)" $(BIN)/pytest $(PYTEST_ARGS)
 
 # Unit tests only: no control plane, seconds.
@@ -42,8 +46,9 @@ cluster-down:
 cluster-status:
 	@$(BIN)/python -m telerad.devcluster status --dir $(CLUSTER_DIR)
 
-bench: setup k8s-bins
+bench: setup k8s-bins debs
 	$(BIN)/python bench/controlplane_start.py --bin-dir "$$(hack/build-k8s.sh)"
+	$(BIN)/python bench/ingest.py
 
 clean: cluster-down
 	rm -rf $(VENV) $(CLUSTER_DIR) .mypy_cache .ruff_cache .pytest_cache

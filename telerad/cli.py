@@ -106,5 +106,83 @@ def operator(log_format: str, verbose: bool, **options: object) -> None:
     )
 
 
+@cli.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Gateway configuration (YAML), as the operator renders it into the site's ConfigMap.",
+)
+@click.option(
+    "--example-config",
+    is_flag=True,
+    help="Print a complete configuration for a local run and exit.",
+)
+@click.option("--port", type=int, default=11112, show_default=True, help="With --example-config.")
+@click.option(
+    "--http-port", type=int, default=8080, show_default=True, help="With --example-config."
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("telerad-data"),
+    show_default=True,
+    help="With --example-config: where the tiers and the catalog go.",
+)
+@click.option("-v", "--verbose", is_flag=True)
+def gateway(
+    *,
+    config_file: Path | None,
+    example_config: bool,
+    port: int,
+    http_port: int,
+    data_dir: Path,
+    verbose: bool,
+) -> None:
+    """Run a site gateway: DICOM receiver, archive, catalog and job queue.
+
+    \b
+    Start one locally:
+      telerad gateway --example-config > gateway.yaml
+      telerad gateway --config gateway.yaml
+    """
+    import asyncio  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from telerad.api.config import GatewayConfig  # noqa: PLC0415
+
+    if example_config:
+        from telerad.runtime.gateway.example import example_config as build  # noqa: PLC0415
+
+        text = yaml.safe_dump(build(port, http_port, data_dir).to_wire(), sort_keys=False)
+        click.echo("# telerad gateway configuration for a local run\n" + text, nl=False)
+        return
+    if config_file is None:
+        raise click.UsageError("give --config FILE (or --example-config to print one)")
+    try:
+        config = GatewayConfig.load(config_file)
+    except ValidationError as exc:
+        raise click.ClickException(f"{config_file}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{config_file}: not YAML: {exc}") from None
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from telerad.runtime.gateway.server import Gateway  # noqa: PLC0415
+
+    async def serve() -> None:
+        await Gateway(config).run()
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        raise click.ClickException(f"cannot start the gateway: {exc}") from None
+
+
 def main() -> None:
     cli()

@@ -44,6 +44,22 @@ class StoragePaths(ApiModel):
     """Days in the hot tier."""
     retention_days: int = Field(default=30, ge=1)
     """Days before deletion from every tier."""
+    min_free_bytes: int = Field(default=1 << 30, ge=0)
+    """Below this much free space on the hot tier, stores are refused (out of resources)
+    rather than half-written."""
+    lifecycle_interval_seconds: int = Field(default=300, ge=1, le=86400)
+    """How often the hot -> warm -> deleted pass runs."""
+
+
+class JobPolicy(ApiModel):
+    """Retries of failed jobs."""
+
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    """Claims before a failing job (or one whose worker keeps vanishing) is parked."""
+    backoff_seconds: int = Field(default=10, ge=0, le=3600)
+    """Wait before the first retry; doubled for each further attempt."""
+    max_backoff_seconds: int = Field(default=600, ge=0, le=86400)
+    """Longest wait between retries."""
 
 
 class ModelRoute(ApiModel):
@@ -103,6 +119,8 @@ class GatewayConfig(ApiModel):
     """When a study is complete."""
     dimse: Dimse = Field(default_factory=Dimse)
     """Receiver limits."""
+    jobs: JobPolicy = Field(default_factory=JobPolicy)
+    """Retries of failed jobs."""
     routing: list[CompiledRule] = Field(default_factory=list)
     """Rules of every policy that selects this site, in order."""
     destinations: list[Destination] = Field(default_factory=list)

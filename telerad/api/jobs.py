@@ -1,0 +1,137 @@
+"""The gateway's job API: what workers send and receive, and the worklist.
+
+One definition for the gateway that serves it and the worker that calls it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field
+
+from telerad.api.aimodel import Ratio
+from telerad.api.base import ApiModel
+from telerad.api.types import DNSLabel, Priority
+
+Seconds = Annotated[int, Field(ge=1, le=3600)]
+Owner = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:@/-]+$")]
+Token = Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._ -]+$")]
+
+
+class JobState(StrEnum):
+    """Where a job is; parked jobs wait for a person, they are never dropped."""
+
+    QUEUED = "queued"
+    LEASED = "leased"
+    DONE = "done"
+    PARKED = "parked"
+
+
+class Finding(ApiModel):
+    """One finding of a model on a study."""
+
+    label: Label
+    """What was found, e.g. hyperdensity."""
+    score: Ratio
+    """Model confidence in [0, 1]."""
+    critical: bool = False
+    """The worker judged it critical; the gateway also applies the model's thresholds."""
+    measurements: dict[Label, float] = Field(default_factory=dict, max_length=32)
+    """Named measurements (volumes, diameters), in the units the label implies."""
+
+
+class Lease(ApiModel):
+    """Who holds a job and until when."""
+
+    owner: Owner
+    token: Token
+    """Proof of holding the lease: extend, complete and fail must present it."""
+    expires_at: datetime
+
+
+class Job(ApiModel):
+    """A study queued for one model."""
+
+    id: int
+    study_uid: str
+    model: DNSLabel
+    priority: Priority
+    state: JobState
+    attempts: int
+    """Claims so far, including ones whose lease expired."""
+    max_attempts: int
+    rule: str
+    """policy/rule that created the job."""
+    deidentify: bool
+    notify: bool
+    created_at: datetime
+    updated_at: datetime
+    not_before: datetime | None = None
+    """Earliest next claim after a failure (backoff)."""
+    lease: Lease | None = None
+    reason: str | None = None
+    """Why the job last failed or was parked."""
+    findings: list[Finding] = Field(default_factory=list)
+    critical: bool = False
+    """Some finding is critical under the worker's or the model's thresholds."""
+
+
+class ClaimRequest(ApiModel):
+    """Take the most urgent waiting job of a model."""
+
+    model: DNSLabel
+    owner: Owner
+    """Worker identity (pod name), recorded on the lease."""
+    lease_seconds: Seconds = 60
+
+
+class ExtendRequest(ApiModel):
+    token: Token
+    lease_seconds: Seconds = 60
+
+
+class CompleteRequest(ApiModel):
+    token: Token
+    findings: list[Finding] = Field(default_factory=list, max_length=256)
+
+
+class FailRequest(ApiModel):
+    token: Token
+    reason: Annotated[str, Field(min_length=1, max_length=1024)]
+    """What went wrong, for the person who looks at a parked job. Never patient data."""
+    retryable: bool = True
+    """False parks the job at once (the study can never succeed as it is)."""
+
+
+class WorklistJob(ApiModel):
+    id: int
+    model: DNSLabel
+    state: JobState
+    critical: bool
+
+
+class WorklistEntry(ApiModel):
+    """A study as the reading radiologist's list orders it."""
+
+    study_uid: str
+    priority: Priority | None
+    """Highest priority of its jobs, raised to stat by a critical finding; None: no job."""
+    complete: bool
+    """The study has been quiet long enough (or reached its expected count)."""
+    critical: bool
+    received_at: datetime
+    completed_at: datetime | None = None
+    modalities: list[str] = Field(default_factory=list)
+    instances: int
+    jobs: list[WorklistJob] = Field(default_factory=list)
+
+
+class Problem(ApiModel):
+    """Error body of every failed request (RFC 9457 subset)."""
+
+    title: str
+    status: int
+    detail: str

@@ -1,0 +1,1 @@
+"""The runtime the operator deploys: site gateways (and, later, inference workers)."""

@@ -1,0 +1,294 @@
+"""Reading what a sender gave us, without trusting it.
+
+The gateway stores data sets exactly as received, so it never decodes them with pydicom
+(which re-encodes on write and silently accepts truncated input). Instead one strict pass
+walks the encoded elements, proves that every length fits and that the data set ends where
+its last element ends, and lifts out the few top-level attributes that storage, routing and
+QIDO need. Anything else is an `InvalidDataset` naming what was wrong and where.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Final
+
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR
+
+IMPLICIT_LE: Final = "1.2.840.10008.1.2"
+EXPLICIT_LE: Final = "1.2.840.10008.1.2.1"
+DEFLATED_LE: Final = "1.2.840.10008.1.2.1.99"
+EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
+
+UID_MAX: Final = 64
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+_UNDEFINED: Final = 0xFFFFFFFF
+_ITEM: Final = 0xFFFEE000
+_ITEM_END: Final = 0xFFFEE00D
+_SEQ_END: Final = 0xFFFEE0DD
+# VRs whose explicit encoding has a 2-byte reserved field and a 4-byte length.
+_LONG_VRS: Final = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_MAX_DEPTH: Final = 32
+# A deflated data set may not inflate past this: a few kilobytes must not become gigabytes.
+_MAX_INFLATED: Final = 4 << 30
+
+
+class InvalidDataset(ValueError):
+    """The encoded data set is not well-formed DICOM; the message says where."""
+
+
+def valid_uid(value: str) -> bool:
+    """A DICOM UID (PS3.5 9.1): dot-separated numbers, no leading zeros, at most 64 chars.
+
+    Path components are built from UIDs, so this is also what keeps `..`, `/` and every
+    other trick out of the file system."""
+    return len(value) <= UID_MAX and _UID.fullmatch(value) is not None
+
+
+# Attributes lifted from the top level of each instance: (group << 16 | element) -> name.
+TAGS: Final[dict[int, str]] = {
+    0x00080005: "specific_character_set",
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_instance_uid",
+    0x00080020: "study_date",
+    0x00080030: "study_time",
+    0x00080050: "accession_number",
+    0x00080060: "modality",
+    0x00080090: "referring_physician",
+    0x00081030: "study_description",
+    0x0008103E: "series_description",
+    0x00100010: "patient_name",
+    0x00100020: "patient_id",
+    0x00100030: "patient_birth_date",
+    0x00100040: "patient_sex",
+    0x00180015: "body_part",
+    0x0020000D: "study_uid",
+    0x0020000E: "series_uid",
+    0x00200010: "study_id",
+    0x00200011: "series_number",
+    0x00200013: "instance_number",
+    0x00201208: "study_related_instances",
+}
+_TEXT_VRS: Final = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What the gateway keeps of one instance besides its bytes."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    values: dict[str, str] = field(default_factory=dict)
+    """Other attributes of `TAGS` present in the data set, decoded to text."""
+
+    def get(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    def integer(self, name: str) -> int | None:
+        raw = self.values.get(name)
+        try:
+            return int(raw) if raw else None
+        except ValueError:
+            return None
+
+
+def parse(data: bytes, transfer_syntax: str) -> Header:
+    """Check the whole encoded data set and return its header; raise `InvalidDataset`."""
+    if transfer_syntax == DEFLATED_LE:
+        data = _inflate(data)
+    walker = _Walker(data, little=transfer_syntax != EXPLICIT_BE)
+    found: dict[int, tuple[str, bytes]] = {}
+    end = walker.elements(0, len(data), transfer_syntax == IMPLICIT_LE, 0, found)
+    if end != len(data):
+        raise InvalidDataset(f"trailing bytes after the data set at offset {end}")
+    return _header(found)
+
+
+def _inflate(data: bytes) -> bytes:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, _MAX_INFLATED)
+    except zlib.error as exc:
+        raise InvalidDataset(f"deflated data set does not inflate: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise InvalidDataset("deflated data set inflates past the size limit")
+    if not inflater.eof:
+        raise InvalidDataset("deflated data set is truncated")
+    return out
+
+
+class _Walker:
+    """One pass over an encoded data set, sequences and items included."""
+
+    def __init__(self, data: bytes, *, little: bool) -> None:
+        self.buf = memoryview(data)
+        self.tag_fmt, self.u32 = ("<HH", "<I") if little else (">HH", ">I")
+        self.u16 = self.u32.replace("I", "H")
+
+    def tag(self, pos: int) -> int:
+        group, elem = struct.unpack_from(self.tag_fmt, self.buf, pos)
+        return int(group << 16 | elem)
+
+    def length(self, pos: int) -> int:
+        return int(struct.unpack_from(self.u32, self.buf, pos)[0])
+
+    def elements(
+        self,
+        pos: int,
+        end: int,
+        implicit: bool,
+        depth: int,
+        found: dict[int, tuple[str, bytes]] | None,
+        *,
+        in_item: bool = False,
+    ) -> int:
+        """Walk elements to `end` (or to the item delimiter when `in_item` and the item has
+        no length); return where it stopped. `found` collects top-level `TAGS`."""
+        if depth > _MAX_DEPTH:
+            raise InvalidDataset(f"sequences nested deeper than {_MAX_DEPTH} at offset {pos}")
+        last_tag = -1
+        while pos < end:
+            if end - pos < 8:
+                raise InvalidDataset(f"truncated element header at offset {pos}")
+            tag = self.tag(pos)
+            if tag == _ITEM_END:
+                if not in_item:
+                    raise InvalidDataset(f"item delimiter outside an item at offset {pos}")
+                return pos + 8
+            if tag <= last_tag and found is not None:
+                raise InvalidDataset(f"element {_name(tag)} out of order at offset {pos}")
+            last_tag = tag
+            vr, length, pos = self.header(pos, end, implicit)
+            if length == _UNDEFINED:
+                pos = self.undefined(tag, vr, pos, end, implicit=implicit, depth=depth)
+                continue
+            if length > end - pos:
+                raise InvalidDataset(
+                    f"element {_name(tag)} claims {length} bytes but {end - pos} remain"
+                    f" at offset {pos}"
+                )
+            if vr == "SQ" or (implicit and length and _known_sequence(tag)):
+                # Defined-length sequences are walked too: nothing inside may be broken.
+                self.items(pos, pos + length, implicit, depth)
+            elif found is not None and tag in TAGS:
+                found[tag] = (vr, bytes(self.buf[pos : pos + length]))
+            pos += length
+        if in_item:
+            raise InvalidDataset(f"item without a delimiter ends at offset {pos}")
+        return pos
+
+    def header(self, pos: int, end: int, implicit: bool) -> tuple[str, int, int]:
+        if implicit:
+            return "", self.length(pos + 4), pos + 8
+        vr_bytes = bytes(self.buf[pos + 4 : pos + 6])
+        if not (vr_bytes.isalpha() and vr_bytes.isupper()):
+            raise InvalidDataset(f"invalid value representation {vr_bytes!r} at offset {pos + 4}")
+        if vr_bytes in _LONG_VRS:
+            if end - pos < 12:
+                raise InvalidDataset(f"truncated element header at offset {pos}")
+            return vr_bytes.decode(), self.length(pos + 8), pos + 12
+        (length,) = struct.unpack_from(self.u16, self.buf, pos + 6)
+        return vr_bytes.decode(), int(length), pos + 8
+
+    def undefined(
+        self, tag: int, vr: str, pos: int, end: int, *, implicit: bool, depth: int
+    ) -> int:
+        if vr in ("OB", "OW"):
+            return self.fragments(pos, end)
+        if vr not in ("SQ", "UN", ""):
+            raise InvalidDataset(f"undefined length on {_name(tag)} {vr} at offset {pos}")
+        # UN of undefined length holds an implicit VR sequence (PS3.5 6.2.2).
+        return self.items(pos, end, implicit or vr == "UN", depth)
+
+    def items(self, pos: int, end: int, implicit: bool, depth: int) -> int:
+        """Walk the items of a sequence; its defined `end` or a sequence delimiter ends it."""
+        while pos < end:
+            if end - pos < 8:
+                raise InvalidDataset(f"truncated item header at offset {pos}")
+            tag, length = self.tag(pos), self.length(pos + 4)
+            pos += 8
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise InvalidDataset(f"expected an item, found {_name(tag)} at offset {pos - 8}")
+            if length == _UNDEFINED:
+                pos = self.elements(pos, end, implicit, depth + 1, None, in_item=True)
+                continue
+            if length > end - pos:
+                raise InvalidDataset(f"item claims {length} bytes but {end - pos} remain at {pos}")
+            self.elements(pos, pos + length, implicit, depth + 1, None)
+            pos += length
+        return pos
+
+    def fragments(self, pos: int, end: int) -> int:
+        """Encapsulated pixel data: defined-length items up to a sequence delimiter."""
+        while True:
+            if end - pos < 8:
+                raise InvalidDataset(f"encapsulated pixel data is truncated at offset {pos}")
+            tag, length = self.tag(pos), self.length(pos + 4)
+            pos += 8
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM or length == _UNDEFINED or length > end - pos:
+                raise InvalidDataset(f"broken pixel data fragment at offset {pos - 8}")
+            pos += length
+
+
+def _name(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _known_sequence(tag: int) -> bool:
+    """In implicit VR only the data dictionary tells a defined-length sequence apart."""
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
+
+
+def _header(found: dict[int, tuple[str, bytes]]) -> Header:
+    charset = found.get(0x00080005)
+    encodings = (
+        convert_encodings([v.strip() for v in _text(charset[1]).split("\\")])
+        if charset
+        else ["iso8859"]
+    )
+    values: dict[str, str] = {}
+    for tag, (vr, raw) in found.items():
+        name = TAGS[tag]
+        text = (
+            decode_bytes(raw, encodings, {0x5C, 0x3D, 0x5E})
+            if (vr or dictionary_VR(tag)) in _TEXT_VRS
+            else _text(raw)
+        )
+        values[name] = text.rstrip("\x00 ").lstrip(" ")
+    uids = {}
+    for name in ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid"):
+        value = values.pop(name, "")
+        if not value:
+            raise InvalidDataset(f"{name_of(name)} is missing")
+        if not valid_uid(value):
+            raise InvalidDataset(f"{name_of(name)} is not a valid UID")
+        uids[name] = value
+    return Header(values=values, **uids)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("ascii", errors="replace")
+
+
+def name_of(field_name: str) -> str:
+    """The DICOM keyword of a header field, for messages."""
+    return {
+        "sop_class_uid": "SOPClassUID (0008,0016)",
+        "sop_instance_uid": "SOPInstanceUID (0008,0018)",
+        "study_uid": "StudyInstanceUID (0020,000D)",
+        "series_uid": "SeriesInstanceUID (0020,000E)",
+    }.get(field_name, field_name)

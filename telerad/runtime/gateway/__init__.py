@@ -1,0 +1,1 @@
+"""A site gateway: the DICOM receiver, its HTTP port, and the loops that move studies on."""

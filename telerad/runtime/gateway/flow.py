@@ -1,0 +1,154 @@
+"""What happens to studies and jobs over time: completion and routing, the job service
+workers call, and the hot -> warm -> deleted lifecycle. Plain synchronous code over the
+catalog; the server runs it off the event loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import PurePosixPath
+
+from telerad.api.config import GatewayConfig, ModelRoute
+from telerad.api.jobs import Finding, Job
+from telerad.runtime import phi
+from telerad.runtime.gateway.metrics import GatewayMetrics
+from telerad.runtime.routing import route
+from telerad.runtime.store.catalog import HOT, WARM, Catalog, StudyFiles
+from telerad.runtime.store.files import Tier, study_dir
+
+log = logging.getLogger(__name__)
+DAY = 86400.0
+
+
+class Flow:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        catalog: Catalog,
+        hot: Tier,
+        warm: Tier | None,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.hot = hot
+        self.warm = warm
+        self.metrics = metrics
+        self._models: dict[str, ModelRoute] = {
+            m.name: m for rule in config.routing for m in rule.models
+        }
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self._models)
+
+    # -- completion --------------------------------------------------------------
+    def complete_due(self, now: float) -> int:
+        """Complete every study quiet for `completion.quietSeconds` (or that reached the
+        count its data announced) and queue the jobs its rules call for."""
+        done = 0
+        quiet_before = now - self.config.completion.quiet_seconds
+        for study_uid in self.catalog.due_studies(quiet_before):
+            summary = self.catalog.summary(study_uid)
+            decision = route(self.config.routing, summary)
+            result = self.catalog.complete_study(
+                study_uid, summary.round, decision.jobs, now, self.config.jobs.max_attempts
+            )
+            if result is None:
+                continue  # an instance arrived meanwhile: the next pass sees the whole study
+            done += 1
+            self.metrics.completed.inc()
+            self.metrics.stage("complete", now - result.first_received)
+            for job in result.jobs:
+                self.metrics.job_created(job.model, job.priority)
+            rule = f"{decision.rule.policy}/{decision.rule.name}" if decision.rule else "none"
+            log.info(
+                "study %s complete (%d instances): rule %s, %d jobs",
+                phi.ref(study_uid),
+                summary.instances,
+                rule,
+                len(result.jobs),
+            )
+            for model in decision.refused:
+                self.metrics.rejection("outside-intended-use")
+                log.warning(
+                    "study %s not sent to %s: outside the model's intended use",
+                    phi.ref(study_uid),
+                    model,
+                )
+        return done
+
+    # -- jobs --------------------------------------------------------------------
+    def claim(self, model: str, owner: str, lease_seconds: int) -> Job | None:
+        job = self.catalog.claim(model, owner, lease_seconds, time.time())
+        if job is not None and job.attempts == 1:
+            self.metrics.stage("queued", time.time() - job.created_at.timestamp())
+        return job
+
+    def extend(self, job_id: int, token: str, lease_seconds: int) -> Job:
+        return self.catalog.extend(job_id, token, lease_seconds, time.time())
+
+    def complete(self, job_id: int, token: str, findings: list[Finding]) -> Job:
+        current = self.catalog.job(job_id)
+        model = self._models.get(current.model)
+        critical = any(f.critical or self._over_threshold(model, f) for f in findings)
+        job = self.catalog.complete_job(job_id, token, findings, critical, time.time())
+        if critical:
+            log.warning("critical finding on study %s by %s", phi.ref(job.study_uid), job.model)
+        return job
+
+    @staticmethod
+    def _over_threshold(model: ModelRoute | None, finding: Finding) -> bool:
+        if model is None:
+            return False
+        limit = model.thresholds.findings.get(finding.label, model.thresholds.critical)
+        return finding.score >= limit
+
+    def fail(self, job_id: int, token: str, reason: str, retryable: bool) -> Job:
+        now = time.time()
+        policy = self.config.jobs
+        retry_at = None
+        if retryable:
+            attempts = self.catalog.job(job_id).attempts
+            delay = min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** (attempts - 1))
+            retry_at = now + delay
+        job = self.catalog.fail_job(job_id, token, reason, retry_at, now)
+        if job.state == "parked":
+            log.warning("job %d (%s) parked after %d attempts", job.id, job.model, job.attempts)
+        return job
+
+    # -- lifecycle ---------------------------------------------------------------
+    def lifecycle(self, now: float) -> None:
+        """One pass; every step can be cut short by a crash and redone by the next pass."""
+        storage = self.config.storage
+        for study in self.catalog.deleting_studies():
+            self._delete(study)
+        expired_before = now - storage.retention_days * DAY
+        for tier in (HOT, WARM):
+            for study in self.catalog.lifecycle_candidates(tier, expired_before, 1000):
+                self.catalog.mark_deleting(study.study_uid)
+                self._delete(study)
+        if self.warm is None:
+            return
+        for study in self.catalog.lifecycle_candidates(HOT, now - storage.hot_days * DAY, 1000):
+            self._to_warm(study)
+
+    def _delete(self, study: StudyFiles) -> None:
+        for tier in (self.hot, self.warm):
+            if tier is not None:
+                tier.remove_tree(study_dir(study.study_uid))
+        self.catalog.forget_study(study.study_uid)
+        self.metrics.lifecycle("deleted")
+        log.info("study %s deleted after retention", phi.ref(study.study_uid))
+
+    def _to_warm(self, study: StudyFiles) -> None:
+        assert self.warm is not None  # noqa: S101
+        # Copy (durably) first, switch the catalog, then free the hot copy: a crash in
+        # between leaves two good copies, never none.
+        for path in study.paths:
+            relative = PurePosixPath(path)
+            self.warm.write(relative, (self.hot.read(relative),))
+        self.catalog.set_tier(study.study_uid, WARM)
+        self.hot.remove_tree(study_dir(study.study_uid))
+        self.metrics.lifecycle("warm")
+        log.info("study %s moved to the warm tier", phi.ref(study.study_uid))

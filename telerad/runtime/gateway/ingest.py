@@ -1,0 +1,183 @@
+"""Accepting one instance: check it, write it durably, catalogue it, and only then say
+yes. C-STORE uses it now; STOW-RS will use the same path, so both protocols promise the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+from telerad.runtime import phi
+from telerad.runtime.dataset import InvalidDataset, parse, valid_uid
+from telerad.runtime.gateway.metrics import GatewayMetrics
+from telerad.runtime.store.catalog import HOT, Catalog, StoredInstance
+from telerad.runtime.store.files import Tier, instance_path
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1471.1"
+IMPLEMENTATION_VERSION = "TELERAD_010"
+_STRIPES = 64
+
+
+class Status(IntEnum):
+    """C-STORE statuses (PS3.4 B.2.3) the gateway answers with."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    CLASS_MISMATCH_WARNING = 0xB007
+    CANNOT_UNDERSTAND = 0xC000
+    PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Status
+    comment: str | None = None
+    """Why it failed, for the sender's log (DIMSE Error Comment, at most 64 chars)."""
+    version: int | None = None
+    duplicate: bool = False
+
+
+class Ingest:
+    def __init__(
+        self, catalog: Catalog, hot: Tier, metrics: GatewayMetrics, min_free_bytes: int
+    ) -> None:
+        self._catalog = catalog
+        self._hot = hot
+        self._metrics = metrics
+        self._min_free = min_free_bytes
+        # Two associations storing the same SOP Instance UID must not both pick version 2.
+        self._locks = [threading.Lock() for _ in range(_STRIPES)]
+
+    def store(
+        self,
+        data: bytes,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        calling_ae: str,
+    ) -> Outcome:
+        """Store an encoded data set as received; `sop_*` are what the request announced."""
+        started = time.monotonic()
+        outcome = self._store(data, transfer_syntax, sop_class_uid, sop_instance_uid, calling_ae)
+        if outcome.version is not None or outcome.duplicate:
+            self._metrics.stage("receive", time.monotonic() - started)
+        return outcome
+
+    def _store(  # noqa: PLR0911  (each refusal is its own status and reason)
+        self,
+        data: bytes,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        calling_ae: str,
+    ) -> Outcome:
+        if self._hot.free_bytes() - len(data) < self._min_free:
+            return self._refuse("out-of-space", Status.OUT_OF_RESOURCES, "storage is full")
+        if not valid_uid(sop_instance_uid) or not valid_uid(sop_class_uid):
+            return self._refuse("invalid-uid", Status.CANNOT_UNDERSTAND, "invalid UID in request")
+        try:
+            header = parse(data, transfer_syntax)
+        except InvalidDataset as exc:
+            return self._refuse("invalid-dataset", Status.CANNOT_UNDERSTAND, str(exc))
+        # Inconsistent senders exist (the file meta says one UID, the data set another).
+        # The data set is what gets stored and served, so it decides; the sender is told
+        # when the standard has a warning for it, and the mismatch is counted either way.
+        warning = None
+        if header.sop_instance_uid != sop_instance_uid:
+            self._metrics.warning("instance-uid-mismatch")
+            log.warning("SOP Instance UID of a data set differs from its request; stored as sent")
+        if header.sop_class_uid != sop_class_uid:
+            self._metrics.warning("class-mismatch")
+            warning = Status.CLASS_MISMATCH_WARNING
+        sop_class_uid, sop_instance_uid = header.sop_class_uid, header.sop_instance_uid
+        digest = hashlib.sha256(data).hexdigest()
+        with self._locks[hash(sop_instance_uid) % _STRIPES]:
+            versions = self._catalog.versions(sop_instance_uid)
+            if any(v.sha256 == digest for v in versions):
+                self._metrics.duplicate("identical")
+                return Outcome(Status.SUCCESS, duplicate=True)
+            version = max((v.version for v in versions), default=0) + 1
+            relative = instance_path(header.study_uid, header.series_uid, sop_instance_uid, version)
+            meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+            try:
+                size = self._hot.write(relative, (meta, data))
+            except OSError as exc:
+                log.error("write failed: %s", exc.strerror)
+                return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
+            stored = StoredInstance(
+                sop_uid=sop_instance_uid,
+                version=version,
+                tier=HOT,
+                path=str(relative),
+                size=size,
+                sha256=digest,
+                transfer_syntax=transfer_syntax,
+            )
+            try:
+                reopened = self._catalog.add_instance(header, stored, calling_ae, time.time())
+            except Exception:
+                # Not catalogued means not acknowledged: the file must not linger as if it were.
+                self._hot.path(relative).unlink(missing_ok=True)
+                log.exception("catalog write failed for study %s", phi.ref(header.study_uid))
+                return self._refuse("catalog-failed", Status.OUT_OF_RESOURCES, "catalog failed")
+        self._metrics.instances.inc()
+        self._metrics.bytes.inc(size)
+        if version > 1:
+            self._metrics.duplicate("new-version")
+            log.warning(
+                "instance %s of study %s received again with different content: kept as version %d",
+                phi.ref(sop_instance_uid),
+                phi.ref(header.study_uid),
+                version,
+            )
+        if reopened:
+            self._metrics.reopened.inc()
+            log.warning("study %s re-opened by a late instance", phi.ref(header.study_uid))
+        if warning is not None:
+            return Outcome(
+                warning, comment="SOP Class UID differs from the request", version=version
+            )
+        return Outcome(Status.SUCCESS, version=version)
+
+    def _refuse(self, reason: str, status: Status, comment: str) -> Outcome:
+        self._metrics.rejection(reason)
+        log.warning("instance refused (%s): %s", reason, comment)
+        return Outcome(status, comment=comment[:64])
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble and File Meta Information (PS3.10 7.1) in explicit VR little endian."""
+    body = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _uid(sop_class)),
+            _element(0x0003, b"UI", _uid(sop_instance)),
+            _element(0x0010, b"UI", _uid(transfer_syntax)),
+            _element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0013, b"SH", _even(IMPLEMENTATION_VERSION.encode(), b" ")),
+            _element(0x0016, b"AE", _even(source_ae.strip().encode("ascii", "replace"), b" ")),
+        )
+    )
+    group_length = _element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def _uid(value: str) -> bytes:
+    return _even(value.encode("ascii"), b"\x00")
+
+
+def _even(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"UN", b"OW"):
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value

@@ -1,0 +1,147 @@
+"""The gateway's Prometheus metrics (names from DESIGN.md). Labels carry the site, a
+model, a priority, a tier or a fixed reason: never anything from a data set."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from telerad.api.types import Priority
+from telerad.runtime.store.catalog import Catalog
+from telerad.runtime.store.files import Tier
+
+_STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+
+class GatewayMetrics:
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.instances = Counter(
+            "telerad_gateway_instances_received", "Instances stored.", ["site"], registry=r
+        ).labels(site)
+        self.bytes = Counter(
+            "telerad_gateway_bytes_received", "Bytes of stored files.", ["site"], registry=r
+        ).labels(site)
+        self._associations = Counter(
+            "telerad_gateway_associations",
+            "Associations by outcome (accepted, released, aborted, rejected).",
+            ["site", "result"],
+            registry=r,
+        )
+        self._rejections = Counter(
+            "telerad_gateway_rejections",
+            "Refused associations, connections and instances by reason.",
+            ["site", "reason"],
+            registry=r,
+        )
+        self._duplicates = Counter(
+            "telerad_gateway_duplicates",
+            "Instances received again: identical (acknowledged, not stored twice) or"
+            " different (kept as a new version).",
+            ["site", "result"],
+            registry=r,
+        )
+        self._warnings = Counter(
+            "telerad_gateway_warnings",
+            "Instances stored despite an inconsistency (request and data set disagree).",
+            ["site", "reason"],
+            registry=r,
+        )
+        self.reopened = Counter(
+            "telerad_gateway_studies_reopened",
+            "Instances that arrived after their study was complete.",
+            ["site"],
+            registry=r,
+        ).labels(site)
+        self.completed = Counter(
+            "telerad_gateway_studies_completed", "Studies completed.", ["site"], registry=r
+        ).labels(site)
+        self._jobs_created = Counter(
+            "telerad_gateway_jobs_created",
+            "Jobs queued by routing.",
+            ["site", "model", "priority"],
+            registry=r,
+        )
+        self._stage = Histogram(
+            "telerad_gateway_stage_seconds",
+            "Durations: receive (one C-STORE), complete (first instance to study complete),"
+            " queued (job queued to claimed).",
+            ["site", "stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self._lifecycle = Counter(
+            "telerad_gateway_lifecycle_studies",
+            "Studies moved to the warm tier or deleted after retention.",
+            ["site", "action"],
+            registry=r,
+        )
+
+    def association(self, result: str) -> None:
+        self._associations.labels(self.site, result).inc()
+
+    def rejection(self, reason: str) -> None:
+        self._rejections.labels(self.site, reason).inc()
+
+    def warning(self, reason: str) -> None:
+        self._warnings.labels(self.site, reason).inc()
+
+    def duplicate(self, result: str) -> None:
+        self._duplicates.labels(self.site, result).inc()
+
+    def job_created(self, model: str, priority: Priority) -> None:
+        self._jobs_created.labels(self.site, model, str(priority)).inc()
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self._stage.labels(self.site, stage).observe(max(seconds, 0.0))
+
+    def lifecycle(self, action: str) -> None:
+        self._lifecycle.labels(self.site, action).inc()
+
+    def watch(self, catalog: Catalog, tiers: list[Tier], models: list[str]) -> None:
+        """Queue depth, job states and free space, read at scrape time (never stale).
+        Every routed model reports every priority, zeros included: the autoscaler reads a
+        missing series as "unknown", never as an empty queue."""
+        self.registry.register(_StateCollector(self.site, catalog, tiers, models, time.time))
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self,
+        site: str,
+        catalog: Catalog,
+        tiers: list[Tier],
+        models: list[str],
+        clock: Callable[[], float],
+    ) -> None:
+        self._site, self._catalog, self._tiers, self._clock = site, catalog, tiers, clock
+        self._zeros = {(m, p): 0 for m in models for p in Priority}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "telerad_queue_depth",
+            "Jobs waiting to be claimed.",
+            labels=["site", "model", "priority"],
+        )
+        waiting = self._zeros | self._catalog.queue_depth(self._clock())
+        for (model, priority), n in sorted(waiting.items()):
+            depth.add_metric([self._site, model, str(priority)], n)
+        yield depth
+        states = GaugeMetricFamily(
+            "telerad_gateway_jobs", "Jobs by state.", labels=["site", "model", "state"]
+        )
+        for (model, state), n in sorted(self._catalog.job_states().items()):
+            states.add_metric([self._site, model, state], n)
+        yield states
+        free = GaugeMetricFamily(
+            "telerad_gateway_free_bytes", "Free space of each tier.", labels=["site", "tier"]
+        )
+        for tier in self._tiers:
+            free.add_metric([self._site, tier.name], tier.free_bytes())
+        yield free

@@ -1,0 +1,77 @@
+"""Routing a completed study: the first compiled rule that matches picks models and a
+priority. Pure: the gateway calls it with what the catalog knows of the study."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from telerad.api.config import CompiledRule, ModelRoute
+from telerad.api.routing import Match
+from telerad.runtime.store.catalog import NewJob, StudySummary
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    rule: CompiledRule | None
+    jobs: list[NewJob] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    """Models the rule names whose intended use does not cover this study."""
+
+
+@lru_cache(maxsize=256)
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    """DICOM wildcard matching (PS3.4 C.2.2.2.4): * any run, ? one character."""
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile("".join(parts), re.IGNORECASE | re.DOTALL)
+
+
+def matches(match: Match, study: StudySummary) -> bool:
+    def any_of(wanted: list[str], present: frozenset[str]) -> bool:
+        return not wanted or not present.isdisjoint(wanted)
+
+    return (
+        any_of([str(m) for m in match.modalities], study.modalities)
+        and any_of([b.upper() for b in match.body_parts], study.body_parts)
+        and any_of(match.sop_classes, study.sop_classes)
+        and any_of(match.calling_ae_titles, study.calling_ae_titles)
+        and (
+            match.study_description is None
+            or _wildcard(match.study_description).fullmatch(study.description) is not None
+        )
+    )
+
+
+def covers(model: ModelRoute, study: StudySummary) -> bool:
+    """The model's intended use admits the study: a route outside it is refused."""
+    use = model.intended_use
+    return (
+        not study.modalities.isdisjoint(str(m) for m in use.modalities)
+        and (
+            not use.body_parts or not study.body_parts.isdisjoint(b.upper() for b in use.body_parts)
+        )
+        and (not use.sop_classes or not study.sop_classes.isdisjoint(use.sop_classes))
+    )
+
+
+def route(rules: list[CompiledRule], study: StudySummary) -> Decision:
+    for rule in rules:
+        if not matches(rule.match, study):
+            continue
+        jobs, refused = [], []
+        for model in rule.models:
+            if not covers(model, study):
+                refused.append(model.name)
+                continue
+            jobs.append(
+                NewJob(
+                    model=model.name,
+                    priority=rule.priority,
+                    rule=f"{rule.policy}/{rule.name}",
+                    deidentify=rule.deidentify or model.third_party,
+                    notify=rule.notify,
+                )
+            )
+        return Decision(rule=rule, jobs=jobs, refused=refused)
+    return Decision(rule=None)

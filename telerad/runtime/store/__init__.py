@@ -1,0 +1,1 @@
+"""Instance files on the tiers, and the catalog with its job queue."""

@@ -1,0 +1,148 @@
+"""The catalog and job queue, as one small interface.
+
+SQLite implements it for one gateway per site (`telerad.runtime.store.sqlite`); a
+PostgreSQL backend for scale-out implements the same methods. Callers pass `now`
+(seconds since the epoch) so that time is one decision of the caller, and tests can move it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from telerad.api.jobs import Finding, Job, WorklistEntry
+from telerad.api.types import Priority
+from telerad.runtime.dataset import Header
+
+HOT = "hot"
+WARM = "warm"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInstance:
+    """Where one version of an instance lives."""
+
+    sop_uid: str
+    version: int
+    tier: str
+    path: str
+    size: int
+    sha256: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True, slots=True)
+class StudySummary:
+    """What routing looks at when a study completes."""
+
+    study_uid: str
+    round: int
+    """Bumped whenever an instance re-opens the study; completion must match it."""
+    modalities: frozenset[str]
+    body_parts: frozenset[str]
+    sop_classes: frozenset[str]
+    calling_ae_titles: frozenset[str]
+    description: str
+    instances: int
+    first_received: float
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    model: str
+    priority: Priority
+    rule: str
+    deidentify: bool
+    notify: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The result of completing a study."""
+
+    jobs: list[Job]
+    first_received: float
+
+
+@dataclass(frozen=True, slots=True)
+class StudyFiles:
+    """A study for the lifecycle pass: its tier and its instances' paths."""
+
+    study_uid: str
+    tier: str
+    deleting: bool
+    paths: list[str]
+
+
+class LeaseLost(Exception):
+    """The job is not leased under this token any more (expired and re-claimed, or done)."""
+
+
+class UnknownJob(KeyError):
+    pass
+
+
+class Catalog(Protocol):
+    # -- instances -------------------------------------------------------------
+    def versions(self, sop_uid: str) -> list[StoredInstance]:
+        """Every stored version of an instance, oldest first."""
+
+    def add_instance(
+        self, header: Header, stored: StoredInstance, calling_ae: str, now: float
+    ) -> bool:
+        """Record a durably written instance; True when it re-opened a completed study."""
+
+    # -- completion ------------------------------------------------------------
+    def due_studies(self, quiet_before: float) -> list[str]:
+        """Receiving studies quiet since `quiet_before`, or that reached their expected count."""
+
+    def summary(self, study_uid: str) -> StudySummary: ...
+
+    def complete_study(
+        self, study_uid: str, round_: int, jobs: list[NewJob], now: float, max_attempts: int
+    ) -> Completion | None:
+        """Mark complete and queue jobs, unless an instance arrived since `summary`
+        (then None). A model whose job for this study still waits gets no second one."""
+
+    # -- jobs ------------------------------------------------------------------
+    def claim(self, model: str, owner: str, lease_seconds: int, now: float) -> Job | None: ...
+
+    def extend(self, job_id: int, token: str, lease_seconds: int, now: float) -> Job: ...
+
+    def complete_job(
+        self, job_id: int, token: str, findings: list[Finding], critical: bool, now: float
+    ) -> Job: ...
+
+    def fail_job(
+        self, job_id: int, token: str, reason: str, retry_at: float | None, now: float
+    ) -> Job:
+        """Queue again from `retry_at`, or park when it is None or attempts are spent."""
+
+    def job(self, job_id: int) -> Job: ...
+
+    def jobs(
+        self, *, state: str | None, model: str | None, limit: int, offset: int
+    ) -> list[Job]: ...
+
+    def queue_depth(self, now: float) -> dict[tuple[str, Priority], int]:
+        """Jobs waiting to be claimed, by model and priority."""
+
+    def job_states(self) -> dict[tuple[str, str], int]:
+        """Jobs by model and state."""
+
+    def worklist(self, limit: int, offset: int) -> list[WorklistEntry]: ...
+
+    # -- lifecycle -------------------------------------------------------------
+    def lifecycle_candidates(
+        self, tier: str, last_received_before: float, limit: int
+    ) -> list[StudyFiles]: ...
+
+    def deleting_studies(self) -> list[StudyFiles]: ...
+
+    def set_tier(self, study_uid: str, tier: str) -> None: ...
+
+    def mark_deleting(self, study_uid: str) -> None: ...
+
+    def forget_study(self, study_uid: str) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,123 @@
+"""Instance files on a tier: where they go and how they get there durably.
+
+A file becomes visible under its final name only once its bytes are on disk (temporary
+file, fsync, rename, fsync of the directory), so a crash at any moment leaves either the
+whole file or no file, never a torn one. Paths are built only from validated UIDs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+from telerad.runtime.dataset import valid_uid
+
+STUDIES = "studies"
+_TMP_SUFFIX = ".tmp"
+
+
+def instance_path(study_uid: str, series_uid: str, sop_uid: str, version: int) -> PurePosixPath:
+    """Relative path of an instance within a tier; versions after the first get a suffix."""
+    for uid in (study_uid, series_uid, sop_uid):
+        if not valid_uid(uid):
+            raise ValueError(f"not a valid UID: {uid!r}")
+    name = f"{sop_uid}.dcm" if version == 1 else f"{sop_uid}.v{version}.dcm"
+    return PurePosixPath(STUDIES, study_uid, series_uid, name)
+
+
+def study_dir(study_uid: str) -> PurePosixPath:
+    if not valid_uid(study_uid):
+        raise ValueError(f"not a valid UID: {study_uid!r}")
+    return PurePosixPath(STUDIES, study_uid)
+
+
+class Tier:
+    """One storage tier rooted at a directory."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self.root = root
+        self._known_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, relative: PurePosixPath) -> Path:
+        return self.root / relative
+
+    def write(self, relative: PurePosixPath, chunks: Iterable[bytes]) -> int:
+        """Durably write a file under `relative`; returns its size."""
+        final = self.path(relative)
+        self._ensure_dir(final.parent)
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    size += written
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return size
+
+    def read(self, relative: PurePosixPath) -> bytes:
+        return self.path(relative).read_bytes()
+
+    def remove_tree(self, relative: PurePosixPath) -> None:
+        """Delete a study's directory; missing is fine (a rerun after a crash)."""
+        target = self.path(relative)
+        shutil.rmtree(target, ignore_errors=True)
+        with self._lock:
+            self._known_dirs = {d for d in self._known_dirs if not d.is_relative_to(target)}
+        if target.parent.exists():
+            _fsync_dir(target.parent)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def sweep_temporaries(self) -> int:
+        """Remove temporary files a crash left behind; they were never acknowledged."""
+        removed = 0
+        studies = self.root / STUDIES
+        if not studies.exists():
+            return 0
+        for tmp in studies.rglob(f".*{_TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        missing: list[Path] = []
+        probe = directory
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        for new in reversed(missing):
+            # Another association may have just created it; its entry must be durable before
+            # we acknowledge anything inside, whoever made it.
+            new.mkdir(exist_ok=True)
+            _fsync_dir(new.parent)
+        with self._lock:
+            self._known_dirs.add(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

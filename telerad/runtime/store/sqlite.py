@@ -1,0 +1,580 @@
+"""The catalog and job queue in SQLite on the hot volume (WAL, full sync).
+
+`synchronous=FULL` makes every commit durable before it returns: the C-STORE response
+waits for it. All writes take the write lock up front (`BEGIN IMMEDIATE`) so a claim or a
+completion never interleaves with another; several processes may share the file.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from telerad.api.jobs import Finding, Job, JobState, Lease, WorklistEntry, WorklistJob
+from telerad.api.types import Priority
+from telerad.runtime.dataset import Header
+from telerad.runtime.store.catalog import (
+    Completion,
+    LeaseLost,
+    NewJob,
+    StoredInstance,
+    StudyFiles,
+    StudySummary,
+    UnknownJob,
+)
+
+PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
+RANK_PRIORITY = {rank: p for p, rank in PRIORITY_RANK.items()}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS patients (
+    patient_key TEXT PRIMARY KEY,  -- patient id + issuer-free name, as the study carried it
+    patient_id TEXT, patient_name TEXT, birth_date TEXT, sex TEXT
+);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_key TEXT REFERENCES patients(patient_key),
+    study_date TEXT, study_time TEXT, accession_number TEXT, study_id TEXT,
+    description TEXT, referring_physician TEXT,
+    state TEXT NOT NULL DEFAULT 'receiving',        -- receiving | complete
+    tier TEXT NOT NULL DEFAULT 'hot',
+    deleting INTEGER NOT NULL DEFAULT 0,
+    round INTEGER NOT NULL DEFAULT 1,
+    expected_instances INTEGER,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL, last_received REAL NOT NULL, completed_at REAL,
+    priority INTEGER, critical INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state, last_received);
+CREATE INDEX IF NOT EXISTS studies_tier ON studies(tier, last_received);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+    modality TEXT, body_part TEXT, series_number TEXT, description TEXT
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT NOT NULL, version INTEGER NOT NULL,
+    study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL, transfer_syntax TEXT NOT NULL, instance_number TEXT,
+    calling_ae TEXT NOT NULL, tier TEXT NOT NULL, path TEXT NOT NULL,
+    size INTEGER NOT NULL, sha256 TEXT NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (sop_uid, version)
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL, model TEXT NOT NULL, priority INTEGER NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+    rule TEXT NOT NULL, deidentify INTEGER NOT NULL, notify INTEGER NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, not_before REAL NOT NULL,
+    lease_owner TEXT, lease_token TEXT, lease_expires REAL,
+    reason TEXT, findings TEXT NOT NULL DEFAULT '[]', critical INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs(model, state, priority, created_at);
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid);
+"""
+
+_JOB_COLUMNS = (
+    "id, study_uid, model, priority, state, attempts, max_attempts, rule, deidentify, notify,"
+    " created_at, updated_at, not_before, lease_owner, lease_token, lease_expires, reason,"
+    " findings, critical"
+)
+
+
+def _time(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+class SQLiteCatalog:
+    """`Catalog` on one SQLite file; safe to share between the process's threads."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = path
+        self._db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
+        )
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._write() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- instances -------------------------------------------------------------
+    def versions(self, sop_uid: str) -> list[StoredInstance]:
+        rows = self._read(
+            "SELECT sop_uid, version, tier, path, size, sha256, transfer_syntax FROM instances"
+            " WHERE sop_uid = ? ORDER BY version",
+            (sop_uid,),
+        )
+        return [StoredInstance(*row) for row in rows]
+
+    def add_instance(
+        self, header: Header, stored: StoredInstance, calling_ae: str, now: float
+    ) -> bool:
+        v = header.get
+        patient_key = f"{v('patient_id') or ''}\x1f{v('patient_name') or ''}"
+        expected = header.integer("study_related_instances")
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO patients (patient_key, patient_id, patient_name, birth_date, sex)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (
+                    patient_key,
+                    v("patient_id"),
+                    v("patient_name"),
+                    v("patient_birth_date"),
+                    v("patient_sex"),
+                ),
+            )
+            row = db.execute(
+                "SELECT state FROM studies WHERE study_uid = ?", (header.study_uid,)
+            ).fetchone()
+            reopened = row is not None and row[0] == "complete"
+            if row is None:
+                db.execute(
+                    "INSERT INTO studies (study_uid, patient_key, study_date, study_time,"
+                    " accession_number, study_id, description, referring_physician,"
+                    " expected_instances, instance_count, first_received, last_received)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                    (
+                        header.study_uid,
+                        patient_key,
+                        v("study_date"),
+                        v("study_time"),
+                        v("accession_number"),
+                        v("study_id"),
+                        v("study_description"),
+                        v("referring_physician"),
+                        expected,
+                        now,
+                        now,
+                    ),
+                )
+            else:
+                db.execute(
+                    "UPDATE studies SET instance_count = instance_count + ?,"
+                    " last_received = ?, expected_instances = COALESCE(?, expected_instances),"
+                    " state = 'receiving', round = round + ? WHERE study_uid = ?",
+                    (
+                        1 if stored.version == 1 else 0,
+                        now,
+                        expected,
+                        1 if reopened else 0,
+                        header.study_uid,
+                    ),
+                )
+            db.execute(
+                "INSERT INTO series (series_uid, study_uid, modality, body_part, series_number,"
+                " description) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (
+                    header.series_uid,
+                    header.study_uid,
+                    v("modality"),
+                    (v("body_part") or "").upper() or None,
+                    v("series_number"),
+                    v("series_description"),
+                ),
+            )
+            db.execute(
+                "INSERT INTO instances (sop_uid, version, study_uid, series_uid, sop_class_uid,"
+                " transfer_syntax, instance_number, calling_ae, tier, path, size, sha256,"
+                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    stored.sop_uid,
+                    stored.version,
+                    header.study_uid,
+                    header.series_uid,
+                    header.sop_class_uid,
+                    stored.transfer_syntax,
+                    v("instance_number"),
+                    calling_ae,
+                    stored.tier,
+                    stored.path,
+                    stored.size,
+                    stored.sha256,
+                    now,
+                ),
+            )
+        return reopened
+
+    # -- completion ------------------------------------------------------------
+    def due_studies(self, quiet_before: float) -> list[str]:
+        rows = self._read(
+            "SELECT study_uid FROM studies WHERE state = 'receiving' AND deleting = 0 AND"
+            " (last_received <= ? OR instance_count >= expected_instances)"
+            " ORDER BY first_received",
+            (quiet_before,),
+        )
+        return [r[0] for r in rows]
+
+    def summary(self, study_uid: str) -> StudySummary:
+        with self._lock:
+            study = self._db.execute(
+                "SELECT round, description, instance_count, first_received FROM studies"
+                " WHERE study_uid = ?",
+                (study_uid,),
+            ).fetchone()
+            if study is None:
+                raise KeyError(study_uid)
+            series = self._db.execute(
+                "SELECT modality, body_part FROM series WHERE study_uid = ?", (study_uid,)
+            ).fetchall()
+            instances = self._db.execute(
+                "SELECT DISTINCT sop_class_uid, calling_ae FROM instances WHERE study_uid = ?",
+                (study_uid,),
+            ).fetchall()
+        return StudySummary(
+            study_uid=study_uid,
+            round=study[0],
+            modalities=frozenset(m for m, _ in series if m),
+            body_parts=frozenset(b for _, b in series if b),
+            sop_classes=frozenset(c for c, _ in instances),
+            calling_ae_titles=frozenset(a for _, a in instances),
+            description=study[1] or "",
+            instances=study[2],
+            first_received=study[3],
+        )
+
+    def complete_study(
+        self, study_uid: str, round_: int, jobs: list[NewJob], now: float, max_attempts: int
+    ) -> Completion | None:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT round, state, first_received, priority FROM studies WHERE study_uid = ?",
+                (study_uid,),
+            ).fetchone()
+            if row is None or row[0] != round_ or row[1] != "receiving":
+                return None
+            waiting = {
+                r[0]
+                for r in db.execute(
+                    "SELECT model FROM jobs WHERE study_uid = ? AND state = 'queued'",
+                    (study_uid,),
+                )
+            }
+            ids = []
+            for job in jobs:
+                if job.model in waiting:
+                    continue
+                cursor = db.execute(
+                    "INSERT INTO jobs (study_uid, model, priority, state, max_attempts, rule,"
+                    " deidentify, notify, created_at, updated_at, not_before)"
+                    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        study_uid,
+                        job.model,
+                        PRIORITY_RANK[job.priority],
+                        max_attempts,
+                        job.rule,
+                        int(job.deidentify),
+                        int(job.notify),
+                        now,
+                        now,
+                        now,
+                    ),
+                )
+                ids.append(cursor.lastrowid)
+            ranks = [PRIORITY_RANK[j.priority] for j in jobs]
+            if row[3] is not None:
+                ranks.append(row[3])
+            db.execute(
+                "UPDATE studies SET state = 'complete', completed_at = ?, priority = ?"
+                " WHERE study_uid = ?",
+                (now, min(ranks) if ranks else None, study_uid),
+            )
+            created = [self._job(db, i) for i in ids if i is not None]
+        return Completion(jobs=created, first_received=row[2])
+
+    # -- jobs ------------------------------------------------------------------
+    def claim(self, model: str, owner: str, lease_seconds: int, now: float) -> Job | None:
+        with self._write() as db:
+            while True:
+                row = db.execute(
+                    "SELECT id, attempts, max_attempts, state FROM jobs WHERE model = ? AND"
+                    " ((state = 'queued' AND not_before <= ?) OR"
+                    " (state = 'leased' AND lease_expires <= ?))"
+                    " ORDER BY priority, created_at, id LIMIT 1",
+                    (model, now, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                job_id, attempts, max_attempts, state = row
+                if state == JobState.LEASED and attempts >= max_attempts:
+                    db.execute(
+                        "UPDATE jobs SET state = 'parked', reason = ?, updated_at = ?,"
+                        " lease_token = NULL WHERE id = ?",
+                        (f"lease expired on each of {attempts} attempts", now, job_id),
+                    )
+                    continue
+                db.execute(
+                    "UPDATE jobs SET state = 'leased', attempts = attempts + 1,"
+                    " lease_owner = ?, lease_token = ?, lease_expires = ?, updated_at = ?"
+                    " WHERE id = ?",
+                    (owner, secrets.token_urlsafe(24), now + lease_seconds, now, job_id),
+                )
+                return self._job(db, job_id)
+
+    def _leased(self, db: sqlite3.Connection, job_id: int, token: str) -> None:
+        row = db.execute("SELECT state, lease_token FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(job_id)
+        state, held = row
+        # An expired lease still counts until another worker claims the job (which changes
+        # the token): a worker that finishes late is still the only one that finished.
+        if state != JobState.LEASED or held is None or not secrets.compare_digest(held, token):
+            raise LeaseLost(f"job {job_id} is {state} and not leased under this token")
+
+    def extend(self, job_id: int, token: str, lease_seconds: int, now: float) -> Job:
+        with self._write() as db:
+            self._leased(db, job_id, token)
+            db.execute(
+                "UPDATE jobs SET lease_expires = ?, updated_at = ? WHERE id = ?",
+                (now + lease_seconds, now, job_id),
+            )
+            return self._job(db, job_id)
+
+    def complete_job(
+        self, job_id: int, token: str, findings: list[Finding], critical: bool, now: float
+    ) -> Job:
+        with self._write() as db:
+            self._leased(db, job_id, token)
+            db.execute(
+                "UPDATE jobs SET state = 'done', findings = ?, critical = ?, reason = NULL,"
+                " lease_token = NULL, updated_at = ? WHERE id = ?",
+                (
+                    json.dumps([f.model_dump(mode="json") for f in findings]),
+                    int(critical),
+                    now,
+                    job_id,
+                ),
+            )
+            if critical:
+                db.execute(
+                    "UPDATE studies SET critical = 1, priority = ? WHERE study_uid ="
+                    " (SELECT study_uid FROM jobs WHERE id = ?)",
+                    (PRIORITY_RANK[Priority.STAT], job_id),
+                )
+            return self._job(db, job_id)
+
+    def fail_job(
+        self, job_id: int, token: str, reason: str, retry_at: float | None, now: float
+    ) -> Job:
+        with self._write() as db:
+            self._leased(db, job_id, token)
+            attempts, max_attempts = db.execute(
+                "SELECT attempts, max_attempts FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if retry_at is None or attempts >= max_attempts:
+                db.execute(
+                    "UPDATE jobs SET state = 'parked', reason = ?, lease_token = NULL,"
+                    " updated_at = ? WHERE id = ?",
+                    (reason, now, job_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', reason = ?, lease_token = NULL,"
+                    " lease_owner = NULL, lease_expires = NULL, not_before = ?,"
+                    " updated_at = ? WHERE id = ?",
+                    (reason, retry_at, now, job_id),
+                )
+            return self._job(db, job_id)
+
+    def job(self, job_id: int) -> Job:
+        with self._lock:
+            return self._job(self._db, job_id)
+
+    def jobs(self, *, state: str | None, model: str | None, limit: int, offset: int) -> list[Job]:
+        rows = self._read(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) AND"  # noqa: S608
+            " (?2 IS NULL OR model = ?2) ORDER BY priority, created_at, id LIMIT ?3 OFFSET ?4",
+            (state, model, limit, offset),
+        )
+        return [_job_of(row) for row in rows]
+
+    def _job(self, db: sqlite3.Connection, job_id: int) -> Job:
+        row = db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",  # noqa: S608
+            (job_id,),
+        ).fetchone()
+        if row is None:
+            raise UnknownJob(job_id)
+        return _job_of(row)
+
+    def queue_depth(self, now: float) -> dict[tuple[str, Priority], int]:
+        rows = self._read(
+            "SELECT model, priority, count(*) FROM jobs WHERE state = 'queued' OR"
+            " (state = 'leased' AND lease_expires <= ?) GROUP BY model, priority",
+            (now,),
+        )
+        return {(m, RANK_PRIORITY[p]): n for m, p, n in rows}
+
+    def job_states(self) -> dict[tuple[str, str], int]:
+        rows = self._read("SELECT model, state, count(*) FROM jobs GROUP BY model, state")
+        return {(m, s): n for m, s, n in rows}
+
+    def worklist(self, limit: int, offset: int) -> list[WorklistEntry]:
+        with self._lock:
+            studies = self._db.execute(
+                "SELECT study_uid, priority, state, critical, first_received, completed_at,"
+                " instance_count FROM studies WHERE deleting = 0"
+                " ORDER BY priority IS NULL, priority, first_received LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+            out = []
+            for uid, prio, state, critical, first, completed, count in studies:
+                modalities = [
+                    r[0]
+                    for r in self._db.execute(
+                        "SELECT DISTINCT modality FROM series WHERE study_uid = ? AND"
+                        " modality IS NOT NULL ORDER BY modality",
+                        (uid,),
+                    )
+                ]
+                jobs = [
+                    WorklistJob(id=i, model=m, state=JobState(s), critical=bool(c))
+                    for i, m, s, c in self._db.execute(
+                        "SELECT id, model, state, critical FROM jobs WHERE study_uid = ?"
+                        " ORDER BY id",
+                        (uid,),
+                    )
+                ]
+                out.append(
+                    WorklistEntry(
+                        study_uid=uid,
+                        priority=None if prio is None else RANK_PRIORITY[prio],
+                        complete=state == "complete",
+                        critical=bool(critical),
+                        received_at=datetime.fromtimestamp(first, UTC),
+                        completed_at=_time(completed),
+                        modalities=modalities,
+                        instances=count,
+                        jobs=jobs,
+                    )
+                )
+        return out
+
+    # -- lifecycle -------------------------------------------------------------
+    def lifecycle_candidates(
+        self, tier: str, last_received_before: float, limit: int
+    ) -> list[StudyFiles]:
+        rows = self._read(
+            "SELECT study_uid FROM studies WHERE tier = ? AND deleting = 0 AND"
+            " state = 'complete' AND last_received <= ? ORDER BY last_received LIMIT ?",
+            (tier, last_received_before, limit),
+        )
+        return [self._files(r[0]) for r in rows]
+
+    def deleting_studies(self) -> list[StudyFiles]:
+        return [
+            self._files(r[0]) for r in self._read("SELECT study_uid FROM studies WHERE deleting")
+        ]
+
+    def _files(self, study_uid: str) -> StudyFiles:
+        with self._lock:
+            tier, deleting = self._db.execute(
+                "SELECT tier, deleting FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+            paths = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT path FROM instances WHERE study_uid = ? ORDER BY path", (study_uid,)
+                )
+            ]
+        return StudyFiles(study_uid=study_uid, tier=tier, deleting=bool(deleting), paths=paths)
+
+    def set_tier(self, study_uid: str, tier: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE studies SET tier = ? WHERE study_uid = ?", (tier, study_uid))
+            db.execute("UPDATE instances SET tier = ? WHERE study_uid = ?", (tier, study_uid))
+
+    def mark_deleting(self, study_uid: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE studies SET deleting = 1 WHERE study_uid = ?", (study_uid,))
+
+    def forget_study(self, study_uid: str) -> None:
+        with self._write() as db:
+            for table in ("jobs", "instances", "series", "studies"):
+                db.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))  # noqa: S608
+            db.execute(
+                "DELETE FROM patients WHERE patient_key NOT IN"
+                " (SELECT patient_key FROM studies WHERE patient_key IS NOT NULL)"
+            )
+
+
+def _job_of(row: tuple[Any, ...]) -> Job:
+    (
+        job_id,
+        study_uid,
+        model,
+        priority,
+        state,
+        attempts,
+        max_attempts,
+        rule,
+        deidentify,
+        notify,
+        created,
+        updated,
+        not_before,
+        owner,
+        token,
+        expires,
+        reason,
+        findings,
+        critical,
+    ) = row
+    lease = (
+        Lease(owner=owner, token=token, expires_at=datetime.fromtimestamp(expires, UTC))
+        if state == JobState.LEASED and token
+        else None
+    )
+    return Job(
+        id=job_id,
+        study_uid=study_uid,
+        model=model,
+        priority=RANK_PRIORITY[priority],
+        state=JobState(state),
+        attempts=attempts,
+        max_attempts=max_attempts,
+        rule=rule,
+        deidentify=bool(deidentify),
+        notify=bool(notify),
+        created_at=datetime.fromtimestamp(created, UTC),
+        updated_at=datetime.fromtimestamp(updated, UTC),
+        not_before=_time(not_before) if state == JobState.QUEUED else None,
+        lease=lease,
+        reason=reason,
+        findings=[Finding.model_validate(f) for f in json.loads(findings)],
+        critical=bool(critical),
+    )

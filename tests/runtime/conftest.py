@@ -1,0 +1,257 @@
+"""Real gateway processes and real DICOM peers for the runtime tests.
+
+Each gateway runs as `telerad gateway --config FILE` in its own process (so it can be
+killed with SIGKILL), on free loopback ports, with its data in the test's tmp_path. dcmtk
+comes from Debian (`make test` installs it); a missing tool fails the test, never skips it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+import yaml
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pynetdicom import AE
+
+from telerad.api.config import GatewayConfig, TLSFiles
+from telerad.devcluster.pki import CertificateAuthority
+from telerad.runtime.gateway.example import example_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TELERAD = Path(sys.executable).parent / "telerad"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: `make test` installs dcmtk from Debian")
+    return path
+
+
+@dataclass
+class GatewayProcess:
+    config: GatewayConfig
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.workdir / "gateway.log"
+        self.config_path = self.workdir / "gateway.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config.to_wire()))
+
+    @property
+    def port(self) -> int:
+        return self.config.dicom_port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.http_port}"
+
+    @property
+    def ae_title(self) -> str:
+        return self.config.ae_title
+
+    @property
+    def hot(self) -> Path:
+        return self.config.storage.hot_dir
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(TELERAD), "gateway", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"gateway not healthy after 30 s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    # -- HTTP -------------------------------------------------------------------
+    def get(self, path: str, **params: Any) -> Any:
+        response = httpx.get(f"{self.url}{path}", params=params, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", json=body, timeout=10)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                pytest.fail(f"condition not met in {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+
+GatewayFactory = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """Start gateways from the example config with field overrides (Python names)."""
+    started: list[GatewayProcess] = []
+
+    def start(**overrides: Any) -> GatewayProcess:
+        workdir = tmp_path_factory.mktemp("gateway")
+        config = example_config(free_port(), free_port(), workdir / "data")
+        storage = overrides.pop("storage", {})
+        config = config.model_copy(
+            update={
+                "storage": config.storage.model_copy(update=storage),
+                **overrides,
+            }
+        )
+        gateway = GatewayProcess(GatewayConfig.model_validate(config.model_dump()), workdir)
+        gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def gateway(start_gateway: GatewayFactory) -> GatewayProcess:
+    return start_gateway()
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+    def server_files(self, *, mutual: bool) -> TLSFiles:
+        return TLSFiles(
+            cert_file=self.server_cert,
+            key_file=self.server_key,
+            ca_file=self.ca,
+            require_client_certificate=mutual,
+        )
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = CertificateAuthority("telerad-test-ca")
+    stranger_ca = CertificateAuthority("someone-else")
+    files: dict[str, Path] = {}
+
+    def write(name: str, data: bytes) -> Path:
+        path = directory / name
+        path.write_bytes(data)
+        files[name] = path
+        return path
+
+    write("ca.pem", ca.cert_pem)
+    cert, key = ca.issue("gateway", dns_names=["localhost"], ips=["127.0.0.1"], server=True)
+    write("server.pem", cert), write("server.key", key)
+    cert, key = ca.issue("modality", client=True)
+    write("client.pem", cert), write("client.key", key)
+    cert, key = stranger_ca.issue("modality", client=True)
+    write("stranger.pem", cert), write("stranger.key", key)
+    return TlsMaterial(
+        ca=files["ca.pem"],
+        server_cert=files["server.pem"],
+        server_key=files["server.key"],
+        client_cert=files["client.pem"],
+        client_key=files["client.key"],
+        stranger_cert=files["stranger.pem"],
+        stranger_key=files["stranger.key"],
+    )
+
+
+def dataset_bytes(path: Path) -> tuple[str, bytes]:
+    """(transfer syntax, the encoded data set after the file meta) of a Part 10 file."""
+    raw = path.read_bytes()
+    stream = io.BytesIO(raw)
+    read_preamble(stream, False)
+    meta = _read_file_meta_info(stream)
+    return str(meta.TransferSyntaxUID), raw[stream.tell() :]
+
+
+def stored_files(hot: Path) -> dict[str, Path]:
+    """SOP Instance UID (first version) -> stored file."""
+    return {p.name.removesuffix(".dcm"): p for p in (hot / "studies").rglob("*.dcm")}
+
+
+def env_nodelay() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def send_datasets(
+    gateway: GatewayProcess, datasets: list[Any], ae_title: str = "PYNETDICOM"
+) -> list[int]:
+    """C-STORE pydicom datasets over one association; their statuses in order."""
+    ae = AE(ae_title=ae_title)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    assoc.release()
+    return statuses

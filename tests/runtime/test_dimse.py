@@ -1,0 +1,104 @@
+"""dcmtk's echoscu and storescu against the gateway, plain and over TLS, and the callers
+it must refuse, each with the reject reason the standard gives."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from pydicom.data import get_testdata_file
+
+from telerad.api.site import AllowedCaller
+
+from .conftest import GatewayFactory, GatewayProcess, TlsMaterial, env_nodelay, tool
+
+CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
+MR_SMALL = Path(str(get_testdata_file("MR_small.dcm")))
+
+
+def dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool(args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_nodelay(),
+        check=False,
+    )
+
+
+def echo(gateway: GatewayProcess, *extra: str, aet: str = "ECHOSCU", aec: str | None = None):
+    return dcmtk(
+        "echoscu", "-aet", aet, "-aec", aec or gateway.ae_title, *extra, "127.0.0.1",
+        str(gateway.port),
+    )  # fmt: skip
+
+
+def test_echo_and_store_plain(gateway: GatewayProcess) -> None:
+    assert echo(gateway).returncode == 0
+    result = dcmtk(
+        "storescu", "-aet", "STORESCU", "-aec", gateway.ae_title, "127.0.0.1",
+        str(gateway.port), str(CT_SMALL), str(MR_SMALL),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert gateway.metric("telerad_gateway_instances_received_total") == 2
+    assert gateway.metric("telerad_gateway_associations_total", result="accepted") == 2
+    assert len(list((gateway.hot / "studies").rglob("*.dcm"))) == 2
+
+
+def test_refusals_carry_the_standard_reasons(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(
+        allowed_callers=[
+            AllowedCaller(ae_title="ECHOSCU", cidrs=["127.0.0.0/8"]),
+            AllowedCaller(ae_title="FARAWAY", cidrs=["10.9.0.0/16"]),
+        ]
+    )
+    unknown = echo(gateway, aet="NOBODY")
+    assert unknown.returncode != 0
+    assert "Calling AE Title Not Recognized" in unknown.stderr
+    # Known AE title, but from a network it is not allowed to send from.
+    wrong_network = echo(gateway, aet="FARAWAY")
+    assert "Calling AE Title Not Recognized" in wrong_network.stderr
+    wrong_called = echo(gateway, aec="SOMEONE_ELSE")
+    assert wrong_called.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong_called.stderr
+    assert gateway.metric("telerad_gateway_rejections_total", reason="unknown-caller") == 2
+    assert gateway.metric("telerad_gateway_rejections_total", reason="wrong-called-ae") == 1
+    assert echo(gateway).returncode == 0
+
+
+def test_tls_echo_and_store_and_plain_refused(
+    start_gateway: GatewayFactory, tls: TlsMaterial
+) -> None:
+    gateway = start_gateway(tls=tls.server_files(mutual=False))
+    with_tls = ("+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca))
+    assert echo(gateway, *with_tls).returncode == 0
+    stored = dcmtk(
+        "storescu", *with_tls, "-aet", "STORESCU", "-aec", gateway.ae_title, "127.0.0.1",
+        str(gateway.port), str(CT_SMALL),
+    )  # fmt: skip
+    assert stored.returncode == 0, stored.stderr
+    assert gateway.metric("telerad_gateway_instances_received_total") == 1
+
+    plain = echo(gateway)
+    assert plain.returncode != 0
+    gateway.wait_for(
+        lambda: gateway.metric("telerad_gateway_rejections_total", reason="tls-handshake") >= 1
+    )
+    assert gateway.metric("telerad_gateway_associations_total", result="accepted") == 2
+
+
+def test_mutual_tls_refuses_unknown_certificates(
+    start_gateway: GatewayFactory, tls: TlsMaterial
+) -> None:
+    gateway = start_gateway(tls=tls.server_files(mutual=True))
+    trusted = ("+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca))
+    assert echo(gateway, *trusted).returncode == 0
+    stranger = ("+tls", str(tls.stranger_key), str(tls.stranger_cert), "+cf", str(tls.ca))
+    assert echo(gateway, *stranger).returncode != 0
+    anonymous = ("+tla", "+cf", str(tls.ca))
+    assert echo(gateway, *anonymous).returncode != 0
+    gateway.wait_for(
+        lambda: gateway.metric("telerad_gateway_rejections_total", reason="tls-handshake") >= 2
+    )
+    assert gateway.metric("telerad_gateway_associations_total", result="accepted") == 1
