@@ -1,100 +1,84 @@
-"""The DICOM receiver: pynetdicom's acceptor, extended through its public hooks.
+"""The DICOM receiver: the upper layer of PS3.8 for an acceptor that does C-ECHO and
+C-STORE, one thread per association reading blocking sockets.
+
+pynetdicom does the parts it is good at here: decoding the A-ASSOCIATE-RQ, negotiating
+presentation contexts (unrestricted storage: every storage SOP class, retired and private
+ones too) and encoding the A-ASSOCIATE-AC. Its acceptor loop is not used: it polls its
+queues with 1 ms sleeps, reads PDUs 4 KB at a time and encodes every DIMSE response with
+pydicom, which held a receiver to about a third of storescp's rate. The data path here
+reads each PDU whole (bounded by the maximum we announce), collects the data set as the
+sender encoded it, and answers with a few bytes built directly.
 
 - Every accepted socket gets TCP_NODELAY, and TCP_QUICKACK before each read: senders that
   leave Nagle's algorithm on would otherwise wait for our delayed ACK on every C-STORE
-  and crawl at about 22 instances/s. PDUs are read whole and bounded (`_PduSocket`).
-- The TLS handshake runs in the connection's own thread, not in the accept loop, so a
-  slow or plain-text peer cannot hold up other senders; a failed handshake is a refusal.
-- Callers are checked at association time (EVT_REQUESTED) against the allow-list: calling
-  AE title and source network, then the called AE title, each with its reject reason.
+  and crawl at about 22 instances/s.
+- TLS handshakes run in the connection's thread, never in the accept loop; a failed
+  handshake (a plain connection to a TLS port, an unknown client certificate) is a refusal.
+- Callers are checked before anything else is negotiated: calling AE title and source
+  network from the allow-list, then the called AE title, then the association limit, each
+  refused with its A-ASSOCIATE-RJ reason (PS3.8 9.3.4).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
-import socketserver
 import ssl
+import struct
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Final, NoReturn
 
-from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import ALL_TRANSFER_SYNTAXES
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from telerad.api.config import GatewayConfig, TLSFiles
-from telerad.runtime.gateway.ingest import Ingest, Status
+from telerad.runtime.gateway.ingest import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    Ingest,
+    Status,
+)
 from telerad.runtime.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
+ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
+P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
-_REJECT_CALLING = (0x01, 0x01, 0x03)
-_REJECT_CALLED = (0x01, 0x01, 0x07)
-_REJECT_BUSY = (0x02, 0x03, 0x02)
-_HANDSHAKE_TIMEOUT_S = 10.0
+REJECT_CALLING: Final = (0x01, 0x01, 0x03)
+REJECT_CALLED: Final = (0x01, 0x01, 0x07)
+REJECT_BUSY: Final = (0x02, 0x03, 0x02)
+# A-ABORT sources and reasons, PS3.8 9.3.8.
+ABORT_UNEXPECTED_PDU: Final = 0x02
+ABORT_INVALID_PARAMETER: Final = 0x06
+ABORT_UNRECOGNIZED_PDU: Final = 0x01
+
+C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
+NO_DATA_SET: Final = 0x0101
+UNRECOGNIZED_OPERATION: Final = 0x0211
+# The A-ASSOCIATE-RQ comes before any maximum is agreed; real ones are a few KB.
+ASSOCIATE_RQ_LIMIT: Final = 1 << 16
+HANDSHAKE_TIMEOUT_S: Final = 10.0
+REQUEST_TIMEOUT_S: Final = 30.0
+IDLE_TIMEOUT_S: Final = 120.0
 
 
-# A-ABORT PDU (PS3.8 9.3.8): source service provider, reason invalid PDU parameter value.
-_ABORT_INVALID_PDU = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
-# The A-ASSOCIATE-RQ comes before any maximum is negotiated; it is small in practice.
-_MIN_PDU_LIMIT = 1 << 16
-
-
-class _PduSocket(AssociationSocket):
-    """pynetdicom's socket, with three changes on the read path:
-
-    - a PDU longer than the maximum we announced is refused (A-ABORT, connection closed)
-      instead of being read into memory, however large the peer claims it is;
-    - a PDU is read with `recv_into` into one buffer, not in 4 KB pieces;
-    - TCP_QUICKACK is set before each read (Linux clears it after every ACK it sends).
-    """
-
-    limit: int = _MIN_PDU_LIMIT
-    on_oversize: Callable[[], None] = staticmethod(lambda: None)
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        sock = self.socket
-        assert sock is not None  # noqa: S101  (reads happen on a connected socket)
-        if nr_bytes > self.limit:
-            self.on_oversize()
-            with contextlib.suppress(OSError):
-                sock.sendall(_ABORT_INVALID_PDU)
-            raise OSError(f"peer sent a PDU of {nr_bytes} bytes, over our maximum {self.limit}")
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        read = 0
-        while read < nr_bytes:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            got = sock.recv_into(view[read:], nr_bytes - read)
-            if not got:
-                return buffer[:read]  # closed by the peer: the DUL reports the short read
-            read += got
-        return buffer
-
-
-class _Handler(RequestHandler):
-    server: _Server
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        sock = assoc.dul.socket
-        assert type(sock) is AssociationSocket  # noqa: S101
-        # Constructing a second socket would signal a second connection to the state
-        # machine; the one pynetdicom made gets our read path instead (methods only).
-        sock.__class__ = _PduSocket
-        assert isinstance(sock, _PduSocket)  # noqa: S101
-        sock.limit = max(self.server.ae.maximum_pdu_size, _MIN_PDU_LIMIT)
-        sock.on_oversize = lambda: self.server.metrics.rejection("oversized-pdu")
-        return assoc
+class PeerGone(Exception):
+    """The connection closed or timed out: the association ends as aborted."""
 
 
 def tls_context(files: TLSFiles) -> ssl.SSLContext:
@@ -113,172 +97,398 @@ def tls_context(files: TLSFiles) -> ssl.SSLContext:
     return context
 
 
-class _Server(ThreadedAssociationServer):
-    metrics: GatewayMetrics
+def _pdu(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBI", kind, 0, len(body)) + body
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None  # noqa: S101  (bound before serve_forever)
-        raw, address = self.socket.accept()
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is not None:
-            wrapped = self.ssl_context.wrap_socket(
-                raw, server_side=True, do_handshake_on_connect=False
-            )
-            return wrapped, address
-        return raw, address
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            request.settimeout(_HANDSHAKE_TIMEOUT_S)
-            try:
-                request.do_handshake()
-            except (OSError, ssl.SSLError) as exc:
-                self.metrics.rejection("tls-handshake")
-                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
-                self.shutdown_request(request)
-                return
-            request.settimeout(None)
-        super().process_request_thread(request, client_address)
+def _abort(reason: int) -> bytes:
+    # Source 2: the service provider (the upper layer itself found the problem).
+    return _pdu(ABORT, bytes((0, 0, 2, reason)))
+
+
+def _reject(result: int, source: int, reason: int) -> bytes:
+    return _pdu(ASSOCIATE_RJ, bytes((0, result, source, reason)))
 
 
 class DimseServer:
     """C-ECHO and C-STORE on the site's port."""
 
     def __init__(self, config: GatewayConfig, ingest: Ingest, metrics: GatewayMetrics) -> None:
-        self._config = config
-        self._ingest = ingest
-        self._metrics = metrics
-        self._networks = [
+        self.config = config
+        self.ingest = ingest
+        self.metrics = metrics
+        self.callers = [
             (
                 caller.ae_title.strip(),
                 [ipaddress.ip_network(c, strict=False) for c in caller.cidrs],
             )
             for caller in config.allowed_callers
         ]
-        ae = AE(ae_title=config.ae_title)
-        ae.maximum_pdu_size = config.dimse.max_pdu_length
-        ae.maximum_associations = config.dimse.max_associations
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 120
-        ae.network_timeout = 120
-        # The gateway offers only Storage and Verification, so any other abstract syntax a
-        # sender proposes is a storage SOP class (retired, private or newer than pynetdicom).
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        self._ae = ae
-        self._server: _Server | None = None
+        self.tls = tls_context(config.tls) if config.tls else None
+        verification = PresentationContext()
+        verification.abstract_syntax = Verification
+        verification.transfer_syntax = list(ALL_TRANSFER_SYNTAXES)
+        self.supported = [verification]
+        self._lock = threading.Lock()
+        self._active: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        assert self._server is not None  # noqa: S101
-        return int(self._server.server_address[1])
-
-    def start(self) -> None:
-        ssl_context = tls_context(self._config.tls) if self._config.tls else None
-        server = self._ae.make_server(
-            (self._config.bind_address, self._config.dicom_port),
-            ssl_context=ssl_context,
-            evt_handlers=[
-                (evt.EVT_REQUESTED, self._on_requested),
-                (evt.EVT_ESTABLISHED, self._on_outcome, ["accepted"]),
-                (evt.EVT_RELEASED, self._on_outcome, ["released"]),
-                (evt.EVT_ABORTED, self._on_outcome, ["aborted"]),
-                (evt.EVT_C_ECHO, self._on_echo),
-                (evt.EVT_C_STORE, self._on_store),
-            ],
-            server_class=_Server,
-            request_handler=_Handler,
-        )
-        assert isinstance(server, _Server)  # noqa: S101
-        server.metrics = self._metrics
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, name="dimse-accept", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self, grace_s: float) -> None:
-        """Stop accepting, let running associations finish for `grace_s`, abort the rest."""
-        server = self._server
-        if server is None:
-            return
-        # socketserver's own shutdown: pynetdicom's also aborts associations at once.
-        socketserver.BaseServer.shutdown(server)
-        server.server_close()
-        deadline = time.monotonic() + grace_s
-        while self._ae.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for assoc in self._ae.active_associations:
-            assoc.abort()
-        self._server = None
+        assert self._listener is not None  # noqa: S101
+        return int(self._listener.getsockname()[1])
 
     @property
     def listening(self) -> bool:
-        return self._server is not None and self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
     def active_associations(self) -> int:
-        return len(self._ae.active_associations)
+        return len(self._active)
 
-    # -- handlers (run in each association's thread) ----------------------------
-    def _on_requested(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        primitive = assoc.requestor.primitive
-        assert primitive is not None  # noqa: S101  (EVT_REQUESTED follows the A-ASSOCIATE-RQ)
-        calling = str(primitive.calling_ae_title).strip()
-        called = str(primitive.called_ae_title).strip()
-        address = assoc.requestor.address
-        reject: tuple[int, int, int] | None = None
-        if not self._caller_allowed(calling, address):
-            reason, reject = "unknown-caller", _REJECT_CALLING
-        elif called != self._config.ae_title.strip():
-            reason, reject = "wrong-called-ae", _REJECT_CALLED
-        else:
-            acceptors = [a for a in self._ae.active_associations if a.is_acceptor]
-            if len(acceptors) > self._config.dimse.max_associations:
-                reason, reject = "too-many-associations", _REJECT_BUSY
-        if reject is None:
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.config.bind_address else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.config.bind_address, self.config.dicom_port))
+        listener.listen(128)
+        self._listener = listener
+        self._thread = threading.Thread(target=self._accept, name="dimse-accept", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace_s: float) -> None:
+        """Stop accepting, let running associations finish for `grace_s`, cut the rest."""
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
-        log.warning("association from %s (%s) rejected: %s", calling, address, reason)
-        self._metrics.rejection(reason)
-        self._metrics.association("rejected")
-        assoc.acse.send_reject(*reject)
-        # As pynetdicom does after its own rejections: wait until the DUL has sent the
-        # A-ASSOCIATE-RJ and the peer closed, or the socket is shut under it.
-        assoc.kill()
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        deadline = time.monotonic() + grace_s
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            for sock in list(self._active):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
-    def _caller_allowed(self, calling: str, address: str) -> bool:
+    def _accept(self) -> None:
+        while (listener := self._listener) is not None:
+            try:
+                sock, address = listener.accept()
+            except OSError:
+                return  # closed by stop()
+            threading.Thread(
+                target=self._serve, args=(sock, address[0]), name="dimse-assoc", daemon=True
+            ).start()
+
+    def _serve(self, sock: socket.socket, address: str) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if self.tls is not None:
+                sock = self._handshake(sock, address)
+            with self._lock:
+                self._active.add(sock)
+            Association(self, sock, address).run()
+        except PeerGone:
+            pass
+        except Exception:
+            log.exception("association from %s failed", address)
+        finally:
+            with self._lock:
+                self._active.discard(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _handshake(self, sock: socket.socket, address: str) -> socket.socket:
+        assert self.tls is not None  # noqa: S101
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            return self.tls.wrap_socket(sock, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            self.metrics.rejection("tls-handshake")
+            log.warning("TLS handshake with %s failed: %s", address, exc)
+            raise PeerGone from None
+
+    def admits(self, calling: str, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
         return any(
-            calling == ae and (not nets or any(ip in n for n in nets))
-            for ae, nets in self._networks
+            calling == ae and (not nets or any(ip in n for n in nets)) for ae, nets in self.callers
         )
 
-    def _on_outcome(self, event: evt.Event, result: str) -> None:
-        self._metrics.association(result)
 
-    def _on_echo(self, event: evt.Event) -> int:
-        return int(Status.SUCCESS)
+@dataclass
+class _Message:
+    """A DIMSE message being received: its command, then its data set fragments."""
 
-    def _on_store(self, event: evt.Event) -> int | Dataset:
-        request = event.request
-        assert isinstance(request, C_STORE)  # noqa: S101
-        stream = request.DataSet
-        data = stream.getvalue() if stream is not None else b""
-        outcome = self._ingest.store(
-            data,
-            str(event.context.transfer_syntax),
-            str(request.AffectedSOPClassUID),
-            str(request.AffectedSOPInstanceUID),
-            str(event.assoc.requestor.ae_title).strip(),
+    context_id: int
+    command: dict[int, bytes]
+    fragments: list[bytes] = field(default_factory=list)
+
+
+class Association:
+    def __init__(self, server: DimseServer, sock: socket.socket, address: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.address = address
+        self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
+        self.calling = ""
+        self.limit = ASSOCIATE_RQ_LIMIT
+        self.command: list[bytes] = []
+        self.message: _Message | None = None
+
+    # -- reading ---------------------------------------------------------------
+    def read_pdu(self) -> tuple[int, memoryview]:
+        header = self._read(6)
+        kind, _, length = struct.unpack(">BBI", header)
+        if length > self.limit:
+            self.server.metrics.rejection("oversized-pdu")
+            log.warning(
+                "PDU of %d bytes from %s, over our maximum %d", length, self.address, self.limit
+            )
+            self.send(_abort(ABORT_INVALID_PARAMETER))
+            raise PeerGone
+        return kind, memoryview(self._read(length))
+
+    def _read(self, n: int) -> bytearray:
+        buffer = bytearray(n)
+        view = memoryview(buffer)
+        got = 0
+        while got < n:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            try:
+                count = self.sock.recv_into(view[got:], n - got)
+            except (OSError, TimeoutError):
+                raise PeerGone from None
+            if not count:
+                raise PeerGone
+            got += count
+        return buffer
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            raise PeerGone from None
+
+    # -- the association -------------------------------------------------------
+    def run(self) -> None:
+        self.sock.settimeout(REQUEST_TIMEOUT_S)
+        kind, body = self.read_pdu()
+        if kind != ASSOCIATE_RQ:
+            self.send(_abort(ABORT_UNEXPECTED_PDU))
+            return
+        if not self.negotiate(bytes(body)):
+            return
+        self.server.metrics.association("accepted")
+        self.sock.settimeout(IDLE_TIMEOUT_S)
+        try:
+            self.serve()
+        except PeerGone:
+            self.server.metrics.association("aborted")
+            raise
+
+    def negotiate(self, body: bytes) -> bool:
+        request = A_ASSOCIATE_RQ()
+        try:
+            request.decode(_pdu(ASSOCIATE_RQ, body))
+            primitive = request.to_primitive()
+        except Exception:  # anything the decoder trips on is the peer's
+            self.server.metrics.rejection("malformed-pdu")
+            self.send(_abort(ABORT_INVALID_PARAMETER))
+            return False
+        self.calling = str(primitive.calling_ae_title).strip()
+        called = str(primitive.called_ae_title).strip()
+        server = self.server
+        if not server.admits(self.calling, self.address):
+            return self.reject("unknown-caller", REJECT_CALLING)
+        if called != server.config.ae_title.strip():
+            return self.reject("wrong-called-ae", REJECT_CALLED)
+        if server.active_associations() > server.config.dimse.max_associations:
+            return self.reject("too-many-associations", REJECT_BUSY)
+        results, _ = negotiate_unrestricted(
+            primitive.presentation_context_definition_list, server.supported
         )
-        if outcome.comment is None:
-            return int(outcome.status)
-        status = Dataset()
-        status.Status = int(outcome.status)
-        status.ErrorComment = outcome.comment
-        return status
+        self.contexts = {
+            int(cx.context_id): str(cx.transfer_syntax[0])
+            for cx in results
+            if cx.result == 0 and cx.context_id is not None
+        }
+        accept = A_ASSOCIATE()
+        accept.application_context_name = primitive.application_context_name
+        accept.calling_ae_title = primitive.calling_ae_title
+        accept.called_ae_title = primitive.called_ae_title
+        accept.result = 0x00
+        accept.presentation_context_definition_results_list = results
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = server.config.dimse.max_pdu_length
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION
+        accept.user_information = [max_length, implementation, version]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(accept)
+        self.send(pdu.encode())
+        self.limit = server.config.dimse.max_pdu_length
+        return True
+
+    def reject(self, reason: str, rsd: tuple[int, int, int]) -> bool:
+        log.warning("association from %s (%s) rejected: %s", self.calling, self.address, reason)
+        self.server.metrics.rejection(reason)
+        self.server.metrics.association("rejected")
+        self.send(_reject(*rsd))
+        # Let the peer read the reject before the connection goes.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(2)
+            self.sock.recv(1)
+        return False
+
+    def serve(self) -> None:
+        while True:
+            kind, body = self.read_pdu()
+            if kind == RELEASE_RQ:
+                self.send(_pdu(RELEASE_RP, bytes(4)))
+                self.server.metrics.association("released")
+                return
+            if kind == ABORT:
+                self.server.metrics.association("aborted")
+                return
+            if kind != P_DATA:
+                self.send(_abort(ABORT_UNEXPECTED_PDU))
+                raise PeerGone
+            for context_id, control, fragment in self.values(body):
+                self.receive(context_id, control, fragment)
+
+    def values(self, body: memoryview) -> Iterator[tuple[int, int, bytes]]:
+        """The presentation data values of a P-DATA-TF PDU (PS3.8 9.3.5.1)."""
+        position = 0
+        while position < len(body):
+            if len(body) - position < 6:
+                self.protocol_error("truncated presentation data value")
+            (length,) = struct.unpack_from(">I", body, position)
+            if length < 2 or length > len(body) - position - 4:
+                self.protocol_error("presentation data value length out of bounds")
+            context_id = body[position + 4]
+            if context_id not in self.contexts:
+                self.protocol_error(f"presentation context {context_id} was not accepted")
+            yield context_id, body[position + 5], bytes(body[position + 6 : position + 4 + length])
+            position += 4 + length
+
+    def receive(self, context_id: int, control: int, fragment: bytes) -> None:
+        last = bool(control & 0x02)
+        if control & 0x01:  # a command fragment
+            self.command.append(fragment)
+            if not last:
+                return
+            message = _Message(context_id, _command(b"".join(self.command)))
+            self.command = []
+            if _u16(message.command, 0x0800) == NO_DATA_SET:
+                self.handle(message)
+            else:
+                self.message = message
+            return
+        pending = self.message
+        if pending is None or context_id != pending.context_id:
+            self.protocol_error("data set fragment without its command")
+        pending.fragments.append(fragment)
+        if last:
+            self.message = None
+            self.handle(pending)
+
+    def protocol_error(self, what: str) -> NoReturn:
+        log.warning("protocol error from %s: %s", self.address, what)
+        self.server.metrics.rejection("protocol-error")
+        self.send(_abort(ABORT_INVALID_PARAMETER))
+        raise PeerGone
+
+    # -- DIMSE -----------------------------------------------------------------
+    def handle(self, message: _Message) -> None:
+        command = message.command
+        field_ = _u16(command, 0x0100)
+        sop_class = _uid(command, 0x0002)
+        message_id = _u16(command, 0x0110)
+        reply = functools.partial(self.respond, message.context_id, message_id, sop_class)
+        if field_ == C_ECHO_RQ:
+            reply(command_field=0x8030, status=Status.SUCCESS)
+            return
+        if field_ != C_STORE_RQ:
+            reply(command_field=field_ | 0x8000, status=UNRECOGNIZED_OPERATION)
+            return
+        sop_instance = _uid(command, 0x1000)
+        outcome = self.server.ingest.store(
+            b"".join(message.fragments),
+            self.contexts[message.context_id],
+            sop_class,
+            sop_instance,
+            self.calling,
+        )
+        reply(
+            command_field=0x8001,
+            status=outcome.status,
+            sop_instance=sop_instance,
+            comment=outcome.comment,
+        )
+
+    def respond(
+        self,
+        context_id: int,
+        message_id: int,
+        sop_class: str,
+        *,
+        command_field: int,
+        status: int,
+        sop_instance: str | None = None,
+        comment: str | None = None,
+    ) -> None:
+        elements = [
+            _element(0x0002, _even(sop_class.encode(), b"\0")),
+            _element(0x0100, struct.pack("<H", command_field)),
+            _element(0x0120, struct.pack("<H", message_id)),
+            _element(0x0800, struct.pack("<H", NO_DATA_SET)),
+            _element(0x0900, struct.pack("<H", status)),
+        ]
+        if comment:
+            elements.append(_element(0x0902, _even(comment.encode("ascii", "replace"), b" ")))
+        if sop_instance is not None:
+            elements.append(_element(0x1000, _even(sop_instance.encode(), b"\0")))
+        body = b"".join(elements)
+        encoded = _element(0x0000, struct.pack("<I", len(body))) + body
+        pdv = struct.pack(">IBB", len(encoded) + 2, context_id, 0x03) + encoded
+        self.send(_pdu(P_DATA, pdv))
+
+
+def _command(data: bytes) -> dict[int, bytes]:
+    """A command set (implicit VR little endian, group 0000) as element -> value bytes."""
+    out: dict[int, bytes] = {}
+    position = 0
+    while position + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHI", data, position)
+        position += 8
+        if group != 0x0000 or length > len(data) - position:
+            break
+        out[element] = data[position : position + length]
+        position += length
+    return out
+
+
+def _u16(command: dict[int, bytes], element: int) -> int:
+    raw = command.get(element, b"")
+    return int(struct.unpack("<H", raw[:2])[0]) if len(raw) >= 2 else 0
+
+
+def _uid(command: dict[int, bytes], element: int) -> str:
+    return command.get(element, b"").decode("ascii", "replace").rstrip("\0 ")
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _even(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
