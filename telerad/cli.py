@@ -148,6 +148,9 @@ def gateway(
     """
     import asyncio  # noqa: PLC0415
     import logging  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
 
     from pydantic import ValidationError  # noqa: PLC0415
 
@@ -171,8 +174,10 @@ def gateway(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not verbose:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # The receiver processes count into shared files; prometheus_client reads this
+    # variable when it is imported, so it is set before anything imports it.
+    metrics_dir = tempfile.mkdtemp(prefix="telerad-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from telerad.runtime.gateway.server import Gateway  # noqa: PLC0415
 
     async def serve() -> None:
@@ -182,6 +187,8 @@ def gateway(
         asyncio.run(serve())
     except OSError as exc:
         raise click.ClickException(f"cannot start the gateway: {exc}") from None
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def main() -> None:

@@ -121,6 +121,8 @@ class GatewayConfig(ApiModel):
     """Receiver limits."""
     jobs: JobPolicy = Field(default_factory=JobPolicy)
     """Retries of failed jobs."""
+    receivers: int | None = Field(default=None, ge=1, le=64)
+    """Processes serving the DICOM port; default one per CPU the gateway may run on."""
     routing: list[CompiledRule] = Field(default_factory=list)
     """Rules of every policy that selects this site, in order."""
     destinations: list[Destination] = Field(default_factory=list)

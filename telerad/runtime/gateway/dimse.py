@@ -113,8 +113,18 @@ def _reject(result: int, source: int, reason: int) -> bytes:
 class DimseServer:
     """C-ECHO and C-STORE on the site's port."""
 
-    def __init__(self, config: GatewayConfig, ingest: Ingest, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        ingest: Ingest,
+        metrics: GatewayMetrics,
+        *,
+        shared_port: bool = False,
+        max_associations: int | None = None,
+    ) -> None:
         self.config = config
+        self.shared_port = shared_port
+        self.max_associations = max_associations or config.dimse.max_associations
         self.ingest = ingest
         self.metrics = metrics
         self.callers = [
@@ -150,6 +160,8 @@ class DimseServer:
         family = socket.AF_INET6 if ":" in self.config.bind_address else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.shared_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind((self.config.bind_address, self.config.dicom_port))
         listener.listen(128)
         self._listener = listener
@@ -308,7 +320,7 @@ class Association:
             return self.reject("unknown-caller", REJECT_CALLING)
         if called != server.config.ae_title.strip():
             return self.reject("wrong-called-ae", REJECT_CALLED)
-        if server.active_associations() > server.config.dimse.max_associations:
+        if server.active_associations() > server.max_associations:
             return self.reject("too-many-associations", REJECT_BUSY)
         results, _ = negotiate_unrestricted(
             primitive.presentation_context_definition_list, server.supported

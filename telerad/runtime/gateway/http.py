@@ -109,7 +109,7 @@ def build_app(
 
     @routes.get("/metrics")
     async def scrape(request: web.Request) -> web.Response:
-        body = await run(generate_latest, metrics.registry)
+        body = await run(generate_latest, metrics.exposed)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @routes.post("/jobs/claim")

@@ -7,22 +7,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import PurePosixPath
 
 from telerad.runtime import phi
 from telerad.runtime.dataset import InvalidDataset, parse, valid_uid
 from telerad.runtime.gateway.metrics import GatewayMetrics
-from telerad.runtime.store.catalog import HOT, Catalog, StoredInstance
+from telerad.runtime.store.catalog import Catalog, Received
 from telerad.runtime.store.files import Tier, instance_path
 
 log = logging.getLogger(__name__)
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1471.1"
 IMPLEMENTATION_VERSION = "TELERAD_010"
-_STRIPES = 64
 
 
 class Status(IntEnum):
@@ -52,8 +51,6 @@ class Ingest:
         self._hot = hot
         self._metrics = metrics
         self._min_free = min_free_bytes
-        # Two associations storing the same SOP Instance UID must not both pick version 2.
-        self._locks = [threading.Lock() for _ in range(_STRIPES)]
 
     def store(
         self,
@@ -98,35 +95,34 @@ class Ingest:
             warning = Status.CLASS_MISMATCH_WARNING
         sop_class_uid, sop_instance_uid = header.sop_class_uid, header.sop_instance_uid
         digest = hashlib.sha256(data).hexdigest()
-        with self._locks[hash(sop_instance_uid) % _STRIPES]:
-            versions = self._catalog.versions(sop_instance_uid)
-            if any(v.sha256 == digest for v in versions):
-                self._metrics.duplicate("identical")
-                return Outcome(Status.SUCCESS, duplicate=True)
-            version = max((v.version for v in versions), default=0) + 1
+        if any(v.sha256 == digest for v in self._catalog.versions(sop_instance_uid)):
+            return self._identical()  # the common re-send, answered without writing
+        directory = instance_path(header.study_uid, header.series_uid, sop_instance_uid, 1).parent
+        meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        try:
+            staged = self._hot.stage(directory, (meta, data))
+        except OSError as exc:
+            log.error("write failed: %s", exc.strerror)
+            return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
+
+        def place(version: int) -> PurePosixPath:
             relative = instance_path(header.study_uid, header.series_uid, sop_instance_uid, version)
-            meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
-            try:
-                size = self._hot.write(relative, (meta, data))
-            except OSError as exc:
-                log.error("write failed: %s", exc.strerror)
-                return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
-            stored = StoredInstance(
-                sop_uid=sop_instance_uid,
-                version=version,
-                tier=HOT,
-                path=str(relative),
-                size=size,
-                sha256=digest,
-                transfer_syntax=transfer_syntax,
-            )
-            try:
-                reopened = self._catalog.add_instance(header, stored, calling_ae, time.time())
-            except Exception:
-                # Not catalogued means not acknowledged: the file must not linger as if it were.
-                self._hot.path(relative).unlink(missing_ok=True)
-                log.exception("catalog write failed for study %s", phi.ref(header.study_uid))
-                return self._refuse("catalog-failed", Status.OUT_OF_RESOURCES, "catalog failed")
+            self._hot.publish(staged, relative)
+            return relative
+
+        received = Received(digest, staged.size, transfer_syntax, calling_ae)
+        try:
+            added = self._catalog.add_instance(header, received, place, time.time())
+        except Exception:
+            # Not catalogued means not acknowledged; a file published just before the
+            # failure is an orphan that the sender's retry replaces.
+            self._hot.discard(staged)
+            log.exception("catalog write failed for study %s", phi.ref(header.study_uid))
+            return self._refuse("catalog-failed", Status.OUT_OF_RESOURCES, "catalog failed")
+        if added.duplicate:
+            self._hot.discard(staged)
+            return self._identical()
+        version, size = added.version, staged.size
         self._metrics.instances.inc()
         self._metrics.bytes.inc(size)
         if version > 1:
@@ -137,7 +133,7 @@ class Ingest:
                 phi.ref(header.study_uid),
                 version,
             )
-        if reopened:
+        if added.reopened:
             self._metrics.reopened.inc()
             log.warning("study %s re-opened by a late instance", phi.ref(header.study_uid))
         if warning is not None:
@@ -145,6 +141,10 @@ class Ingest:
                 warning, comment="SOP Class UID differs from the request", version=version
             )
         return Outcome(Status.SUCCESS, version=version)
+
+    def _identical(self) -> Outcome:
+        self._metrics.duplicate("identical")
+        return Outcome(Status.SUCCESS, duplicate=True)
 
     def _refuse(self, reason: str, status: Status, comment: str) -> Outcome:
         self._metrics.rejection(reason)

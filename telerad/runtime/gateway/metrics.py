@@ -3,11 +3,13 @@ model, a priority, a tier or a fixed reason: never anything from a data set."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from telerad.api.types import Priority
@@ -21,6 +23,8 @@ class GatewayMetrics:
     def __init__(self, site: str) -> None:
         self.site = site
         self.registry = CollectorRegistry(auto_describe=True)
+        self.exposed = self.registry
+        """What /metrics serves."""
         r = self.registry
         self.instances = Counter(
             "telerad_gateway_instances_received", "Instances stored.", ["site"], registry=r
@@ -107,8 +111,17 @@ class GatewayMetrics:
     def watch(self, catalog: Catalog, tiers: list[Tier], models: list[str]) -> None:
         """Queue depth, job states and free space, read at scrape time (never stale).
         Every routed model reports every priority, zeros included: the autoscaler reads a
-        missing series as "unknown", never as an empty queue."""
-        self.registry.register(_StateCollector(self.site, catalog, tiers, models, time.time))
+        missing series as "unknown", never as an empty queue.
+
+        With several receiver processes (PROMETHEUS_MULTIPROC_DIR set before
+        prometheus_client was imported), counters live in files every process writes;
+        /metrics then serves their sum instead of this process's own registry."""
+        state = _StateCollector(self.site, catalog, tiers, models, time.time)
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared:
+            self.exposed = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(self.exposed, path=shared)  # type: ignore[no-untyped-call]
+        self.exposed.register(state)
 
 
 class _StateCollector(Collector):

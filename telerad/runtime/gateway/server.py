@@ -13,37 +13,38 @@ from typing import Any
 from aiohttp import web
 
 from telerad.api.config import GatewayConfig
-from telerad.runtime.gateway.dimse import DimseServer
 from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.http import build_app
-from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
-from telerad.runtime.store.catalog import HOT, WARM
+from telerad.runtime.gateway.receivers import STOP_GRACE_S, Pool, Receiver, default_count
+from telerad.runtime.store.catalog import WARM
 from telerad.runtime.store.files import Tier
 from telerad.runtime.store.sqlite import SQLiteCatalog
 
 log = logging.getLogger(__name__)
-CATALOG_FILE = "catalog.sqlite"
 COMPLETION_TICK_S = 1.0
-STOP_GRACE_S = 20.0
 
 
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         storage = config.storage
-        self.hot = Tier(HOT, storage.hot_dir)
+        count = config.receivers or default_count()
+        self.receiver = Receiver.build(config, GatewayMetrics(config.site), count)
+        self.hot, self.catalog, self.metrics = (
+            self.receiver.hot,
+            self.receiver.catalog,
+            self.receiver.metrics,
+        )
+        self.dimse = self.receiver.dimse
+        self.pool = Pool(config, count - 1)
         self.warm = Tier(WARM, storage.warm_dir) if storage.warm_dir else None
         swept = self.hot.sweep_temporaries()
         if swept:
             log.info("removed %d unacknowledged partial files left by a crash", swept)
-        self.catalog = SQLiteCatalog(storage.hot_dir / CATALOG_FILE)
-        self.metrics = GatewayMetrics(config.site)
         self.flow = Flow(config, self.catalog, self.hot, self.warm, self.metrics)
         tiers = [t for t in (self.hot, self.warm) if t is not None]
         self.metrics.watch(self.catalog, tiers, self.flow.models)
-        self.ingest = Ingest(self.catalog, self.hot, self.metrics, storage.min_free_bytes)
-        self.dimse = DimseServer(config, self.ingest, self.metrics)
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -52,7 +53,7 @@ class Gateway:
         free = self.hot.free_bytes()
         checks = {
             "catalog": _catalog_ok(self.catalog),
-            "dicom": self.dimse.listening,
+            "dicom": self.dimse.listening and self.pool.alive(),
             "space": free >= self.config.storage.min_free_bytes,
         }
         return {
@@ -83,6 +84,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.dimse.start()
+        self.pool.start()
         app = build_app(self.flow, self.metrics, self.health)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -92,10 +94,14 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(self._every(COMPLETION_TICK_S, self.flow.complete_due)),
             asyncio.create_task(self._every(lifecycle_s, self.flow.lifecycle)),
+            asyncio.create_task(self._every(COMPLETION_TICK_S, lambda _: self.pool.keep_alive())),
         ]
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.dimse.stop, STOP_GRACE_S)
+        await asyncio.gather(
+            asyncio.to_thread(self.dimse.stop, STOP_GRACE_S),
+            asyncio.to_thread(self.pool.stop, STOP_GRACE_S),
+        )
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,7 +7,9 @@ PostgreSQL backend for scale-out implements the same methods. Callers pass `now`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Protocol
 
 from telerad.api.jobs import Finding, Job, WorklistEntry
@@ -29,6 +31,28 @@ class StoredInstance:
     size: int
     sha256: str
     transfer_syntax: str
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """An instance as received, before it has a version and a path."""
+
+    sha256: str
+    size: int
+    transfer_syntax: str
+    calling_ae: str
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    version: int
+    """0 when the same bytes were stored already (nothing added)."""
+    reopened: bool = False
+    """The instance re-opened a completed study."""
+
+    @property
+    def duplicate(self) -> bool:
+        return self.version == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +112,15 @@ class Catalog(Protocol):
         """Every stored version of an instance, oldest first."""
 
     def add_instance(
-        self, header: Header, stored: StoredInstance, calling_ae: str, now: float
-    ) -> bool:
-        """Record a durably written instance; True when it re-opened a completed study."""
+        self,
+        header: Header,
+        received: Received,
+        place: Callable[[int], PurePosixPath],
+        now: float,
+    ) -> Added:
+        """Record a received instance, atomically with choosing its version: unless the
+        same bytes are stored already, `place(version)` gives the staged file its final
+        name (durably) inside the transaction, and the instance is catalogued."""
 
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:

@@ -12,6 +12,7 @@ import secrets
 import shutil
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from telerad.runtime.dataset import valid_uid
@@ -35,6 +36,14 @@ def study_dir(study_uid: str) -> PurePosixPath:
     return PurePosixPath(STUDIES, study_uid)
 
 
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A durably written file still under its temporary name."""
+
+    path: Path
+    size: int
+
+
 class Tier:
     """One storage tier rooted at a directory."""
 
@@ -48,11 +57,11 @@ class Tier:
     def path(self, relative: PurePosixPath) -> Path:
         return self.root / relative
 
-    def write(self, relative: PurePosixPath, chunks: Iterable[bytes]) -> int:
-        """Durably write a file under `relative`; returns its size."""
-        final = self.path(relative)
-        self._ensure_dir(final.parent)
-        tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
+    def stage(self, directory: PurePosixPath, chunks: Iterable[bytes]) -> Staged:
+        """Write a file durably under a temporary name in `directory`, for `publish`."""
+        target = self.path(directory)
+        self._ensure_dir(target)
+        tmp = target / f".{secrets.token_hex(8)}{_TMP_SUFFIX}"
         size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
@@ -68,9 +77,25 @@ class Tier:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        os.replace(tmp, final)
+        return Staged(tmp, size)
+
+    def publish(self, staged: Staged, relative: PurePosixPath) -> None:
+        """Give a staged file its final name, durably (the rename and its directory)."""
+        final = self.path(relative)
+        if final.parent != staged.path.parent:
+            raise ValueError(f"{relative} is not in the directory {staged.path} was staged in")
+        os.replace(staged.path, final)
         _fsync_dir(final.parent)
-        return size
+
+    @staticmethod
+    def discard(staged: Staged) -> None:
+        staged.path.unlink(missing_ok=True)
+
+    def write(self, relative: PurePosixPath, chunks: Iterable[bytes]) -> int:
+        """Durably write a file under `relative`; returns its size."""
+        staged = self.stage(relative.parent, chunks)
+        self.publish(staged, relative)
+        return staged.size
 
     def read(self, relative: PurePosixPath) -> bytes:
         return self.path(relative).read_bytes()

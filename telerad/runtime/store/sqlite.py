@@ -7,23 +7,28 @@ completion never interleaves with another; several processes may share the file.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from telerad.api.jobs import Finding, Job, JobState, Lease, WorklistEntry, WorklistJob
 from telerad.api.types import Priority
 from telerad.runtime.dataset import Header
 from telerad.runtime.store.catalog import (
+    HOT,
+    Added,
     Completion,
     LeaseLost,
     NewJob,
+    Received,
     StoredInstance,
     StudyFiles,
     StudySummary,
@@ -103,6 +108,7 @@ class SQLiteCatalog:
             path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
         )
         self._lock = threading.RLock()
+        self._writer_lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o640)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -113,14 +119,20 @@ class SQLiteCatalog:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        # Writers in other processes queue on a file lock, which wakes the next one the
+        # moment it is released; SQLite's own busy handler would sleep 1, 2, 5, 10 ms...
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -129,6 +141,7 @@ class SQLiteCatalog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            os.close(self._writer_lock)
 
     # -- instances -------------------------------------------------------------
     def versions(self, sop_uid: str) -> list[StoredInstance]:
@@ -140,12 +153,24 @@ class SQLiteCatalog:
         return [StoredInstance(*row) for row in rows]
 
     def add_instance(
-        self, header: Header, stored: StoredInstance, calling_ae: str, now: float
-    ) -> bool:
+        self,
+        header: Header,
+        received: Received,
+        place: Callable[[int], PurePosixPath],
+        now: float,
+    ) -> Added:
         v = header.get
         patient_key = f"{v('patient_id') or ''}\x1f{v('patient_name') or ''}"
         expected = header.integer("study_related_instances")
         with self._write() as db:
+            stored = db.execute(
+                "SELECT version, sha256 FROM instances WHERE sop_uid = ?",
+                (header.sop_instance_uid,),
+            ).fetchall()
+            if any(sha == received.sha256 for _, sha in stored):
+                return Added(version=0)
+            version = max((n for n, _ in stored), default=0) + 1
+            path = place(version)
             db.execute(
                 "INSERT INTO patients (patient_key, patient_id, patient_name, birth_date, sex)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -187,7 +212,7 @@ class SQLiteCatalog:
                     " last_received = ?, expected_instances = COALESCE(?, expected_instances),"
                     " state = 'receiving', round = round + ? WHERE study_uid = ?",
                     (
-                        1 if stored.version == 1 else 0,
+                        1 if version == 1 else 0,
                         now,
                         expected,
                         1 if reopened else 0,
@@ -211,22 +236,22 @@ class SQLiteCatalog:
                 " transfer_syntax, instance_number, calling_ae, tier, path, size, sha256,"
                 " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    stored.sop_uid,
-                    stored.version,
+                    header.sop_instance_uid,
+                    version,
                     header.study_uid,
                     header.series_uid,
                     header.sop_class_uid,
-                    stored.transfer_syntax,
+                    received.transfer_syntax,
                     v("instance_number"),
-                    calling_ae,
-                    stored.tier,
-                    stored.path,
-                    stored.size,
-                    stored.sha256,
+                    received.calling_ae,
+                    HOT,
+                    str(path),
+                    received.size,
+                    received.sha256,
                     now,
                 ),
             )
-        return reopened
+        return Added(version=version, reopened=reopened)
 
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:

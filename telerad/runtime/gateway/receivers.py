@@ -1,0 +1,138 @@
+"""The DICOM port served by several processes, so that ingest uses every core.
+
+One Python process runs one core at a time (the GIL); the data path is mostly Python, so
+a gateway with N cores runs N receivers: its own process and N - 1 children, each with a
+listening socket on the same port (SO_REUSEPORT, the kernel spreads connections) and its
+own catalog connection (SQLite serialises writers across processes). Children die with
+the gateway (PR_SET_PDEATHSIG), so a killed gateway never leaves a receiver behind on its
+port, and a child that dies alone is started again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from telerad.api.config import GatewayConfig
+from telerad.runtime.gateway.dimse import DimseServer
+from telerad.runtime.gateway.ingest import Ingest
+from telerad.runtime.gateway.metrics import GatewayMetrics
+from telerad.runtime.store.catalog import HOT
+from telerad.runtime.store.files import Tier
+from telerad.runtime.store.sqlite import SQLiteCatalog
+
+log = logging.getLogger(__name__)
+CATALOG_FILE = "catalog.sqlite"
+_PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 20.0
+
+
+def default_count() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass
+class Receiver:
+    """What one process needs to take instances: the hot tier, a catalog connection,
+    the ingest path and the DICOM server."""
+
+    hot: Tier
+    catalog: SQLiteCatalog
+    metrics: GatewayMetrics
+    ingest: Ingest
+    dimse: DimseServer
+
+    @classmethod
+    def build(cls, config: GatewayConfig, metrics: GatewayMetrics, count: int) -> Receiver:
+        """One of `count` receivers: the association limit is shared out between them."""
+        hot = Tier(HOT, config.storage.hot_dir)
+        catalog = SQLiteCatalog(config.storage.hot_dir / CATALOG_FILE)
+        ingest = Ingest(catalog, hot, metrics, config.storage.min_free_bytes)
+        dimse = DimseServer(
+            config,
+            ingest,
+            metrics,
+            shared_port=count > 1,
+            max_associations=-(-config.dimse.max_associations // count),
+        )
+        return cls(hot, catalog, metrics, ingest, dimse)
+
+
+def _child(config_wire: dict[str, Any], count: int, log_level: int, parent: int) -> None:
+    """A receiver process: serve until the gateway stops it (SIGTERM) or dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:
+        return  # the gateway died while this process was starting: nothing to serve
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    config = GatewayConfig.model_validate(config_wire)
+    receiver = Receiver.build(config, GatewayMetrics(config.site), count)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    receiver.dimse.start()
+    stop.wait()
+    receiver.dimse.stop(STOP_GRACE_S)
+    receiver.catalog.close()
+
+
+class Pool:
+    """The child receivers of a gateway."""
+
+    def __init__(self, config: GatewayConfig, children: int) -> None:
+        self._config = config
+        self._wire = config.model_dump(mode="json")
+        self._context = multiprocessing.get_context("spawn")
+        self._children: list[BaseProcess] = []
+        self._count = children
+        self._stopping = False
+
+    def start(self) -> None:
+        for _ in range(self._count):
+            self._children.append(self._spawn())
+
+    def _spawn(self) -> BaseProcess:
+        process = self._context.Process(
+            target=_child,
+            args=(
+                self._wire,
+                self._count + 1,
+                logging.getLogger().getEffectiveLevel(),
+                os.getpid(),
+            ),
+            name="telerad-receiver",
+            daemon=True,
+        )
+        process.start()
+        return process
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self._children)
+
+    def keep_alive(self) -> None:
+        """Start again any child that died on its own (never while stopping)."""
+        if self._stopping:
+            return
+        for i, process in enumerate(self._children):
+            if not process.is_alive():
+                log.error("receiver process %s exited with %s; starting another",
+                          process.pid, process.exitcode)  # fmt: skip
+                self._children[i] = self._spawn()
+
+    def stop(self, grace_s: float) -> None:
+        self._stopping = True
+        for process in self._children:
+            process.terminate()
+        for process in self._children:
+            process.join(grace_s + 5)
+            if process.is_alive():
+                process.kill()
+                process.join()
