@@ -4,6 +4,7 @@ lifecycle pass (hot -> warm -> deleted), and recovery from a pass cut short."""
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path, PurePosixPath
 
@@ -17,6 +18,7 @@ from telerad.runtime.gateway.example import example_config
 from telerad.runtime.gateway.flow import DAY, Flow
 from telerad.runtime.gateway.ingest import Ingest, Status, file_meta
 from telerad.runtime.gateway.metrics import GatewayMetrics
+from telerad.runtime.gateway.receivers import default_count
 from telerad.runtime.store.catalog import HOT, WARM
 from telerad.runtime.store.files import Tier, study_dir
 from telerad.runtime.store.sqlite import SQLiteCatalog
@@ -156,3 +158,14 @@ def test_lifecycle_recovers_from_a_pass_cut_short(site: Site) -> None:
     assert files_of(site.hot, moving) == []
     assert files_of(site.hot, deleting) == []
     assert [e.study_uid for e in site.catalog.worklist(10, 0)] == [moving]
+
+
+def test_receivers_follow_the_cgroup_cpu_limit(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert default_count(tmp_path) == cpus  # no cgroup file: every CPU we may run on
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert default_count(tmp_path) == cpus
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert default_count(tmp_path) == min(cpus, 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert default_count(tmp_path) == 1

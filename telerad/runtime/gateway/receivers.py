@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import multiprocessing
 import os
 import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from telerad.api.config import GatewayConfig
@@ -34,8 +36,17 @@ _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 20.0
 
 
-def default_count() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
+def default_count(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU limit (a pod
+    limited to 2 CPUs on a 64-core node gets 2 receivers, not 64)."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return max(1, count)
+    if quota != "max":
+        count = min(count, math.ceil(int(quota) / int(period)))
+    return max(1, count)
 
 
 @dataclass
