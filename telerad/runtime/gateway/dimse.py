@@ -73,6 +73,7 @@ UNRECOGNIZED_OPERATION: Final = 0x0211
 # The A-ASSOCIATE-RQ comes before any maximum is agreed; real ones are a few KB.
 ASSOCIATE_RQ_LIMIT: Final = 1 << 16
 HANDSHAKE_TIMEOUT_S: Final = 10.0
+ACCEPT_POLL_S: Final = 0.5
 REQUEST_TIMEOUT_S: Final = 30.0
 IDLE_TIMEOUT_S: Final = 120.0
 
@@ -119,11 +120,9 @@ class DimseServer:
         ingest: Ingest,
         metrics: GatewayMetrics,
         *,
-        shared_port: bool = False,
         max_associations: int | None = None,
     ) -> None:
         self.config = config
-        self.shared_port = shared_port
         self.max_associations = max_associations or config.dimse.max_associations
         self.ingest = ingest
         self.metrics = metrics
@@ -156,16 +155,26 @@ class DimseServer:
     def active_associations(self) -> int:
         return len(self._active)
 
-    def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self.config.bind_address else socket.AF_INET
+    @staticmethod
+    def listen(config: GatewayConfig) -> socket.socket:
+        """The site's listening socket, shared by every receiver process: each one's
+        accept loop polls it, and whichever is free first takes the next connection."""
+        family = socket.AF_INET6 if ":" in config.bind_address else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.shared_port:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.bind((self.config.bind_address, self.config.dicom_port))
-        listener.listen(128)
+        listener.bind((config.bind_address, config.dicom_port))
+        listener.listen(256)
+        # Non-blocking (the flag is shared by every process holding the socket) with a
+        # timeout: a process that loses the race for a connection goes back to waiting,
+        # and a stopping one notices within the timeout.
+        listener.settimeout(ACCEPT_POLL_S)
+        return listener
+
+    def start(self, listener: socket.socket) -> None:
         self._listener = listener
-        self._thread = threading.Thread(target=self._accept, name="dimse-accept", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept, args=(listener,), name="dimse-accept", daemon=True
+        )
         self._thread.start()
 
     def stop(self, grace_s: float) -> None:
@@ -173,8 +182,9 @@ class DimseServer:
         listener, self._listener = self._listener, None
         if listener is None:
             return
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join()
+        # Closed, never shut down: other receivers still accept on the same socket.
         listener.close()
         deadline = time.monotonic() + grace_s
         while self._active and time.monotonic() < deadline:
@@ -184,17 +194,21 @@ class DimseServer:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-    def _accept(self) -> None:
-        while (listener := self._listener) is not None:
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
             try:
                 sock, address = listener.accept()
-            except OSError:
-                return  # closed by stop()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                log.error("accepting DICOM connections failed: %s", exc)
+                return
             threading.Thread(
                 target=self._serve, args=(sock, address[0]), name="dimse-assoc", daemon=True
             ).start()
 
     def _serve(self, sock: socket.socket, address: str) -> None:
+        sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if self.tls is not None:

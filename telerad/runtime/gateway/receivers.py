@@ -1,9 +1,9 @@
 """The DICOM port served by several processes, so that ingest uses every core.
 
 One Python process runs one core at a time (the GIL); the data path is mostly Python, so
-a gateway with N cores runs N receivers: its own process and N - 1 children, each with a
-listening socket on the same port (SO_REUSEPORT, the kernel spreads connections) and its
-own catalog connection (SQLite serialises writers across processes). Children die with
+a gateway with N cores runs N receivers: its own process and N - 1 children, all
+accepting on one listening socket (whichever is free takes the next connection), each
+with its own catalog connection (SQLite serialises writers across processes). Children die with
 the gateway (PR_SET_PDEATHSIG), so a killed gateway never leaves a receiver behind on its
 port, and a child that dies alone is started again.
 """
@@ -16,9 +16,11 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.sqlite"
 _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 20.0
+START_TIMEOUT_S = 60.0
 
 
 def default_count(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -70,26 +73,36 @@ class Receiver:
             config,
             ingest,
             metrics,
-            shared_port=count > 1,
             max_associations=-(-config.dimse.max_associations // count),
         )
         return cls(hot, catalog, metrics, ingest, dimse)
 
 
-def _child(config_wire: dict[str, Any], count: int, log_level: int, parent: int) -> None:
+@dataclass(frozen=True)
+class _Spec:
+    """What a child receiver is told (pickled to it)."""
+
+    config: dict[str, Any]
+    count: int
+    log_level: int
+    parent: int
+
+
+def _child(spec: _Spec, listener: socket.socket, ready: Event) -> None:
     """A receiver process: serve until the gateway stops it (SIGTERM) or dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-    if os.getppid() != parent:
+    if os.getppid() != spec.parent:
         return  # the gateway died while this process was starting: nothing to serve
     logging.basicConfig(
-        level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+        level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
-    config = GatewayConfig.model_validate(config_wire)
-    receiver = Receiver.build(config, GatewayMetrics(config.site), count)
+    config = GatewayConfig.model_validate(spec.config)
+    receiver = Receiver.build(config, GatewayMetrics(config.site), spec.count)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    receiver.dimse.start()
+    receiver.dimse.start(listener)
+    ready.set()
     stop.wait()
     receiver.dimse.stop(STOP_GRACE_S)
     receiver.catalog.close()
@@ -99,31 +112,39 @@ class Pool:
     """The child receivers of a gateway."""
 
     def __init__(self, config: GatewayConfig, children: int) -> None:
-        self._config = config
-        self._wire = config.model_dump(mode="json")
+        self._spec = _Spec(
+            config=config.model_dump(mode="json"),
+            count=children + 1,
+            log_level=logging.getLogger().getEffectiveLevel(),
+            parent=os.getpid(),
+        )
         self._context = multiprocessing.get_context("spawn")
         self._children: list[BaseProcess] = []
         self._count = children
+        self._listener: socket.socket | None = None
         self._stopping = False
 
-    def start(self) -> None:
-        for _ in range(self._count):
-            self._children.append(self._spawn())
+    def start(self, listener: socket.socket) -> None:
+        """Start the children and wait until each one accepts on `listener`."""
+        self._listener = listener
+        started = [self._spawn() for _ in range(self._count)]
+        self._children = [process for process, _ in started]
+        for process, ready in started:
+            if not ready.wait(START_TIMEOUT_S):
+                raise RuntimeError(
+                    f"receiver process {process.pid} did not start (exit code {process.exitcode})"
+                )
 
-    def _spawn(self) -> BaseProcess:
+    def _spawn(self) -> tuple[BaseProcess, Event]:
+        ready = self._context.Event()
         process = self._context.Process(
             target=_child,
-            args=(
-                self._wire,
-                self._count + 1,
-                logging.getLogger().getEffectiveLevel(),
-                os.getpid(),
-            ),
+            args=(self._spec, self._listener, ready),
             name="telerad-receiver",
             daemon=True,
         )
         process.start()
-        return process
+        return process, ready
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self._children)
@@ -134,9 +155,12 @@ class Pool:
             return
         for i, process in enumerate(self._children):
             if not process.is_alive():
-                log.error("receiver process %s exited with %s; starting another",
-                          process.pid, process.exitcode)  # fmt: skip
-                self._children[i] = self._spawn()
+                log.error(
+                    "receiver process %s exited with %s; starting another",
+                    process.pid,
+                    process.exitcode,
+                )
+                self._children[i], _ = self._spawn()
 
     def stop(self, grace_s: float) -> None:
         self._stopping = True

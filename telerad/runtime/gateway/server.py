@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from telerad.api.config import GatewayConfig
+from telerad.runtime.gateway.dimse import DimseServer
 from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.http import build_app
 from telerad.runtime.gateway.metrics import GatewayMetrics
@@ -83,8 +84,10 @@ class Gateway:
         await self.stop()
 
     async def start(self) -> None:
-        self.dimse.start()
-        self.pool.start()
+        listener = DimseServer.listen(self.config)
+        # Children first: /healthz answers once every receiver takes connections.
+        await asyncio.to_thread(self.pool.start, listener)
+        self.dimse.start(listener)
         app = build_app(self.flow, self.metrics, self.health)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
