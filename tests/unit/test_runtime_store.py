@@ -43,7 +43,8 @@ class Site:
         self.catalog = SQLiteCatalog(paths.hot_dir / "catalog.sqlite")
         self.metrics = GatewayMetrics("test")
         self.flow = Flow(self.config, self.catalog, self.hot, self.warm, self.metrics)
-        self.ingest = Ingest(self.catalog, self.hot, self.metrics, paths.min_free_bytes)
+        tiers = {HOT: self.hot, WARM: self.warm}
+        self.ingest = Ingest(self.catalog, tiers, self.metrics, paths.min_free_bytes)
 
     def store_study(self, n: int = 2) -> str:
         study = generate_uid()
@@ -100,6 +101,27 @@ def test_stored_file_is_meta_plus_the_bytes_received(site: Site) -> None:
     assert ds.file_meta.TransferSyntaxUID == EXPLICIT
     assert stored[: len(file_meta(CT_CLASS, ds.SOPInstanceUID, EXPLICIT, "X"))] == file_meta(
         CT_CLASS, ds.SOPInstanceUID, EXPLICIT, "X"
+    )
+
+
+def test_a_catalogued_file_lost_in_a_crash_is_put_back_by_the_resend(site: Site) -> None:
+    """The rename is made durable after the catalog commit; a power cut in between can
+    leave a row whose file is gone. The sender was not answered, sends again, and the
+    gateway must store the bytes again rather than call them a duplicate."""
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = generate_uid()
+    body = _encode(ds)
+    assert site.ingest.store(body, EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status == 0
+    (stored,) = site.catalog.versions(ds.SOPInstanceUID)
+    site.hot.path(PurePosixPath(stored.path)).unlink()
+    assert site.ingest.store(body, EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status == 0
+    assert site.catalog.versions(ds.SOPInstanceUID) == [stored]
+    assert site.hot.read(PurePosixPath(stored.path)).endswith(body)
+    assert (
+        site.metrics.registry.get_sample_value(
+            "telerad_gateway_warnings_total", {"site": "test", "reason": "restored-lost-file"}
+        )
+        == 1
     )
 
 

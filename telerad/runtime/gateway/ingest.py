@@ -13,9 +13,9 @@ from enum import IntEnum
 from pathlib import PurePosixPath
 
 from telerad.runtime import phi
-from telerad.runtime.dataset import InvalidDataset, parse, valid_uid
+from telerad.runtime.dataset import Header, InvalidDataset, parse, valid_uid
 from telerad.runtime.gateway.metrics import GatewayMetrics
-from telerad.runtime.store.catalog import Catalog, Received
+from telerad.runtime.store.catalog import HOT, Added, Catalog, Received
 from telerad.runtime.store.files import Tier, instance_path
 
 log = logging.getLogger(__name__)
@@ -39,16 +39,19 @@ class Outcome:
     status: Status
     comment: str | None = None
     """Why it failed, for the sender's log (DIMSE Error Comment, at most 64 chars)."""
-    version: int | None = None
-    duplicate: bool = False
 
 
 class Ingest:
     def __init__(
-        self, catalog: Catalog, hot: Tier, metrics: GatewayMetrics, min_free_bytes: int
+        self,
+        catalog: Catalog,
+        tiers: dict[str, Tier],
+        metrics: GatewayMetrics,
+        min_free_bytes: int,
     ) -> None:
         self._catalog = catalog
-        self._hot = hot
+        self._tiers = tiers
+        self._hot = tiers[HOT]
         self._metrics = metrics
         self._min_free = min_free_bytes
 
@@ -62,19 +65,33 @@ class Ingest:
     ) -> Outcome:
         """Store an encoded data set as received; `sop_*` are what the request announced."""
         started = time.monotonic()
-        outcome = self._store(data, transfer_syntax, sop_class_uid, sop_instance_uid, calling_ae)
-        if outcome.version is not None or outcome.duplicate:
-            self._metrics.stage("receive", time.monotonic() - started)
-        return outcome
+        checked = self._check(data, transfer_syntax, sop_class_uid, sop_instance_uid)
+        if isinstance(checked, Outcome):
+            return checked
+        header, digest = checked
+        if any(
+            v.sha256 == digest and self._present(v.tier, PurePosixPath(v.path))
+            for v in self._catalog.versions(header.sop_instance_uid)
+        ):
+            return self._identical(started)  # the common re-send, answered without writing
+        written = self._write(header, digest, data, transfer_syntax, calling_ae)
+        if isinstance(written, Outcome):
+            return written
+        added, size = written
+        if added.duplicate or added.restored:
+            return self._identical(started)
+        self._report(header, added, size)
+        self._metrics.stage("receive", time.monotonic() - started)
+        if header.sop_class_uid != sop_class_uid:
+            return Outcome(
+                Status.CLASS_MISMATCH_WARNING, comment="SOP Class UID differs from the request"
+            )
+        return Outcome(Status.SUCCESS)
 
-    def _store(  # noqa: PLR0911  (each refusal is its own status and reason)
-        self,
-        data: bytes,
-        transfer_syntax: str,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        calling_ae: str,
-    ) -> Outcome:
+    def _check(
+        self, data: bytes, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str
+    ) -> tuple[Header, str] | Outcome:
+        """The data set's header and digest, or why it is refused."""
         if self._hot.free_bytes() - len(data) < self._min_free:
             return self._refuse("out-of-space", Status.OUT_OF_RESOURCES, "storage is full")
         if not valid_uid(sop_instance_uid) or not valid_uid(sop_class_uid):
@@ -86,19 +103,21 @@ class Ingest:
         # Inconsistent senders exist (the file meta says one UID, the data set another).
         # The data set is what gets stored and served, so it decides; the sender is told
         # when the standard has a warning for it, and the mismatch is counted either way.
-        warning = None
         if header.sop_instance_uid != sop_instance_uid:
             self._metrics.warning("instance-uid-mismatch")
             log.warning("SOP Instance UID of a data set differs from its request; stored as sent")
         if header.sop_class_uid != sop_class_uid:
             self._metrics.warning("class-mismatch")
-            warning = Status.CLASS_MISMATCH_WARNING
-        sop_class_uid, sop_instance_uid = header.sop_class_uid, header.sop_instance_uid
-        digest = hashlib.sha256(data).hexdigest()
-        if any(v.sha256 == digest for v in self._catalog.versions(sop_instance_uid)):
-            return self._identical()  # the common re-send, answered without writing
-        directory = instance_path(header.study_uid, header.series_uid, sop_instance_uid, 1).parent
-        meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        return header, hashlib.sha256(data).hexdigest()
+
+    def _write(
+        self, header: Header, digest: str, data: bytes, transfer_syntax: str, calling_ae: str
+    ) -> tuple[Added, int] | Outcome:
+        """Stage the file, catalogue it with its version, make its name durable; the
+        catalog's answer and the file's size."""
+        sop = header.sop_instance_uid
+        directory = instance_path(header.study_uid, header.series_uid, sop, 1).parent
+        meta = file_meta(header.sop_class_uid, sop, transfer_syntax, calling_ae)
         try:
             staged = self._hot.stage(directory, (meta, data))
         except OSError as exc:
@@ -106,45 +125,56 @@ class Ingest:
             return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
 
         def place(version: int) -> PurePosixPath:
-            relative = instance_path(header.study_uid, header.series_uid, sop_instance_uid, version)
+            relative = instance_path(header.study_uid, header.series_uid, sop, version)
             self._hot.publish(staged, relative)
             return relative
 
         received = Received(digest, staged.size, transfer_syntax, calling_ae)
         try:
-            added = self._catalog.add_instance(header, received, place, time.time())
+            added = self._catalog.add_instance(header, received, place, self._present, time.time())
         except Exception:
             # Not catalogued means not acknowledged; a file published just before the
             # failure is an orphan that the sender's retry replaces.
             self._hot.discard(staged)
             log.exception("catalog write failed for study %s", phi.ref(header.study_uid))
             return self._refuse("catalog-failed", Status.OUT_OF_RESOURCES, "catalog failed")
-        if added.duplicate:
+        if added.path is None:
             self._hot.discard(staged)
-            return self._identical()
-        version, size = added.version, staged.size
+            return added, 0
+        try:
+            # The rename happened inside the catalog transaction; its directory is flushed
+            # out here, so receivers do not queue behind each other's flushes.
+            self._hot.sync_dir(added.path.parent)
+        except OSError as exc:
+            log.error("flushing a directory failed: %s", exc.strerror)
+            return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
+        if added.restored:
+            self._metrics.warning("restored-lost-file")
+            log.warning("instance %s: its catalogued file was missing; restored", phi.ref(sop))
+        return added, staged.size
+
+    def _report(self, header: Header, added: Added, size: int) -> None:
         self._metrics.instances.inc()
         self._metrics.bytes.inc(size)
-        if version > 1:
+        if added.version > 1:
             self._metrics.duplicate("new-version")
             log.warning(
                 "instance %s of study %s received again with different content: kept as version %d",
-                phi.ref(sop_instance_uid),
+                phi.ref(header.sop_instance_uid),
                 phi.ref(header.study_uid),
-                version,
+                added.version,
             )
         if added.reopened:
             self._metrics.reopened.inc()
             log.warning("study %s re-opened by a late instance", phi.ref(header.study_uid))
-        if warning is not None:
-            return Outcome(
-                warning, comment="SOP Class UID differs from the request", version=version
-            )
-        return Outcome(Status.SUCCESS, version=version)
 
-    def _identical(self) -> Outcome:
+    def _present(self, tier: str, path: PurePosixPath) -> bool:
+        return tier in self._tiers and self._tiers[tier].exists(path)
+
+    def _identical(self, started: float) -> Outcome:
         self._metrics.duplicate("identical")
-        return Outcome(Status.SUCCESS, duplicate=True)
+        self._metrics.stage("receive", time.monotonic() - started)
+        return Outcome(Status.SUCCESS)
 
     def _refuse(self, reason: str, status: Status, comment: str) -> Outcome:
         self._metrics.rejection(reason)

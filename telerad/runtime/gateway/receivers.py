@@ -28,7 +28,7 @@ from telerad.api.config import GatewayConfig
 from telerad.runtime.gateway.dimse import DimseServer
 from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
-from telerad.runtime.store.catalog import HOT
+from telerad.runtime.store.catalog import HOT, WARM
 from telerad.runtime.store.files import Tier
 from telerad.runtime.store.sqlite import SQLiteCatalog
 
@@ -67,8 +67,11 @@ class Receiver:
     def build(cls, config: GatewayConfig, metrics: GatewayMetrics, count: int) -> Receiver:
         """One of `count` receivers: the association limit is shared out between them."""
         hot = Tier(HOT, config.storage.hot_dir)
+        tiers = {HOT: hot}
+        if config.storage.warm_dir is not None:
+            tiers[WARM] = Tier(WARM, config.storage.warm_dir)
         catalog = SQLiteCatalog(config.storage.hot_dir / CATALOG_FILE)
-        ingest = Ingest(catalog, hot, metrics, config.storage.min_free_bytes)
+        ingest = Ingest(catalog, tiers, metrics, config.storage.min_free_bytes)
         dimse = DimseServer(
             config,
             ingest,

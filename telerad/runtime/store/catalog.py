@@ -47,8 +47,12 @@ class Received:
 class Added:
     version: int
     """0 when the same bytes were stored already (nothing added)."""
+    path: PurePosixPath | None = None
+    """Where the staged file now is (in the hot tier)."""
     reopened: bool = False
     """The instance re-opened a completed study."""
+    restored: bool = False
+    """The bytes were catalogued already but their file was missing, and is back."""
 
     @property
     def duplicate(self) -> bool:
@@ -116,11 +120,14 @@ class Catalog(Protocol):
         header: Header,
         received: Received,
         place: Callable[[int], PurePosixPath],
+        present: Callable[[str, PurePosixPath], bool],
         now: float,
     ) -> Added:
         """Record a received instance, atomically with choosing its version: unless the
-        same bytes are stored already, `place(version)` gives the staged file its final
-        name (durably) inside the transaction, and the instance is catalogued."""
+        same bytes are stored already (and `present(tier, path)` finds their file),
+        `place(version)` gives the staged file its final name inside the transaction and
+        the instance is catalogued. Identical bytes whose file is missing (a crash before
+        its directory entry was durable) are put back in place of the lost file."""
 
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:

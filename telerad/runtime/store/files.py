@@ -80,12 +80,19 @@ class Tier:
         return Staged(tmp, size)
 
     def publish(self, staged: Staged, relative: PurePosixPath) -> None:
-        """Give a staged file its final name, durably (the rename and its directory)."""
+        """Give a staged file its final name; durable once `sync_dir` of its directory
+        returns (kept apart so that the rename can sit inside a catalog transaction and
+        the directory flush outside it)."""
         final = self.path(relative)
         if final.parent != staged.path.parent:
             raise ValueError(f"{relative} is not in the directory {staged.path} was staged in")
         os.replace(staged.path, final)
-        _fsync_dir(final.parent)
+
+    def sync_dir(self, relative: PurePosixPath) -> None:
+        _fsync_dir(self.path(relative))
+
+    def exists(self, relative: PurePosixPath) -> bool:
+        return self.path(relative).is_file()
 
     @staticmethod
     def discard(staged: Staged) -> None:
@@ -95,6 +102,7 @@ class Tier:
         """Durably write a file under `relative`; returns its size."""
         staged = self.stage(relative.parent, chunks)
         self.publish(staged, relative)
+        self.sync_dir(relative.parent)
         return staged.size
 
     def read(self, relative: PurePosixPath) -> bytes:

@@ -157,6 +157,7 @@ class SQLiteCatalog:
         header: Header,
         received: Received,
         place: Callable[[int], PurePosixPath],
+        present: Callable[[str, PurePosixPath], bool],
         now: float,
     ) -> Added:
         v = header.get
@@ -164,12 +165,21 @@ class SQLiteCatalog:
         expected = header.integer("study_related_instances")
         with self._write() as db:
             stored = db.execute(
-                "SELECT version, sha256 FROM instances WHERE sop_uid = ?",
+                "SELECT version, sha256, tier, path FROM instances WHERE sop_uid = ?",
                 (header.sop_instance_uid,),
             ).fetchall()
-            if any(sha == received.sha256 for _, sha in stored):
-                return Added(version=0)
-            version = max((n for n, _ in stored), default=0) + 1
+            for n, sha, tier, known in stored:
+                if sha != received.sha256:
+                    continue
+                if present(tier, PurePosixPath(known)):
+                    return Added(version=0)
+                path = place(n)
+                db.execute(
+                    "UPDATE instances SET tier = ?, path = ? WHERE sop_uid = ? AND version = ?",
+                    (HOT, str(path), header.sop_instance_uid, n),
+                )
+                return Added(version=n, path=path, restored=True)
+            version = max((n for n, *_ in stored), default=0) + 1
             path = place(version)
             db.execute(
                 "INSERT INTO patients (patient_key, patient_id, patient_name, birth_date, sex)"
@@ -251,7 +261,7 @@ class SQLiteCatalog:
                     now,
                 ),
             )
-        return Added(version=version, reopened=reopened)
+        return Added(version=version, path=path, reopened=reopened)
 
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:
