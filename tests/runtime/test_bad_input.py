@@ -8,6 +8,7 @@ association's socket directly."""
 from __future__ import annotations
 
 import io
+import shutil
 import sqlite3
 import struct
 import zlib
@@ -24,7 +25,9 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
-from .conftest import GatewayProcess, dataset_bytes
+from telerad import synthetic
+
+from .conftest import GatewayFactory, GatewayProcess, dataset_bytes
 from .test_roundtrip import BROKEN, PYDICOM_FILES, REAL_IMAGES
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
@@ -240,3 +243,25 @@ def test_oversized_pdu_and_aborted_transfer_leave_nothing_behind(
     # The gateway still takes the same instance whole.
     assert int(store(gateway, mr).Status) == 0
     assert len(catalogued(gateway)) == 2
+
+
+def test_a_data_set_larger_than_the_free_space_is_refused_cleanly(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """The gateway reads such a data set to its end without keeping it, answers Out of
+    Resources, and goes on taking instances that fit."""
+    free = shutil.disk_usage(tmp_path).free
+    gateway = start_gateway(storage={"min_free_bytes": free - (8 << 20)})
+    big = synthetic.chest_xray(seed=5, size=(3872, 3872))  # about 30 MB
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(big.SOPClassUID, EXPLICIT)
+    ae.add_requested_context(CT_CLASS, EXPLICIT)
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    refused = assoc.send_c_store(big)
+    assert int(refused.Status) == 0xA700
+    assert "does not fit" in str(refused.ErrorComment)
+    assert int(assoc.send_c_store(pydicom.dcmread(CT_SMALL)).Status) == 0
+    assoc.release()
+    assert len(catalogued(gateway)) == 1
+    assert gateway.metric("telerad_gateway_rejections_total", reason="out-of-space") == 1

@@ -217,7 +217,7 @@ class DimseServer:
                 self._active.add(sock)
             Association(self, sock, address).run()
         except PeerGone:
-            pass
+            pass  # the peer left or was cut off; the outcome is counted where it happened
         except Exception:
             log.exception("association from %s failed", address)
         finally:
@@ -252,7 +252,10 @@ class _Message:
 
     context_id: int
     command: dict[int, bytes]
+    room: int = 0
+    """Bytes of data set it may bring; past them its fragments are dropped as they come."""
     fragments: list[bytes] = field(default_factory=list)
+    size: int = 0
 
 
 class Association:
@@ -417,12 +420,17 @@ class Association:
             if _u16(message.command, 0x0800) == NO_DATA_SET:
                 self.handle(message)
             else:
+                message.room = self.server.ingest.room()
                 self.message = message
             return
         pending = self.message
         if pending is None or context_id != pending.context_id:
             self.protocol_error("data set fragment without its command")
-        pending.fragments.append(fragment)
+        pending.size += len(fragment)
+        if pending.size <= pending.room:
+            pending.fragments.append(fragment)
+        else:
+            pending.fragments.clear()  # too big to keep: read to its end, then refuse
         if last:
             self.message = None
             self.handle(pending)
@@ -447,12 +455,16 @@ class Association:
             reply(command_field=field_ | 0x8000, status=UNRECOGNIZED_OPERATION)
             return
         sop_instance = _uid(command, 0x1000)
-        outcome = self.server.ingest.store(
-            b"".join(message.fragments),
-            self.contexts[message.context_id],
-            sop_class,
-            sop_instance,
-            self.calling,
+        outcome = (
+            self.server.ingest.too_large(message.size)
+            if message.size > message.room
+            else self.server.ingest.store(
+                b"".join(message.fragments),
+                self.contexts[message.context_id],
+                sop_class,
+                sop_instance,
+                self.calling,
+            )
         )
         reply(
             command_field=0x8001,

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1471.1"
 IMPLEMENTATION_VERSION = "TELERAD_010"
+MAX_DATA_SET = (1 << 32) - 2
 
 
 class Status(IntEnum):
@@ -167,6 +168,16 @@ class Ingest:
         if added.reopened:
             self._metrics.reopened.inc()
             log.warning("study %s re-opened by a late instance", phi.ref(header.study_uid))
+
+    def room(self) -> int:
+        """Bytes one data set may have now: the free space above the watermark, and never
+        more than a 32-bit length can describe."""
+        return max(0, min(self._hot.free_bytes() - self._min_free, MAX_DATA_SET))
+
+    def too_large(self, size: int) -> Outcome:
+        return self._refuse(
+            "out-of-space", Status.OUT_OF_RESOURCES, f"data set of {size} bytes does not fit"
+        )
 
     def _present(self, tier: str, path: PurePosixPath) -> bool:
         return tier in self._tiers and self._tiers[tier].exists(path)

@@ -107,7 +107,7 @@ class LeaseLost(Exception):
 
 
 class UnknownJob(KeyError):
-    pass
+    """No job has this id."""
 
 
 class Catalog(Protocol):
