@@ -4,7 +4,6 @@ yes. C-STORE uses it now; STOW-RS will use the same path, so both protocols prom
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import struct
 import time
@@ -69,13 +68,13 @@ class Ingest:
         checked = self._check(data, transfer_syntax, sop_class_uid, sop_instance_uid)
         if isinstance(checked, Outcome):
             return checked
-        header, digest = checked
+        header = checked
         if any(
-            v.sha256 == digest and self._present(v.tier, PurePosixPath(v.path))
+            self._compare(v.tier, PurePosixPath(v.path), data)
             for v in self._catalog.versions(header.sop_instance_uid)
         ):
             return self._identical(started)  # the common re-send, answered without writing
-        written = self._write(header, digest, data, transfer_syntax, calling_ae)
+        written = self._write(header, data, transfer_syntax, calling_ae)
         if isinstance(written, Outcome):
             return written
         added, size = written
@@ -91,8 +90,8 @@ class Ingest:
 
     def _check(
         self, data: bytes, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str
-    ) -> tuple[Header, str] | Outcome:
-        """The data set's header and digest, or why it is refused."""
+    ) -> Header | Outcome:
+        """The data set's header, or why it is refused."""
         if self._hot.free_bytes() - len(data) < self._min_free:
             return self._refuse("out-of-space", Status.OUT_OF_RESOURCES, "storage is full")
         if not valid_uid(sop_instance_uid) or not valid_uid(sop_class_uid):
@@ -109,10 +108,10 @@ class Ingest:
             log.warning("SOP Instance UID of a data set differs from its request; stored as sent")
         if header.sop_class_uid != sop_class_uid:
             self._metrics.warning("class-mismatch")
-        return header, hashlib.sha256(data).hexdigest()
+        return header
 
     def _write(
-        self, header: Header, digest: str, data: bytes, transfer_syntax: str, calling_ae: str
+        self, header: Header, data: bytes, transfer_syntax: str, calling_ae: str
     ) -> tuple[Added, int] | Outcome:
         """Stage the file, catalogue it with its version, make its name durable; the
         catalog's answer and the file's size."""
@@ -130,9 +129,12 @@ class Ingest:
             self._hot.publish(staged, relative)
             return relative
 
-        received = Received(digest, staged.size, transfer_syntax, calling_ae)
+        def compare(tier: str, path: PurePosixPath) -> bool | None:
+            return self._compare(tier, path, data)
+
+        received = Received(staged.size, transfer_syntax, calling_ae)
         try:
-            added = self._catalog.add_instance(header, received, place, self._present, time.time())
+            added = self._catalog.add_instance(header, received, place, compare, time.time())
         except Exception:
             # Not catalogued means not acknowledged; a file published just before the
             # failure is an orphan that the sender's retry replaces.
@@ -179,8 +181,16 @@ class Ingest:
             "out-of-space", Status.OUT_OF_RESOURCES, f"data set of {size} bytes does not fit"
         )
 
-    def _present(self, tier: str, path: PurePosixPath) -> bool:
-        return tier in self._tiers and self._tiers[tier].exists(path)
+    def _compare(self, tier: str, path: PurePosixPath, data: bytes) -> bool | None:
+        """Whether a stored file holds exactly this data set (None: the file is missing).
+        Only re-sent SOP Instance UIDs get here, so nothing is hashed on the way in."""
+        if tier not in self._tiers:
+            return None
+        try:
+            stored = self._tiers[tier].read(path)
+        except FileNotFoundError:
+            return None
+        return stored[meta_length(stored) :] == data
 
     def _identical(self, started: float) -> Outcome:
         self._metrics.duplicate("identical")
@@ -191,6 +201,11 @@ class Ingest:
         self._metrics.rejection(reason)
         log.warning("instance refused (%s): %s", reason, comment)
         return Outcome(status, comment=comment[:64])
+
+
+def meta_length(part10: bytes) -> int:
+    """Where the data set starts in a file `file_meta` wrote (preamble, DICM, group length)."""
+    return 144 + int(struct.unpack_from("<I", part10, 140)[0])
 
 
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:

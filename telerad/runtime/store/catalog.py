@@ -29,7 +29,6 @@ class StoredInstance:
     tier: str
     path: str
     size: int
-    sha256: str
     transfer_syntax: str
 
 
@@ -37,7 +36,6 @@ class StoredInstance:
 class Received:
     """An instance as received, before it has a version and a path."""
 
-    sha256: str
     size: int
     transfer_syntax: str
     calling_ae: str
@@ -120,14 +118,17 @@ class Catalog(Protocol):
         header: Header,
         received: Received,
         place: Callable[[int], PurePosixPath],
-        present: Callable[[str, PurePosixPath], bool],
+        compare: Callable[[str, PurePosixPath], bool | None],
         now: float,
     ) -> Added:
-        """Record a received instance, atomically with choosing its version: unless the
-        same bytes are stored already (and `present(tier, path)` finds their file),
-        `place(version)` gives the staged file its final name inside the transaction and
-        the instance is catalogued. Identical bytes whose file is missing (a crash before
-        its directory entry was durable) are put back in place of the lost file."""
+        """Record a received instance, atomically with choosing its version.
+
+        `compare(tier, path)` says whether a stored version holds the same data set (None:
+        its file is missing). The same bytes stored already: nothing is added. A version
+        whose file is missing was never acknowledged (a crash between the catalog commit
+        and the directory flush), so the new bytes take its place. Otherwise
+        `place(version)` gives the staged file its final name inside the transaction and a
+        new version is catalogued."""
 
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:

@@ -91,9 +91,6 @@ class Tier:
     def sync_dir(self, relative: PurePosixPath) -> None:
         _fsync_dir(self.path(relative))
 
-    def exists(self, relative: PurePosixPath) -> bool:
-        return self.path(relative).is_file()
-
     @staticmethod
     def discard(staged: Staged) -> None:
         staged.path.unlink(missing_ok=True)

@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS instances (
     study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
     sop_class_uid TEXT NOT NULL, transfer_syntax TEXT NOT NULL, instance_number TEXT,
     calling_ae TEXT NOT NULL, tier TEXT NOT NULL, path TEXT NOT NULL,
-    size INTEGER NOT NULL, sha256 TEXT NOT NULL, received_at REAL NOT NULL,
+    size INTEGER NOT NULL, received_at REAL NOT NULL,
     PRIMARY KEY (sop_uid, version)
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
@@ -146,7 +146,7 @@ class SQLiteCatalog:
     # -- instances -------------------------------------------------------------
     def versions(self, sop_uid: str) -> list[StoredInstance]:
         rows = self._read(
-            "SELECT sop_uid, version, tier, path, size, sha256, transfer_syntax FROM instances"
+            "SELECT sop_uid, version, tier, path, size, transfer_syntax FROM instances"
             " WHERE sop_uid = ? ORDER BY version",
             (sop_uid,),
         )
@@ -157,7 +157,7 @@ class SQLiteCatalog:
         header: Header,
         received: Received,
         place: Callable[[int], PurePosixPath],
-        present: Callable[[str, PurePosixPath], bool],
+        compare: Callable[[str, PurePosixPath], bool | None],
         now: float,
     ) -> Added:
         v = header.get
@@ -165,21 +165,31 @@ class SQLiteCatalog:
         expected = header.integer("study_related_instances")
         with self._write() as db:
             stored = db.execute(
-                "SELECT version, sha256, tier, path FROM instances WHERE sop_uid = ?",
+                "SELECT version, tier, path FROM instances WHERE sop_uid = ?",
                 (header.sop_instance_uid,),
             ).fetchall()
-            for n, sha, tier, known in stored:
-                if sha != received.sha256:
-                    continue
-                if present(tier, PurePosixPath(known)):
-                    return Added(version=0)
-                path = place(n)
+            verdicts = {n: compare(tier, PurePosixPath(known)) for n, tier, known in stored}
+            if True in verdicts.values():
+                return Added(version=0)
+            lost = [n for n, same in verdicts.items() if same is None]
+            if lost:
+                path = place(lost[0])
                 db.execute(
-                    "UPDATE instances SET tier = ?, path = ? WHERE sop_uid = ? AND version = ?",
-                    (HOT, str(path), header.sop_instance_uid, n),
+                    "UPDATE instances SET tier = ?, path = ?, size = ?, transfer_syntax = ?,"
+                    " calling_ae = ?, received_at = ? WHERE sop_uid = ? AND version = ?",
+                    (
+                        HOT,
+                        str(path),
+                        received.size,
+                        received.transfer_syntax,
+                        received.calling_ae,
+                        now,
+                        header.sop_instance_uid,
+                        lost[0],
+                    ),
                 )
-                return Added(version=n, path=path, restored=True)
-            version = max((n for n, *_ in stored), default=0) + 1
+                return Added(version=lost[0], path=path, restored=True)
+            version = max(verdicts, default=0) + 1
             path = place(version)
             db.execute(
                 "INSERT INTO patients (patient_key, patient_id, patient_name, birth_date, sex)"
@@ -243,8 +253,8 @@ class SQLiteCatalog:
             )
             db.execute(
                 "INSERT INTO instances (sop_uid, version, study_uid, series_uid, sop_class_uid,"
-                " transfer_syntax, instance_number, calling_ae, tier, path, size, sha256,"
-                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " transfer_syntax, instance_number, calling_ae, tier, path, size, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     header.sop_instance_uid,
                     version,
@@ -257,7 +267,6 @@ class SQLiteCatalog:
                     HOT,
                     str(path),
                     received.size,
-                    received.sha256,
                     now,
                 ),
             )
