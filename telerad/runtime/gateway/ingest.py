@@ -4,6 +4,7 @@ yes. C-STORE uses it now; STOW-RS will use the same path, so both protocols prom
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 import time
@@ -69,18 +70,19 @@ class Ingest:
         if isinstance(checked, Outcome):
             return checked
         header = checked
-        if any(
-            self._compare(v.tier, PurePosixPath(v.path), data)
+        verdicts = {
+            v.version: self._compare(v.tier, PurePosixPath(v.path), data)
             for v in self._catalog.versions(header.sop_instance_uid)
-        ):
+        }
+        if True in verdicts.values():
             return self._identical(started)  # the common re-send, answered without writing
-        written = self._write(header, data, transfer_syntax, calling_ae)
+        # Versions whose file is gone were never acknowledged; their numbers are free.
+        taken = {n for n, same in verdicts.items() if same is not None}
+        written = self._write(header, data, transfer_syntax, calling_ae, taken)
         if isinstance(written, Outcome):
             return written
-        added, size = written
-        if added.duplicate or added.restored:
-            return self._identical(started)
-        self._report(header, added, size)
+        received, added = written
+        self._report(header, received, added)
         self._metrics.stage("receive", time.monotonic() - started)
         if header.sop_class_uid != sop_class_uid:
             return Outcome(
@@ -111,61 +113,57 @@ class Ingest:
         return header
 
     def _write(
-        self, header: Header, data: bytes, transfer_syntax: str, calling_ae: str
-    ) -> tuple[Added, int] | Outcome:
-        """Stage the file, catalogue it with its version, make its name durable; the
-        catalog's answer and the file's size."""
+        self,
+        header: Header,
+        data: bytes,
+        transfer_syntax: str,
+        calling_ae: str,
+        taken: set[int],
+    ) -> tuple[Received, Added] | Outcome:
+        """Write the file under the first free version, flush it, then catalogue it."""
         sop = header.sop_instance_uid
         directory = instance_path(header.study_uid, header.series_uid, sop, 1).parent
         meta = file_meta(header.sop_class_uid, sop, transfer_syntax, calling_ae)
+        names = (
+            (n, instance_path(header.study_uid, header.series_uid, sop, n))
+            for n in itertools.count(1)
+            if n not in taken
+        )
         try:
             staged = self._hot.stage(directory, (meta, data))
         except OSError as exc:
             log.error("write failed: %s", exc.strerror)
             return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
-
-        def place(version: int) -> PurePosixPath:
-            relative = instance_path(header.study_uid, header.series_uid, sop, version)
-            self._hot.publish(staged, relative)
-            return relative
-
-        def compare(tier: str, path: PurePosixPath) -> bool | None:
-            return self._compare(tier, path, data)
-
-        received = Received(staged.size, transfer_syntax, calling_ae)
         try:
-            added = self._catalog.add_instance(header, received, place, compare, time.time())
-        except Exception:
-            # Not catalogued means not acknowledged; a file published just before the
-            # failure is an orphan that the sender's retry replaces.
+            version, relative = self._hot.claim(staged, names)
+            self._hot.settle(staged)
+        except OSError as exc:
             self._hot.discard(staged)
+            log.error("write failed: %s", exc.strerror)
+            return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
+        received = Received(version, relative, staged.size, transfer_syntax, calling_ae)
+        try:
+            added = self._catalog.add_instance(header, received, time.time())
+        except Exception:
+            # Not catalogued means not acknowledged: the file must not stay as if it were.
+            self._hot.remove(relative)
             log.exception("catalog write failed for study %s", phi.ref(header.study_uid))
             return self._refuse("catalog-failed", Status.OUT_OF_RESOURCES, "catalog failed")
-        if added.path is None:
-            self._hot.discard(staged)
-            return added, 0
-        try:
-            # The rename happened inside the catalog transaction; its directory is flushed
-            # out here, so receivers do not queue behind each other's flushes.
-            self._hot.sync_dir(added.path.parent)
-        except OSError as exc:
-            log.error("flushing a directory failed: %s", exc.strerror)
-            return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
         if added.restored:
             self._metrics.warning("restored-lost-file")
             log.warning("instance %s: its catalogued file was missing; restored", phi.ref(sop))
-        return added, staged.size
+        return received, added
 
-    def _report(self, header: Header, added: Added, size: int) -> None:
+    def _report(self, header: Header, received: Received, added: Added) -> None:
         self._metrics.instances.inc()
-        self._metrics.bytes.inc(size)
-        if added.version > 1:
+        self._metrics.bytes.inc(received.size)
+        if received.version > 1 and not added.restored:
             self._metrics.duplicate("new-version")
             log.warning(
                 "instance %s of study %s received again with different content: kept as version %d",
                 phi.ref(header.sop_instance_uid),
                 phi.ref(header.study_uid),
-                added.version,
+                received.version,
             )
         if added.reopened:
             self._metrics.reopened.inc()

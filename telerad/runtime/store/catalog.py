@@ -7,7 +7,6 @@ PostgreSQL backend for scale-out implements the same methods. Callers pass `now`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Protocol
@@ -34,8 +33,10 @@ class StoredInstance:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """An instance as received, before it has a version and a path."""
+    """An instance as received and durably written: its version and path are taken."""
 
+    version: int
+    path: PurePosixPath
     size: int
     transfer_syntax: str
     calling_ae: str
@@ -43,18 +44,11 @@ class Received:
 
 @dataclass(frozen=True, slots=True)
 class Added:
-    version: int
-    """0 when the same bytes were stored already (nothing added)."""
-    path: PurePosixPath | None = None
-    """Where the staged file now is (in the hot tier)."""
     reopened: bool = False
     """The instance re-opened a completed study."""
     restored: bool = False
-    """The bytes were catalogued already but their file was missing, and is back."""
-
-    @property
-    def duplicate(self) -> bool:
-        return self.version == 0
+    """Its version was catalogued already, with its file missing (never acknowledged: a
+    crash came between the file and the catalog); the row now describes the new file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,22 +107,8 @@ class Catalog(Protocol):
     def versions(self, sop_uid: str) -> list[StoredInstance]:
         """Every stored version of an instance, oldest first."""
 
-    def add_instance(
-        self,
-        header: Header,
-        received: Received,
-        place: Callable[[int], PurePosixPath],
-        compare: Callable[[str, PurePosixPath], bool | None],
-        now: float,
-    ) -> Added:
-        """Record a received instance, atomically with choosing its version.
-
-        `compare(tier, path)` says whether a stored version holds the same data set (None:
-        its file is missing). The same bytes stored already: nothing is added. A version
-        whose file is missing was never acknowledged (a crash between the catalog commit
-        and the directory flush), so the new bytes take its place. Otherwise
-        `place(version)` gives the staged file its final name inside the transaction and a
-        new version is catalogued."""
+    def add_instance(self, header: Header, received: Received, now: float) -> Added:
+        """Catalogue a durably written instance under the version its file took."""
 
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:

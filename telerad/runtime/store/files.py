@@ -7,6 +7,7 @@ whole file or no file, never a torn one. Paths are built only from validated UID
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -38,10 +39,11 @@ def study_dir(study_uid: str) -> PurePosixPath:
 
 @dataclass(frozen=True, slots=True)
 class Staged:
-    """A durably written file still under its temporary name."""
+    """A written file, still open, still under its temporary name."""
 
     path: Path
     size: int
+    fd: int
 
 
 class Tier:
@@ -58,12 +60,12 @@ class Tier:
         return self.root / relative
 
     def stage(self, directory: PurePosixPath, chunks: Iterable[bytes]) -> Staged:
-        """Write a file durably under a temporary name in `directory`, for `publish`."""
+        """Write a file under a temporary name in `directory` (not yet flushed)."""
         target = self.path(directory)
         self._ensure_dir(target)
         tmp = target / f".{secrets.token_hex(8)}{_TMP_SUFFIX}"
-        size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        size = 0
         try:
             for chunk in chunks:
                 view = memoryview(chunk)
@@ -71,36 +73,60 @@ class Tier:
                     written = os.write(fd, view)
                     view = view[written:]
                     size += written
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        return Staged(tmp, size)
+        return Staged(tmp, size, fd)
 
-    def publish(self, staged: Staged, relative: PurePosixPath) -> None:
-        """Give a staged file its final name; durable once `sync_dir` of its directory
-        returns (kept apart so that the rename can sit inside a catalog transaction and
-        the directory flush outside it)."""
-        final = self.path(relative)
-        if final.parent != staged.path.parent:
-            raise ValueError(f"{relative} is not in the directory {staged.path} was staged in")
-        os.replace(staged.path, final)
+    def claim(
+        self, staged: Staged, names: Iterable[tuple[int, PurePosixPath]]
+    ) -> tuple[int, PurePosixPath]:
+        """Give a staged file the first of `names` that is free; the link fails on a taken
+        name, so two receivers never take the same one. Returns the name taken."""
+        for number, relative in names:
+            final = self.path(relative)
+            if final.parent != staged.path.parent:
+                raise ValueError(f"{relative} is not where {staged.path} was staged")
+            try:
+                os.link(staged.path, final)
+            except FileExistsError:
+                continue
+            return number, relative
+        raise ValueError("no free name offered")
 
-    def sync_dir(self, relative: PurePosixPath) -> None:
-        _fsync_dir(self.path(relative))
+    def settle(self, staged: Staged) -> None:
+        """Flush a claimed file and its directory, and drop the temporary name. One
+        journal commit carries the data, the inode and the new name on ext4 and XFS; the
+        directory flush makes the name durable everywhere else."""
+        # The temporary name goes first, so the one flush of the file carries the data,
+        # the inode, the new name and the removal of the old one together.
+        staged.path.unlink()
+        try:
+            os.fsync(staged.fd)
+        finally:
+            os.close(staged.fd)
+        _fsync_dir(staged.path.parent)
 
     @staticmethod
     def discard(staged: Staged) -> None:
+        with contextlib.suppress(OSError):
+            os.close(staged.fd)
         staged.path.unlink(missing_ok=True)
 
     def write(self, relative: PurePosixPath, chunks: Iterable[bytes]) -> int:
-        """Durably write a file under `relative`; returns its size."""
+        """Durably write (or replace) a file under `relative`; returns its size."""
         staged = self.stage(relative.parent, chunks)
-        self.publish(staged, relative)
-        self.sync_dir(relative.parent)
+        try:
+            os.fsync(staged.fd)
+        finally:
+            os.close(staged.fd)
+        os.replace(staged.path, self.path(relative))
+        _fsync_dir(self.path(relative.parent))
         return staged.size
+
+    def remove(self, relative: PurePosixPath) -> None:
+        self.path(relative).unlink(missing_ok=True)
 
     def read(self, relative: PurePosixPath) -> bytes:
         return self.path(relative).read_bytes()

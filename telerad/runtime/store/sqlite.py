@@ -13,10 +13,10 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from telerad.api.jobs import Finding, Job, JobState, Lease, WorklistEntry, WorklistJob
@@ -152,45 +152,31 @@ class SQLiteCatalog:
         )
         return [StoredInstance(*row) for row in rows]
 
-    def add_instance(
-        self,
-        header: Header,
-        received: Received,
-        place: Callable[[int], PurePosixPath],
-        compare: Callable[[str, PurePosixPath], bool | None],
-        now: float,
-    ) -> Added:
+    def add_instance(self, header: Header, received: Received, now: float) -> Added:
         v = header.get
         patient_key = f"{v('patient_id') or ''}\x1f{v('patient_name') or ''}"
         expected = header.integer("study_related_instances")
         with self._write() as db:
-            stored = db.execute(
-                "SELECT version, tier, path FROM instances WHERE sop_uid = ?",
-                (header.sop_instance_uid,),
-            ).fetchall()
-            verdicts = {n: compare(tier, PurePosixPath(known)) for n, tier, known in stored}
-            if True in verdicts.values():
-                return Added(version=0)
-            lost = [n for n, same in verdicts.items() if same is None]
-            if lost:
-                path = place(lost[0])
+            version = received.version
+            if db.execute(
+                "SELECT 1 FROM instances WHERE sop_uid = ? AND version = ?",
+                (header.sop_instance_uid, version),
+            ).fetchone():
                 db.execute(
                     "UPDATE instances SET tier = ?, path = ?, size = ?, transfer_syntax = ?,"
                     " calling_ae = ?, received_at = ? WHERE sop_uid = ? AND version = ?",
                     (
                         HOT,
-                        str(path),
+                        str(received.path),
                         received.size,
                         received.transfer_syntax,
                         received.calling_ae,
                         now,
                         header.sop_instance_uid,
-                        lost[0],
+                        version,
                     ),
                 )
-                return Added(version=lost[0], path=path, restored=True)
-            version = max(verdicts, default=0) + 1
-            path = place(version)
+                return Added(restored=True)
             db.execute(
                 "INSERT INTO patients (patient_key, patient_id, patient_name, birth_date, sex)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -265,12 +251,12 @@ class SQLiteCatalog:
                     v("instance_number"),
                     received.calling_ae,
                     HOT,
-                    str(path),
+                    str(received.path),
                     received.size,
                     now,
                 ),
             )
-        return Added(version=version, path=path, reopened=reopened)
+        return Added(reopened=reopened)
 
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:
