@@ -4,7 +4,6 @@ kubeconfig export on the last line, an idempotent second `up`, and nothing left 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from telerad.devcluster import ControlPlane, ControlPlaneError
 from telerad.devcluster.controlplane import COMPONENTS
 from tests.cluster.conftest import k8s_bin_dir
+from tests.processes import alive
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,6 @@ def devcluster(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_up_status_down_leaves_nothing_behind(tmp_path: Path, bin_dir: Path) -> None:
@@ -73,7 +65,7 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path, bin_dir: Path) -> 
     finally:
         down = devcluster("down", "--dir", str(state))
     assert down.returncode == 0, down.stderr
-    assert not [pid for pid in pids.values() if _alive(pid)]
+    assert not [pid for pid in pids.values() if alive(pid)]
     assert devcluster("status", "--dir", str(state)).returncode == 1
     assert (state / "logs" / "kube-apiserver.log").exists()
 

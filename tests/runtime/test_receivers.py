@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
+from tests.processes import alive
+
 from .conftest import GatewayFactory, send_datasets
 from .test_jobs import study
 
@@ -29,14 +31,6 @@ def children(pid: int) -> list[int]:
         if ppid == pid and b"spawn_main" in cmdline:
             found.append(int(entry.name))
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_receivers_share_the_port_and_are_replaced(start_gateway: GatewayFactory) -> None:
