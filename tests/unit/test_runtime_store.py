@@ -191,3 +191,39 @@ def test_receivers_follow_the_cgroup_cpu_limit(tmp_path: Path) -> None:
     assert default_count(tmp_path) == min(cpus, 2)
     (tmp_path / "cpu.max").write_text("50000 100000\n")
     assert default_count(tmp_path) == 1
+
+
+def test_an_instance_arriving_while_its_study_moves_to_warm_stays_safe(site: Site) -> None:
+    """The lifecycle pass picked the study, then a late instance arrived before the move:
+    the move takes only what it listed, and the late instance stays, catalogued, in hot.
+    A receiver that had seen the removed directories still stores into the study."""
+    study = site.store_study(2)
+    now = time.time()
+    site.flow.complete_due(now + 60)
+    site.catalog._db.execute(
+        "UPDATE studies SET last_received = last_received - ? WHERE study_uid = ?",
+        (8 * DAY, study),
+    )
+    (picked,) = site.catalog.lifecycle_candidates(HOT, now - 7 * DAY, 10)
+    late = pydicom.dcmread(CT)
+    late.StudyInstanceUID = study
+    late.SOPInstanceUID = generate_uid()
+    body = _encode(late)
+    assert site.ingest.store(body, EXPLICIT, CT_CLASS, late.SOPInstanceUID, "X").status == 0
+    site.flow._to_warm(picked)
+    (kept,) = site.catalog.versions(late.SOPInstanceUID)
+    assert kept.tier == HOT
+    assert site.hot.read(PurePosixPath(kept.path)).endswith(body)
+    assert len(files_of(site.warm, study)) == 2
+    assert files_of(site.hot, study) == [PurePosixPath(kept.path)]
+
+    # The whole study leaves hot: directories go, and a receiver whose cache still holds
+    # them stores the next instance all the same.
+    site.hot.remove(PurePosixPath(kept.path))
+    site.hot.prune(study_dir(study))
+    assert not site.hot.path(study_dir(study)).exists()
+    other = Tier(HOT, site.hot.root)
+    other._known_dirs.add(site.hot.path(PurePosixPath(kept.path)).parent)
+    again = Ingest(site.catalog, {HOT: other, WARM: site.warm}, site.metrics, 0)
+    late.SOPInstanceUID = generate_uid()
+    assert again.store(_encode(late), EXPLICIT, CT_CLASS, late.SOPInstanceUID, "X").status == 0

@@ -145,10 +145,14 @@ class Flow:
         assert self.warm is not None  # noqa: S101
         # Copy (durably) first, switch the catalog, then free the hot copy: a crash in
         # between leaves two good copies, never none.
+        # Only the files listed are moved and removed: an instance that arrives meanwhile
+        # stays in the hot tier, catalogued there.
         for path in study.paths:
             relative = PurePosixPath(path)
             self.warm.write(relative, (self.hot.read(relative),))
-        self.catalog.set_tier(study.study_uid, WARM)
-        self.hot.remove_tree(study_dir(study.study_uid))
+        self.catalog.set_tier(study.study_uid, WARM, study.paths)
+        for path in study.paths:
+            self.hot.remove(PurePosixPath(path))
+        self.hot.prune(study_dir(study.study_uid))
         self.metrics.lifecycle("warm")
         log.info("study %s moved to the warm tier", phi.ref(study.study_uid))

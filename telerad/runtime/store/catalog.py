@@ -157,7 +157,9 @@ class Catalog(Protocol):
 
     def deleting_studies(self) -> list[StudyFiles]: ...
 
-    def set_tier(self, study_uid: str, tier: str) -> None: ...
+    def set_tier(self, study_uid: str, tier: str, paths: list[str]) -> None:
+        """The study now lives in `tier`, and so do these of its instances (one that
+        arrived while they moved keeps its own tier)."""
 
     def mark_deleting(self, study_uid: str) -> None: ...
 

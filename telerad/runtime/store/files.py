@@ -64,7 +64,13 @@ class Tier:
         target = self.path(directory)
         self._ensure_dir(target)
         tmp = target / f".{secrets.token_hex(8)}{_TMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileNotFoundError:
+            # Another process (the lifecycle pass) removed a directory this one had seen.
+            self._forget(target)
+            self._ensure_dir(target)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         size = 0
         try:
             for chunk in chunks:
@@ -135,10 +141,25 @@ class Tier:
         """Delete a study's directory; missing is fine (a rerun after a crash)."""
         target = self.path(relative)
         shutil.rmtree(target, ignore_errors=True)
-        with self._lock:
-            self._known_dirs = {d for d in self._known_dirs if not d.is_relative_to(target)}
+        self._forget(target)
         if target.parent.exists():
             _fsync_dir(target.parent)
+
+    def prune(self, relative: PurePosixPath) -> None:
+        """Remove a study's directories that are empty (its series', then its own)."""
+        target = self.path(relative)
+        if not target.exists():
+            return
+        for directory in [*sorted(target.rglob("*"), reverse=True), target]:
+            if directory.is_dir():
+                with contextlib.suppress(OSError):  # not empty: something arrived
+                    directory.rmdir()
+        self._forget(target)
+        _fsync_dir(target.parent)
+
+    def _forget(self, target: Path) -> None:
+        with self._lock:
+            self._known_dirs = {d for d in self._known_dirs if not d.is_relative_to(target)}
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

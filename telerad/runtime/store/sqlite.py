@@ -543,10 +543,13 @@ class SQLiteCatalog:
             ]
         return StudyFiles(study_uid=study_uid, tier=tier, deleting=bool(deleting), paths=paths)
 
-    def set_tier(self, study_uid: str, tier: str) -> None:
+    def set_tier(self, study_uid: str, tier: str, paths: list[str]) -> None:
         with self._write() as db:
             db.execute("UPDATE studies SET tier = ? WHERE study_uid = ?", (tier, study_uid))
-            db.execute("UPDATE instances SET tier = ? WHERE study_uid = ?", (tier, study_uid))
+            db.executemany(
+                "UPDATE instances SET tier = ? WHERE study_uid = ? AND path = ?",
+                [(tier, study_uid, path) for path in paths],
+            )
 
     def mark_deleting(self, study_uid: str) -> None:
         with self._write() as db:
