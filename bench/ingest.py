@@ -32,6 +32,7 @@ for a 40 ms delayed ACK and every dcmtk receiver runs at ~22 instances/s.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import datetime
 import importlib
@@ -213,7 +214,7 @@ class Settings:
     shim: Path | None = None
 
 
-class Receiver:
+class Receiver(abc.ABC):
     """One receiver process on fresh storage; subclasses say how to start and count."""
 
     name = ""
@@ -243,14 +244,14 @@ class Receiver:
         self.wait_until(lambda: echo_ok(self.port, self.called_ae), "C-ECHO")
         self.ready_s = time.perf_counter() - started
 
-    def launch(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def launch(self) -> None: ...
 
-    def received(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def received(self) -> int: ...
 
-    def describe(self) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def describe(self) -> str: ...
 
     def spawn(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
         with self.log.open("ab") as log:

@@ -144,11 +144,6 @@ class DimseServer:
         self._thread: threading.Thread | None = None
 
     @property
-    def port(self) -> int:
-        assert self._listener is not None  # noqa: S101
-        return int(self._listener.getsockname()[1])
-
-    @property
     def listening(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

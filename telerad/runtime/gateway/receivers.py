@@ -54,13 +54,12 @@ def default_count(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 
 @dataclass
 class Receiver:
-    """What one process needs to take instances: the hot tier, a catalog connection,
-    the ingest path and the DICOM server."""
+    """What one process needs to take instances: the hot tier, a catalog connection and
+    the DICOM server with its ingest path."""
 
     hot: Tier
     catalog: SQLiteCatalog
     metrics: GatewayMetrics
-    ingest: Ingest
     dimse: DimseServer
 
     @classmethod
@@ -78,7 +77,7 @@ class Receiver:
             metrics,
             max_associations=-(-config.dimse.max_associations // count),
         )
-        return cls(hot, catalog, metrics, ingest, dimse)
+        return cls(hot, catalog, metrics, dimse)
 
 
 @dataclass(frozen=True)
