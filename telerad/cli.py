@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from telerad import __version__
 from telerad.api.crd import KINDS
@@ -157,10 +158,18 @@ def gateway(
     from telerad.api.config import GatewayConfig  # noqa: PLC0415
 
     if example_config:
-        from telerad.runtime.gateway.example import example_config as build  # noqa: PLC0415
+        from telerad.runtime.gateway.example import (  # noqa: PLC0415
+            ensure_token,
+        )
+        from telerad.runtime.gateway.example import (  # noqa: PLC0415
+            example_config as build,
+        )
 
-        text = yaml.safe_dump(build(port, http_port, data_dir).to_wire(), sort_keys=False)
+        config = build(port, http_port, data_dir)
+        token = ensure_token(config)
+        text = yaml.safe_dump(config.to_wire(), sort_keys=False)
         click.echo("# telerad gateway configuration for a local run\n" + text, nl=False)
+        click.echo(f"HTTP clients send the bearer token in {token}", err=True)
         return
     if config_file is None:
         raise click.UsageError("give --config FILE (or --example-config to print one)")
@@ -183,12 +192,35 @@ def gateway(
     async def serve() -> None:
         await Gateway(config).run()
 
+    from telerad.runtime.gateway.access import TokenFileError  # noqa: PLC0415
+
     try:
         asyncio.run(serve())
-    except OSError as exc:
+    except (OSError, TokenFileError) as exc:
         raise click.ClickException(f"cannot start the gateway: {exc}") from None
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@cli.command()
+@click.option("--tenant", required=True, help="Namespace of the tenant the token belongs to.")
+def token(tenant: str) -> None:
+    """Print a new bearer token for a site's HTTP API.
+
+    \b
+    Give it to a client by adding it to the Secret that the ImagingSite's
+    spec.access.tokenSecretName names, under the client's name:
+      kubectl -n NS create secret generic site-clients \\
+        --from-literal=viewer=$(telerad token --tenant NS)
+    """
+    from telerad.api.types import DNSLabel  # noqa: PLC0415
+    from telerad.runtime.gateway.access import new_token  # noqa: PLC0415
+
+    try:
+        TypeAdapter(DNSLabel).validate_python(tenant)
+    except ValidationError:
+        raise click.BadParameter("a namespace name (DNS label)", param_hint="--tenant") from None
+    click.echo(new_token(tenant))
 
 
 def main() -> None:

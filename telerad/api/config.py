@@ -127,6 +127,17 @@ class GatewayConfig(ApiModel):
     """Rules of every policy that selects this site, in order."""
     destinations: list[Destination] = Field(default_factory=list)
     """Where results are forwarded."""
+    public_url: HttpUrl | None = None
+    """Base URL clients reach the HTTP port at, for the URLs in DICOMweb answers; by
+    default the Host each request names."""
+    tokens_dir: Path | None = None
+    """The mounted token Secret: each file is one HTTP client, its name the client's name
+    (written to the audit log) and its content the bearer token. Without it, DICOMweb and
+    the job API refuse every request."""
+    secrets_dir: Path | None = None
+    """Where the Secrets that destinations name are mounted, as `<secret>/<key>`."""
+    audit_dir: Path | None = None
+    """Audit log of the HTTP API, one JSON file per day; default `<hotDir>/audit`."""
     notifications: Notifications = Field(default_factory=Notifications)
     """Critical-finding webhooks."""
 

@@ -135,3 +135,29 @@ class Problem(ApiModel):
     title: str
     status: int
     detail: str
+
+
+Uid = Annotated[
+    str, Field(min_length=3, max_length=64, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+]
+
+
+class ExportRequest(ApiModel):
+    """Send a study to one of the site's destinations now."""
+
+    study: Uid
+    """Study Instance UID."""
+    destination: DNSLabel
+    """Name of a destination in the site's spec."""
+
+
+class ExportReport(ApiModel):
+    """What the destination answered."""
+
+    destination: DNSLabel
+    status: int
+    """HTTP status of the destination's STOW-RS answer."""
+    stored: int
+    """Instances the destination stored."""
+    failed: int
+    """Instances it refused."""

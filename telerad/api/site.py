@@ -50,6 +50,15 @@ class TLS(ApiModel):
     """Lowest TLS version accepted."""
 
 
+class HttpAccess(ApiModel):
+    """Who may use the site's HTTP API (DICOMweb, jobs, worklist)."""
+
+    token_secret_name: DNSLabel
+    """Secret whose keys name the tenant's HTTP clients and whose values are their bearer
+    tokens, each `<namespace>.<random>` as `telerad token --tenant <namespace>` prints. A
+    token of another namespace is refused with 403."""
+
+
 class ServiceSpec(ApiModel):
     """How the gateway is exposed."""
 
@@ -208,6 +217,9 @@ class ImagingSiteSpec(ApiModel):
     is rejected at association time."""
     tls: TLS | None = None
     """TLS for DICOM and HTTP; when set, plain connections are refused."""
+    access: HttpAccess | None = None
+    """Bearer tokens of the HTTP clients; without it DICOMweb and the job API answer 401
+    (metrics and health stay open)."""
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     """How the gateway is exposed."""
     storage: Storage = Field(default_factory=Storage)

@@ -73,6 +73,10 @@ TAGS: Final[dict[int, str]] = {
     0x00200011: "series_number",
     0x00200013: "instance_number",
     0x00201208: "study_related_instances",
+    0x00280008: "number_of_frames",
+    0x00280010: "rows",
+    0x00280011: "columns",
+    0x00280100: "bits_allocated",
 }
 _TEXT_VRS: Final = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
 
@@ -108,7 +112,7 @@ def parse(data: bytes, transfer_syntax: str) -> Header:
     end = walker.elements(0, len(data), transfer_syntax == IMPLICIT_LE, 0, found)
     if end != len(data):
         raise InvalidDataset(f"trailing bytes after the data set at offset {end}")
-    return _header(found)
+    return _header(found, little=transfer_syntax != EXPLICIT_BE)
 
 
 def _inflate(data: bytes) -> bytes:
@@ -253,7 +257,7 @@ def _known_sequence(tag: int) -> bool:
         return False
 
 
-def _header(found: dict[int, tuple[str, bytes]]) -> Header:
+def _header(found: dict[int, tuple[str, bytes]], *, little: bool) -> Header:
     charset = found.get(0x00080005)
     encodings = (
         convert_encodings([v.strip() for v in _text(charset[1]).split("\\")])
@@ -263,11 +267,13 @@ def _header(found: dict[int, tuple[str, bytes]]) -> Header:
     values: dict[str, str] = {}
     for tag, (vr, raw) in found.items():
         name = TAGS[tag]
-        text = (
-            decode_bytes(raw, encodings, {0x5C, 0x3D, 0x5E})
-            if (vr or dictionary_VR(tag)) in _TEXT_VRS
-            else _text(raw)
-        )
+        kind = vr or dictionary_VR(tag)
+        if kind == "US":
+            # Binary; a value of the wrong length is left out rather than guessed at.
+            if len(raw) == 2:
+                values[name] = str(struct.unpack("<H" if little else ">H", raw)[0])
+            continue
+        text = decode_bytes(raw, encodings, {0x5C, 0x3D, 0x5E}) if kind in _TEXT_VRS else _text(raw)
         values[name] = text.rstrip("\x00 ").lstrip(" ")
     uids = {}
     for name in ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid"):

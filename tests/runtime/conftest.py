@@ -28,7 +28,7 @@ from pynetdicom import AE
 
 from telerad.api.config import GatewayConfig, TLSFiles
 from telerad.devcluster.pki import CertificateAuthority
-from telerad.runtime.gateway.example import example_config
+from telerad.runtime.gateway.example import ensure_token, example_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TELERAD = Path(sys.executable).parent / "telerad"
@@ -56,6 +56,7 @@ class GatewayProcess:
 
     def __post_init__(self) -> None:
         self.log = self.workdir / "gateway.log"
+        self.token = ensure_token(self.config).read_text().strip() if self.config.tokens_dir else ""
         self.config_path = self.workdir / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config.to_wire()))
 
@@ -65,7 +66,14 @@ class GatewayProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.config.http_port}"
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.config.http_port}"
+
+    @property
+    def verify(self) -> str | bool:
+        """With TLS the HTTP port's certificate is checked against the test CA."""
+        tls = self.config.tls
+        return str(tls.ca_file) if tls is not None and tls.ca_file is not None else True
 
     @property
     def ae_title(self) -> str:
@@ -87,7 +95,8 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 pytest.fail(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                healthz = httpx.get(f"{self.url}/healthz", timeout=1, verify=self.verify)
+                if healthz.status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -114,17 +123,26 @@ class GatewayProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     # -- HTTP -------------------------------------------------------------------
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers of the example's local client."""
+        return {"Authorization": f"Bearer {self.token}"}
+
     def get(self, path: str, **params: Any) -> Any:
-        response = httpx.get(f"{self.url}{path}", params=params, timeout=10)
+        response = httpx.get(
+            f"{self.url}{path}", params=params, headers=self.auth, timeout=10, verify=self.verify
+        )
         assert response.status_code == 200, response.text
         return response.json()
 
     def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", json=body, timeout=10)
+        return httpx.post(
+            f"{self.url}{path}", json=body, headers=self.auth, timeout=10, verify=self.verify
+        )
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels`."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", timeout=10, verify=self.verify).text
         total = 0.0
         for line in text.splitlines():
             if not line.startswith(name + "{") and not line.startswith(name + " "):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import httpx2 as httpx
+import pytest
 from pydicom.data import get_testdata_file
 
 from telerad.api.site import AllowedCaller
@@ -87,6 +89,11 @@ def test_tls_echo_and_store_and_plain_refused(
     )
     assert gateway.metric("telerad_gateway_associations_total", result="accepted") == 2
 
+    # The HTTP port is HTTPS with the same certificate; plain HTTP gets no answer.
+    assert gateway.get("/studies")[0]["00100020"]["Value"]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(gateway.url.replace("https:", "http:") + "/healthz", timeout=5)
+
 
 def test_mutual_tls_refuses_unknown_certificates(
     start_gateway: GatewayFactory, tls: TlsMaterial
@@ -102,3 +109,5 @@ def test_mutual_tls_refuses_unknown_certificates(
         lambda: gateway.metric("telerad_gateway_rejections_total", reason="tls-handshake") >= 2
     )
     assert gateway.metric("telerad_gateway_associations_total", result="accepted") == 1
+    # Bearer tokens, not client certificates, authenticate HTTP clients (and probes).
+    assert gateway.get("/studies") == []

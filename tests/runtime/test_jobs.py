@@ -163,7 +163,8 @@ def test_bad_requests_say_what_was_wrong(gateway: GatewayProcess) -> None:
     unknown = gateway.post("/jobs/424242/complete", {"token": "x" * 32})
     assert unknown.status_code == 404
     assert gateway.post("/jobs/claim", {"model": "m", "owner": "w", "extra": 1}).status_code == 400
-    assert httpx.get(f"{gateway.url}/jobs", params={"state": "lost"}).status_code == 400
+    lost = httpx.get(f"{gateway.url}/jobs", params={"state": "lost"}, headers=gateway.auth)
+    assert lost.status_code == 400
 
 
 def test_different_bytes_under_one_uid_are_kept_as_a_new_version(gateway: GatewayProcess) -> None:

@@ -201,7 +201,21 @@ def test_gateway_deployment_is_hardened_and_rolls_on_config_change() -> None:
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["image"] == "registry.invalid/telerad:test"
-    assert {v["name"] for v in pod["volumes"]} == {"config", "tmp", "hot", "warm", "tls"}
+    assert {v["name"] for v in pod["volumes"]} == {"config", "tmp", "hot", "warm", "tls", "tokens"}
+    tokens = next(v for v in pod["volumes"] if v["name"] == "tokens")
+    assert tokens["secret"] == {"secretName": "st-marys-http-clients"}
+    riverside = site_children("riverside-imaging")["Deployment/riverside-imaging-gateway"]
+    riverside_pod = riverside["spec"]["template"]["spec"]
+    # Only the key a destination names is mounted, where the gateway's config says.
+    (secret,) = [v for v in riverside_pod["volumes"] if v["name"].startswith("secret-")]
+    assert secret["secret"] == {
+        "secretName": "riverside-archive-token",
+        "items": [{"key": "token", "path": "token"}],
+    }
+    (mount,) = [
+        m for m in riverside_pod["containers"][0]["volumeMounts"] if m["name"] == secret["name"]
+    ]
+    assert mount["mountPath"] == "/etc/telerad/secrets/riverside-archive-token"
     rules = routing.compile_rules(
         "st-marys",
         {"telerad.io/region": "north"},

@@ -28,6 +28,8 @@ HTTP_PORT = 8080
 CONFIG_DIR = Path("/etc/telerad")
 CONFIG_FILE = "gateway.yaml"
 TLS_DIR = CONFIG_DIR / "tls"
+TOKENS_DIR = CONFIG_DIR / "tokens"
+SECRETS_DIR = CONFIG_DIR / "secrets"
 DATA_DIR = Path("/var/lib/telerad")
 TIER_LABEL = f"{names.GROUP}/tier"
 
@@ -62,7 +64,19 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
         routing=rules,
         destinations=spec.destinations,
         notifications=spec.notifications,
+        tokens_dir=TOKENS_DIR if spec.access is not None else None,
+        secrets_dir=SECRETS_DIR if _destination_secrets(site) else None,
     )
+
+
+def _destination_secrets(site: ImagingSite) -> dict[str, list[str]]:
+    """Secret name -> keys that destinations read, so only those keys are mounted."""
+    found: dict[str, list[str]] = {}
+    for destination in site.spec.destinations:
+        ref = destination.dicomweb.token_secret if destination.dicomweb else None
+        if ref is not None and ref.key not in found.setdefault(ref.name, []):
+            found[ref.name].append(ref.key)
+    return found
 
 
 def config_map(owner: Manifest, config: GatewayConfig) -> Manifest:
@@ -105,8 +119,23 @@ def deployment(
     if site.spec.tls is not None:
         mounts.append({"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True})
         volumes.append({"name": "tls", "secret": {"secretName": site.spec.tls.secret_name}})
+    if site.spec.access is not None:
+        mounts.append({"name": "tokens", "mountPath": str(TOKENS_DIR), "readOnly": True})
+        volumes.append(
+            {"name": "tokens", "secret": {"secretName": site.spec.access.token_secret_name}}
+        )
+    for index, (secret, keys) in enumerate(sorted(_destination_secrets(site).items())):
+        volume = f"secret-{index}"
+        mounts.append({"name": volume, "mountPath": str(SECRETS_DIR / secret), "readOnly": True})
+        items = [{"key": key, "path": key} for key in keys]
+        volumes.append({"name": volume, "secret": {"secretName": secret, "items": items}})
     selector = names.selector_labels(site_name, COMPONENT)
-    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10}
+    # With TLS the HTTP port speaks only HTTPS, so the probes must too.
+    scheme = "HTTPS" if site.spec.tls is not None else "HTTP"
+    probe = {
+        "httpGet": {"path": "/healthz", "port": "http", "scheme": scheme},
+        "periodSeconds": 10,
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

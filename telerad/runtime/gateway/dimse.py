@@ -82,7 +82,9 @@ class PeerGone(Exception):
     """The connection closed or timed out: the association ends as aborted."""
 
 
-def tls_context(files: TLSFiles) -> ssl.SSLContext:
+def tls_context(files: TLSFiles, *, http: bool = False) -> ssl.SSLContext:
+    """The server context; `http` never demands a client certificate, because bearer
+    tokens authenticate HTTP clients and the kubelet's probes present no certificate."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if files.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
@@ -91,7 +93,9 @@ def tls_context(files: TLSFiles) -> ssl.SSLContext:
     if files.ca_file is not None:
         context.load_verify_locations(cafile=files.ca_file)
         context.verify_mode = (
-            ssl.CERT_REQUIRED if files.require_client_certificate else ssl.CERT_OPTIONAL
+            ssl.CERT_REQUIRED
+            if files.require_client_certificate and not http
+            else ssl.CERT_OPTIONAL
         )
     elif files.require_client_certificate:
         raise ValueError("requireClientCertificate needs a CA file to check certificates against")
@@ -193,10 +197,13 @@ class DimseServer:
         while self._listener is listener:
             try:
                 sock, address = listener.accept()
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError, InterruptedError, ConnectionAbortedError):
+                # Every receiver process waits on the one socket and all wake for each
+                # connection; those that lose the race get EAGAIN and must keep accepting.
                 continue
             except OSError as exc:
-                log.error("accepting DICOM connections failed: %s", exc)
+                if self._listener is listener:
+                    log.error("accepting DICOM connections failed: %s", exc)
                 return
             threading.Thread(
                 target=self._serve, args=(sock, address[0]), name="dimse-assoc", daemon=True

@@ -4,6 +4,7 @@ two example configs together make a working pipeline."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from telerad.api.aimodel import IntendedUse, Thresholds
@@ -11,6 +12,7 @@ from telerad.api.config import CompiledRule, GatewayConfig, ModelRoute, StorageP
 from telerad.api.routing import Match
 from telerad.api.site import AllowedCaller, Completion
 from telerad.api.types import Priority
+from telerad.runtime.gateway.access import new_token
 
 CT_HEAD = ModelRoute(
     name="ct-head-hyperdensity",
@@ -40,6 +42,7 @@ def example_config(port: int, http_port: int, data_dir: Path) -> GatewayConfig:
             AllowedCaller(ae_title=ae, cidrs=LOCAL, description="local tools")
             for ae in LOCAL_SENDERS
         ],
+        tokens_dir=data_dir / "tokens",
         storage=StoragePaths(
             hot_dir=data_dir / "hot",
             warm_dir=data_dir / "warm",
@@ -66,3 +69,20 @@ def example_config(port: int, http_port: int, data_dir: Path) -> GatewayConfig:
             ),
         ],
     )
+
+
+LOCAL_CLIENT = "local"
+
+
+def ensure_token(config: GatewayConfig) -> Path:
+    """The example's one client token, created on first use; its file is readable by its
+    owner only, like a mounted Secret."""
+    if config.tokens_dir is None:
+        raise ValueError("the configuration has no tokensDir")
+    config.tokens_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = config.tokens_dir / LOCAL_CLIENT
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(new_token(config.namespace) + "\n")
+    return path

@@ -1,36 +1,51 @@
-"""The gateway's HTTP port: the job API for workers, the worklist, health and metrics.
+"""The gateway's HTTP port: DICOMweb, the job API for workers, the worklist, the OpenAPI
+description, health and metrics.
 
 Handlers only translate: bodies are parsed into the `telerad.api.jobs` models (a bad body
 is a 400 naming the field), work happens in `Flow` on a worker thread (SQLite commits
-fsync), and every error is an RFC 9457 problem document.
+fsync), and every error is an RFC 9457 problem document. Every request but health,
+metrics and the OpenAPI description needs a bearer token of the site's tenant, and is
+written to the audit log whatever its outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from telerad.api.jobs import (
     ClaimRequest,
     CompleteRequest,
+    ExportRequest,
     ExtendRequest,
     FailRequest,
     JobState,
     Problem,
 )
+from telerad.runtime import phi
+from telerad.runtime.gateway import openapi
+from telerad.runtime.gateway.access import Audit, Tokens, Verdict
+from telerad.runtime.gateway.dicomweb import PUBLIC_URL, DicomWeb, DicomWebError
+from telerad.runtime.gateway.exports import Exporter, ExportError
 from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.store.catalog import LeaseLost, UnknownJob
 
+log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_PAGE = 1000
+PUBLIC = frozenset({"/healthz", "/metrics", "/openapi.json"})
+# Path parameters that are UIDs: the audit log keeps only their hashes.
+_UID_PARAMS = ("study", "series", "instance")
 
 
 def problem(status: int, title: str, detail: str) -> web.Response:
@@ -70,20 +85,39 @@ def _int(request: web.Request, name: str, default: int, maximum: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) > maximum:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > maximum:
         raise _Problem(400, "Bad request", f"{name} must be an integer from 0 to {maximum}")
     return int(raw)
 
 
 def _job_id(request: web.Request) -> int:
-    raw = request.match_info["job"]
-    if not raw.isdigit():
-        raise _Problem(404, "Not found", f"no job {raw!r}")
-    return int(raw)
+    # The route takes at most 18 digits, which SQLite's 64-bit integers hold.
+    return int(request.match_info["job"])
+
+
+def _strict_query(description: dict[str, Any]) -> Middleware:
+    """Refuse query parameters an operation does not declare: a misspelt filter must not
+    quietly widen what is listed. QIDO-RS checks its own (any attribute may be asked for,
+    and the answer names the ones it takes)."""
+    declared = openapi.query_parameters(description)
+
+    @web.middleware
+    async def strict(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        names = declared.get((request.method, resource.canonical if resource else ""))
+        if names is not None:
+            unknown = sorted(set(request.query) - names)
+            if unknown:
+                return problem(400, "Bad request", f"unknown query parameter {unknown[0]!r}")
+        return await handler(request)
+
+    return strict
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _errors(  # noqa: PLR0911  (one answer per kind of failure)
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except _Problem as exc:
@@ -92,12 +126,99 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return problem(404, "Not found", f"no job {exc.args[0]}")
     except LeaseLost as exc:
         return problem(409, "Lease lost", str(exc))
+    except DicomWebError as exc:
+        return problem(exc.status, exc.title, exc.detail)
+    except ExportError as exc:
+        return problem(
+            exc.status, "Export failed" if exc.status >= 500 else "Bad request", str(exc)
+        )
+    except web.HTTPException as exc:
+        # aiohttp's own refusals (no route, wrong method, body too large) as problems too.
+        if exc.status < 400:
+            raise
+        response = problem(exc.status, exc.reason, f"{exc.reason}: {request.method} {request.path}")
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("%s %s failed", request.method, request.match_info.route.resource)
+        return problem(500, "Internal error", "the gateway failed; see its log")
+
+
+def _denial(verdict: Verdict, configured: bool, authorization: str | None) -> web.Response:
+    """The same answer whatever was asked for, so it tells nothing about the data."""
+    if verdict.status == 403:
+        return problem(403, "Forbidden", "this token does not grant access to this site")
+    if not configured:
+        detail = "this gateway has no client tokens (ImagingSite spec.access)"
+    elif authorization:
+        detail = "the bearer token is not valid"
+    else:
+        detail = "a bearer token is required"
+    response = problem(401, "Unauthorized", detail)
+    challenge = 'Bearer realm="telerad"'
+    response.headers["WWW-Authenticate"] = (
+        f'{challenge}, error="invalid_token"' if authorization else challenge
+    )
+    return response
+
+
+def _access(tokens: Tokens, audit: Audit) -> Middleware:
+    @web.middleware
+    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PUBLIC:
+            return await handler(request)
+        started = time.monotonic()
+        authorization = request.headers.get("Authorization")
+        verdict = tokens.check(authorization)
+        response: web.StreamResponse
+        if verdict.status == 200:
+            request["client"] = verdict.client
+            response = await handler(request)
+        else:
+            response = _denial(verdict, tokens.configured, authorization)
+        audit.write(_record(request, verdict, response, time.monotonic() - started))
+        return response
+
+    return access
+
+
+def _record(
+    request: web.Request, verdict: Verdict, response: web.StreamResponse, seconds: float
+) -> dict[str, Any]:
+    route = request.match_info.route.resource
+    record: dict[str, Any] = {
+        "client": verdict.client,
+        "tenant": verdict.tenant,
+        "remote": request.remote,
+        "method": request.method,
+        "route": route.canonical if route is not None else None,
+        "status": response.status,
+        "bytes": response.body_length,
+        "ms": round(seconds * 1000, 1),
+    }
+    for name in _UID_PARAMS:
+        if name in request.match_info:
+            record[name] = phi.ref(request.match_info[name])
+    if request.query:
+        record["queryKeys"] = sorted(set(request.query))
+    record.update(request.get("audit", {}))
+    return record
 
 
 def build_app(
-    flow: Flow, metrics: GatewayMetrics, health: Callable[[], dict[str, Any]]
+    *,
+    flow: Flow,
+    metrics: GatewayMetrics,
+    health: Callable[[], dict[str, Any]],
+    tokens: Tokens,
+    audit: Audit,
+    dicomweb: DicomWeb,
+    exporter: Exporter,
+    public_url: str | None = None,
 ) -> web.Application:
     routes = web.RouteTableDef()
+    description = openapi.document()
 
     async def run(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -112,29 +233,39 @@ def build_app(
         body = await run(generate_latest, metrics.exposed)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    @routes.get("/openapi.json")
+    async def describe(request: web.Request) -> web.Response:
+        return web.json_response(description)
+
+    @routes.post("/exports")
+    async def export(request: web.Request) -> web.Response:
+        body = await _body(request, ExportRequest)
+        request["audit"] = {"study": phi.ref(body.study), "destination": body.destination}
+        return _json(await exporter.export(body))
+
     @routes.post("/jobs/claim")
     async def claim(request: web.Request) -> web.Response:
         body = await _body(request, ClaimRequest)
         job = await run(flow.claim, body.model, body.owner, body.lease_seconds)
         return web.Response(status=204) if job is None else _json(job)
 
-    @routes.post("/jobs/{job}/extend")
+    @routes.post("/jobs/{job:[0-9]{1,18}}/extend")
     async def extend(request: web.Request) -> web.Response:
         body = await _body(request, ExtendRequest)
         return _json(await run(flow.extend, _job_id(request), body.token, body.lease_seconds))
 
-    @routes.post("/jobs/{job}/complete")
+    @routes.post("/jobs/{job:[0-9]{1,18}}/complete")
     async def complete(request: web.Request) -> web.Response:
         body = await _body(request, CompleteRequest)
         return _json(await run(flow.complete, _job_id(request), body.token, body.findings))
 
-    @routes.post("/jobs/{job}/fail")
+    @routes.post("/jobs/{job:[0-9]{1,18}}/fail")
     async def fail(request: web.Request) -> web.Response:
         body = await _body(request, FailRequest)
         job = await run(flow.fail, _job_id(request), body.token, body.reason, body.retryable)
         return _json(job)
 
-    @routes.get("/jobs/{job}")
+    @routes.get("/jobs/{job:[0-9]{1,18}}")
     async def get_job(request: web.Request) -> web.Response:
         return _json(await run(flow.catalog.job, _job_id(request)))
 
@@ -147,18 +278,24 @@ def build_app(
             lambda: flow.catalog.jobs(
                 state=state,
                 model=request.query.get("model"),
-                limit=_int(request, "limit", 100, MAX_PAGE),
-                offset=_int(request, "offset", 0, 1 << 31),
+                limit=_int(request, "limit", 100, openapi.MAX_PAGE),
+                offset=_int(request, "offset", 0, openapi.MAX_OFFSET),
             )
         )
         return _json(jobs)
 
     @routes.get("/worklist")
     async def worklist(request: web.Request) -> web.Response:
-        limit = _int(request, "limit", 100, MAX_PAGE)
-        offset = _int(request, "offset", 0, 1 << 31)
+        limit = _int(request, "limit", 100, openapi.MAX_PAGE)
+        offset = _int(request, "offset", 0, openapi.MAX_OFFSET)
         return _json(await run(flow.catalog.worklist, limit, offset))
 
-    app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+    app = web.Application(
+        middlewares=[_access(tokens, audit), _strict_query(description), _errors],
+        client_max_size=1 << 20,
+    )
     app.add_routes(routes)
+    app.add_routes(dicomweb.routes())
+    if public_url is not None:
+        app[PUBLIC_URL] = public_url
     return app

@@ -1,5 +1,5 @@
 """Accepting one instance: check it, write it durably, catalogue it, and only then say
-yes. C-STORE uses it now; STOW-RS will use the same path, so both protocols promise the same.
+yes. C-STORE and STOW-RS both store through here, so both protocols promise the same.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ class Status(IntEnum):
     SUCCESS = 0x0000
     OUT_OF_RESOURCES = 0xA700
     CLASS_MISMATCH_WARNING = 0xB007
+    STUDY_MISMATCH = 0xA900
+    """STOW-RS to /studies/{study} of an instance of another study (an 0xA9xx "does not
+    match" error; PS3.18 leaves the code to the server)."""
     CANNOT_UNDERSTAND = 0xC000
     PROCESSING_FAILURE = 0x0110
 
@@ -40,6 +43,8 @@ class Outcome:
     status: Status
     comment: str | None = None
     """Why it failed, for the sender's log (DIMSE Error Comment, at most 64 chars)."""
+    header: Header | None = None
+    """What was stored, when it was."""
 
 
 class Ingest:
@@ -63,19 +68,26 @@ class Ingest:
         sop_class_uid: str,
         sop_instance_uid: str,
         calling_ae: str,
+        *,
+        study_uid: str | None = None,
     ) -> Outcome:
-        """Store an encoded data set as received; `sop_*` are what the request announced."""
+        """Store an encoded data set as received; `sop_*` are what the request announced,
+        `study_uid` the study it must belong to, when the request named one."""
         started = time.monotonic()
         checked = self._check(data, transfer_syntax, sop_class_uid, sop_instance_uid)
         if isinstance(checked, Outcome):
             return checked
         header = checked
+        if study_uid is not None and header.study_uid != study_uid:
+            return self._refuse(
+                "wrong-study", Status.STUDY_MISMATCH, "Study Instance UID differs from the request"
+            )
         verdicts = {
             v.version: self._compare(v.tier, PurePosixPath(v.path), data)
             for v in self._catalog.versions(header.sop_instance_uid)
         }
         if True in verdicts.values():
-            return self._identical(started)  # the common re-send, answered without writing
+            return self._identical(started, header)  # the common re-send, not written again
         # Versions whose file is gone were never acknowledged; their numbers are free.
         taken = {n for n, same in verdicts.items() if same is not None}
         written = self._write(header, data, transfer_syntax, calling_ae, taken)
@@ -86,9 +98,11 @@ class Ingest:
         self._metrics.stage("receive", time.monotonic() - started)
         if header.sop_class_uid != sop_class_uid:
             return Outcome(
-                Status.CLASS_MISMATCH_WARNING, comment="SOP Class UID differs from the request"
+                Status.CLASS_MISMATCH_WARNING,
+                comment="SOP Class UID differs from the request",
+                header=header,
             )
-        return Outcome(Status.SUCCESS)
+        return Outcome(Status.SUCCESS, header=header)
 
     def _check(
         self, data: bytes, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str
@@ -190,10 +204,10 @@ class Ingest:
             return None
         return stored[meta_length(stored) :] == data
 
-    def _identical(self, started: float) -> Outcome:
+    def _identical(self, started: float, header: Header) -> Outcome:
         self._metrics.duplicate("identical")
         self._metrics.stage("receive", time.monotonic() - started)
-        return Outcome(Status.SUCCESS)
+        return Outcome(Status.SUCCESS, header=header)
 
     def _refuse(self, reason: str, status: Status, comment: str) -> Outcome:
         self._metrics.rejection(reason)

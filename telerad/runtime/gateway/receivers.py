@@ -58,8 +58,10 @@ class Receiver:
     the DICOM server with its ingest path."""
 
     hot: Tier
+    tiers: dict[str, Tier]
     catalog: SQLiteCatalog
     metrics: GatewayMetrics
+    ingest: Ingest
     dimse: DimseServer
 
     @classmethod
@@ -77,7 +79,7 @@ class Receiver:
             metrics,
             max_associations=-(-config.dimse.max_associations // count),
         )
-        return cls(hot, catalog, metrics, dimse)
+        return cls(hot, tiers, catalog, metrics, ingest, dimse)
 
 
 @dataclass(frozen=True)

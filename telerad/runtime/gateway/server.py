@@ -13,7 +13,10 @@ from typing import Any
 from aiohttp import web
 
 from telerad.api.config import GatewayConfig
-from telerad.runtime.gateway.dimse import DimseServer
+from telerad.runtime.gateway.access import Audit, Tokens
+from telerad.runtime.gateway.dicomweb import DicomWeb
+from telerad.runtime.gateway.dimse import DimseServer, tls_context
+from telerad.runtime.gateway.exports import Exporter
 from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.http import build_app
 from telerad.runtime.gateway.metrics import GatewayMetrics
@@ -46,6 +49,8 @@ class Gateway:
         self.flow = Flow(config, self.catalog, self.hot, self.warm, self.metrics)
         tiers = [t for t in (self.hot, self.warm) if t is not None]
         self.metrics.watch(self.catalog, tiers, self.flow.models)
+        self.tokens = Tokens(config.namespace, config.tokens_dir)
+        self.audit = Audit(config.audit_dir or storage.hot_dir / "audit")
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -88,17 +93,41 @@ class Gateway:
         # Children first: /healthz answers once every receiver takes connections.
         await asyncio.to_thread(self.pool.start, listener)
         self.dimse.start(listener)
-        app = build_app(self.flow, self.metrics, self.health)
+        tiers = self.receiver.tiers
+        app = build_app(
+            flow=self.flow,
+            metrics=self.metrics,
+            health=self.health,
+            tokens=self.tokens,
+            audit=self.audit,
+            dicomweb=DicomWeb(self.catalog, tiers, self.receiver.ingest),
+            exporter=Exporter(self.config, self.catalog, tiers),
+            public_url=self.config.public_url,
+        )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.bind_address, self.config.http_port)
+        tls = self.config.tls
+        site = web.TCPSite(
+            self._runner,
+            self.config.bind_address,
+            self.config.http_port,
+            ssl_context=tls_context(tls, http=True) if tls is not None else None,
+        )
         await site.start()
-        lifecycle_s = self.config.storage.lifecycle_interval_seconds
+        storage = self.config.storage
         self._tasks = [
             asyncio.create_task(self._every(COMPLETION_TICK_S, self.flow.complete_due)),
-            asyncio.create_task(self._every(lifecycle_s, self.flow.lifecycle)),
-            asyncio.create_task(self._every(COMPLETION_TICK_S, lambda _: self.pool.keep_alive())),
+            asyncio.create_task(self._every(storage.lifecycle_interval_seconds, self._lifecycle)),
+            asyncio.create_task(self._every(COMPLETION_TICK_S, self._tick)),
         ]
+
+    def _lifecycle(self, now: float) -> None:
+        self.flow.lifecycle(now)
+        self.audit.prune(now, self.config.storage.retention_days)
+
+    def _tick(self, now: float) -> None:
+        self.pool.keep_alive()
+        self.audit.sync()
 
     async def stop(self) -> None:
         await asyncio.gather(
@@ -111,6 +140,7 @@ class Gateway:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
+        self.audit.close()
         self.catalog.close()
 
     @staticmethod

@@ -8,8 +8,9 @@ PostgreSQL backend for scale-out implements the same methods. Callers pass `now`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum, StrEnum
 from pathlib import PurePosixPath
-from typing import Protocol
+from typing import Final, Protocol
 
 from telerad.api.jobs import Finding, Job, WorklistEntry
 from telerad.api.types import Priority
@@ -29,6 +30,109 @@ class StoredInstance:
     path: str
     size: int
     transfer_syntax: str
+
+
+class Level(IntEnum):
+    """Query/retrieve levels, outermost first."""
+
+    STUDY = 0
+    SERIES = 1
+    INSTANCE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Attribute:
+    """An attribute the catalog can search on or return."""
+
+    level: Level
+    vr: str
+    matchable: bool = True
+    """False for computed attributes (counts), which are only returned."""
+
+
+# What the catalog holds, by DICOM keyword: the QIDO-RS keys and return attributes of
+# PS3.18 table 10.6.3-3..5 that a study's data carries (plus body part, used in routing).
+ATTRIBUTES: Final[dict[str, Attribute]] = {
+    "StudyInstanceUID": Attribute(Level.STUDY, "UI"),
+    "StudyDate": Attribute(Level.STUDY, "DA"),
+    "StudyTime": Attribute(Level.STUDY, "TM"),
+    "AccessionNumber": Attribute(Level.STUDY, "SH"),
+    "StudyID": Attribute(Level.STUDY, "SH"),
+    "StudyDescription": Attribute(Level.STUDY, "LO"),
+    "ReferringPhysicianName": Attribute(Level.STUDY, "PN"),
+    "PatientName": Attribute(Level.STUDY, "PN"),
+    "PatientID": Attribute(Level.STUDY, "LO"),
+    "PatientBirthDate": Attribute(Level.STUDY, "DA"),
+    "PatientSex": Attribute(Level.STUDY, "CS"),
+    "ModalitiesInStudy": Attribute(Level.STUDY, "CS"),
+    "NumberOfStudyRelatedSeries": Attribute(Level.STUDY, "IS", matchable=False),
+    "NumberOfStudyRelatedInstances": Attribute(Level.STUDY, "IS", matchable=False),
+    "SeriesInstanceUID": Attribute(Level.SERIES, "UI"),
+    "Modality": Attribute(Level.SERIES, "CS"),
+    "SeriesNumber": Attribute(Level.SERIES, "IS"),
+    "SeriesDescription": Attribute(Level.SERIES, "LO"),
+    "BodyPartExamined": Attribute(Level.SERIES, "CS"),
+    "NumberOfSeriesRelatedInstances": Attribute(Level.SERIES, "IS", matchable=False),
+    "SOPInstanceUID": Attribute(Level.INSTANCE, "UI"),
+    "SOPClassUID": Attribute(Level.INSTANCE, "UI"),
+    "InstanceNumber": Attribute(Level.INSTANCE, "IS"),
+    "Rows": Attribute(Level.INSTANCE, "US"),
+    "Columns": Attribute(Level.INSTANCE, "US"),
+    "BitsAllocated": Attribute(Level.INSTANCE, "US"),
+    "NumberOfFrames": Attribute(Level.INSTANCE, "IS"),
+    "AvailableTransferSyntaxUID": Attribute(Level.INSTANCE, "UI", matchable=False),
+}
+
+
+class Kind(StrEnum):
+    EXACT = "exact"
+    """Equal to the value (case-insensitive for person names)."""
+    WILDCARD = "wildcard"
+    """`*` any run, `?` one character (case-insensitive for person names)."""
+    ANY_OF = "any-of"
+    """Equal to one of the values (UID list matching)."""
+    RANGE = "range"
+    """Between two values, either open; compared on the bound's precision."""
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    keyword: str
+    kind: Kind
+    values: tuple[str, ...]
+    """One value; several for ANY_OF; (low, high) for RANGE with "" for an open end."""
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    level: Level
+    matches: tuple[Match, ...] = ()
+    study_uid: str | None = None
+    series_uid: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    rows: list[dict[str, str | int | None]]
+    """Every catalogued attribute of the level and those above it, by keyword."""
+    more: bool
+    """More rows match beyond the limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """The latest version of an instance, for serving it."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    tier: str
+    path: str
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +213,16 @@ class Catalog(Protocol):
 
     def add_instance(self, header: Header, received: Received, now: float) -> Added:
         """Catalogue a durably written instance under the version its file took."""
+
+    def search(self, search: Search) -> SearchResult:
+        """Studies, series or instances (their latest versions) that every match fits, in
+        the order they arrived; none being deleted."""
+
+    def locate(
+        self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[Located]:
+        """The latest version of each instance of a study (or one of its series, or one
+        instance), in series and instance-number order; none while it is being deleted."""
 
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:

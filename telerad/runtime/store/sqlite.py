@@ -22,13 +22,17 @@ from typing import Any
 from telerad.api.jobs import Finding, Job, JobState, Lease, WorklistEntry, WorklistJob
 from telerad.api.types import Priority
 from telerad.runtime.dataset import Header
+from telerad.runtime.store import query
 from telerad.runtime.store.catalog import (
     HOT,
     Added,
     Completion,
     LeaseLost,
+    Located,
     NewJob,
     Received,
+    Search,
+    SearchResult,
     StoredInstance,
     StudyFiles,
     StudySummary,
@@ -59,6 +63,9 @@ CREATE TABLE IF NOT EXISTS studies (
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies(state, last_received);
 CREATE INDEX IF NOT EXISTS studies_tier ON studies(tier, last_received);
+CREATE INDEX IF NOT EXISTS studies_date ON studies(study_date);
+CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession_number);
+CREATE INDEX IF NOT EXISTS patients_id ON patients(patient_id);
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL REFERENCES studies(study_uid),
@@ -71,6 +78,7 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_class_uid TEXT NOT NULL, transfer_syntax TEXT NOT NULL, instance_number TEXT,
     calling_ae TEXT NOT NULL, tier TEXT NOT NULL, path TEXT NOT NULL,
     size INTEGER NOT NULL, received_at REAL NOT NULL,
+    rows INTEGER, columns INTEGER, bits_allocated INTEGER, number_of_frames TEXT,
     PRIMARY KEY (sop_uid, version)
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
@@ -87,6 +95,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs(model, state, priority, created_at);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid);
 """
+
+ADDED_INSTANCE_COLUMNS = (
+    ("rows", "INTEGER"),
+    ("columns", "INTEGER"),
+    ("bits_allocated", "INTEGER"),
+    ("number_of_frames", "TEXT"),
+)
 
 _JOB_COLUMNS = (
     "id, study_uid, model, priority, state, attempts, max_attempts, rule, deidentify, notify,"
@@ -116,6 +131,11 @@ class SQLiteCatalog:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            # Catalogs written before these columns existed get them (empty for old rows).
+            have = {row[1] for row in db.execute("PRAGMA table_info(instances)")}
+            for column, kind in ADDED_INSTANCE_COLUMNS:
+                if column not in have:
+                    db.execute(f"ALTER TABLE instances ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -239,8 +259,9 @@ class SQLiteCatalog:
             )
             db.execute(
                 "INSERT INTO instances (sop_uid, version, study_uid, series_uid, sop_class_uid,"
-                " transfer_syntax, instance_number, calling_ae, tier, path, size, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " transfer_syntax, instance_number, calling_ae, tier, path, size, received_at,"
+                " rows, columns, bits_allocated, number_of_frames)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     header.sop_instance_uid,
                     version,
@@ -254,9 +275,36 @@ class SQLiteCatalog:
                     str(received.path),
                     received.size,
                     now,
+                    header.integer("rows"),
+                    header.integer("columns"),
+                    header.integer("bits_allocated"),
+                    v("number_of_frames"),
                 ),
             )
         return Added(reopened=reopened)
+
+    def search(self, search: Search) -> SearchResult:
+        sql, args, names = query.build(search)
+        rows = self._read(sql, tuple(args))
+        return SearchResult(
+            rows=[dict(zip(names, row, strict=True)) for row in rows[: search.limit]],
+            more=len(rows) > search.limit,
+        )
+
+    def locate(
+        self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[Located]:
+        rows = self._read(
+            "SELECT i.study_uid, i.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,"
+            " i.tier, i.path, i.size FROM instances i"
+            " JOIN studies s ON s.study_uid = i.study_uid AND s.deleting = 0"
+            " WHERE i.study_uid = ? AND (? IS NULL OR i.series_uid = ?)"
+            " AND (? IS NULL OR i.sop_uid = ?)"
+            " AND i.version = (SELECT MAX(version) FROM instances v WHERE v.sop_uid = i.sop_uid)"
+            " ORDER BY i.series_uid, CAST(i.instance_number AS INTEGER), i.sop_uid",
+            (study_uid, series_uid, series_uid, sop_uid, sop_uid),
+        )
+        return [Located(*row) for row in rows]
 
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:

@@ -1,0 +1,137 @@
+"""WADO-RS rendering from a stored Part 10 file: the instance itself (as stored, or in
+another uncompressed syntax when asked), its metadata in the DICOM JSON model with bulk
+data by reference, uncompressed frames, and bulk data values.
+
+Only uncompressed little-endian syntaxes are ever produced by re-encoding: pydicom can do
+that faithfully without touching pixel values. Anything that would need a codec is refused
+with the stored syntax named, rather than done lossily or slowly behind the client's back.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from telerad.runtime.dataset import DEFLATED_LE, EXPLICIT_LE, IMPLICIT_LE
+from telerad.runtime.dicomweb.media import AS_STORED, NotAcceptable
+
+# Re-encoded between one another by pydicom without a codec.
+_READABLE = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE})
+_WRITABLE = frozenset({IMPLICIT_LE, EXPLICIT_LE})
+BULK_THRESHOLD = 1024
+PIXEL_DATA = 0x7FE00010
+
+
+class NotFound(Exception):
+    """The instance has no such frame or element."""
+
+
+def check(stored: str, wanted: Sequence[str]) -> str:
+    """The transfer syntax an instance stored in `stored` is sent in."""
+    for syntax in wanted:
+        if syntax in (AS_STORED, stored):
+            return stored
+        if stored in _READABLE and syntax in _WRITABLE:
+            return syntax
+    raise NotAcceptable(
+        f"an instance stored in {stored} ({UID(stored).name}) can be sent as stored"
+        + (" or in Implicit/Explicit VR Little Endian" if stored in _READABLE else "")
+        + f", not in {', '.join(wanted)}"
+    )
+
+
+def render(part10: bytes, stored: str, wanted: Sequence[str]) -> tuple[bytes, str]:
+    """The Part 10 bytes to send and their transfer syntax: the stored bytes untouched
+    unless the client asked for a syntax they are not in."""
+    syntax = check(stored, wanted)
+    if syntax == stored:
+        return part10, stored
+    ds = pydicom.dcmread(io.BytesIO(part10))
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue(), syntax
+
+
+def _read(part10: bytes) -> Dataset:
+    # Values are sliced from the buffer, pixel data included, but never decoded.
+    return pydicom.dcmread(io.BytesIO(part10))
+
+
+def _paths(ds: Dataset, prefix: str = "") -> dict[int, str]:
+    """id() of every element -> its path for a bulk data URI: tags and item indexes."""
+    paths: dict[int, str] = {}
+    for elem in ds:
+        path = f"{prefix}{elem.tag:08X}"
+        paths[id(elem)] = path
+        if elem.VR == "SQ":
+            for index, item in enumerate(elem.value):
+                paths.update(_paths(item, f"{path}/{index}/"))
+    return paths
+
+
+def metadata(part10: bytes, instance_url: str) -> dict[str, Any]:
+    """The data set as DICOM JSON; binary values over 1 KiB (pixel data always) become a
+    BulkDataURI under `{instance_url}/bulkdata/`."""
+    ds = _read(part10)
+    paths = _paths(ds)
+
+    def uri(elem: DataElement) -> str:
+        return f"{instance_url}/bulkdata/{paths[id(elem)]}"
+
+    body: dict[str, Any] = ds.to_json_dict(BULK_THRESHOLD, uri)
+    pixels = ds.get(PIXEL_DATA)
+    if pixels is not None and "BulkDataURI" not in body.get(f"{PIXEL_DATA:08X}", {}):
+        # Small images too: clients look for pixel data by reference.
+        body[f"{PIXEL_DATA:08X}"] = {"vr": pixels.VR, "BulkDataURI": uri(pixels)}
+    return body
+
+
+def bulkdata(part10: bytes, path: str) -> bytes:
+    """The raw value of the element at `path` (`7FE00010`, or `00880200/0/7FE00010` inside
+    a sequence item)."""
+    top = ds = _read(part10)
+    pieces = path.split("/")
+    try:
+        for seq, index in zip(pieces[:-2:2], pieces[1:-1:2], strict=True):
+            ds = ds[int(seq, 16)].value[int(index)]
+        elem = ds[int(pieces[-1], 16)]
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError):
+        raise NotFound(f"the instance has no bulk data at {path}") from None
+    if elem.VR == "SQ" or not isinstance(elem.value, bytes):
+        raise NotFound(f"the element at {path} is not bulk data")
+    if elem.tag == PIXEL_DATA and top.file_meta.TransferSyntaxUID.is_compressed:
+        raise NotAcceptable("compressed pixel data is sent only within the instance")
+    return elem.value
+
+
+def frames(part10: bytes, numbers: Sequence[int]) -> list[bytes]:
+    """Frames of uncompressed pixel data, 1-based, in the order asked."""
+    ds = _read(part10)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if PIXEL_DATA not in ds:
+        raise NotFound("the instance has no pixel data")
+    if syntax.is_compressed or not syntax.is_little_endian:
+        raise NotAcceptable(
+            f"frames are served for uncompressed little-endian pixel data; this instance is"
+            f" stored in {syntax} ({syntax.name}): retrieve the instance instead"
+        )
+    bits = int(ds.get("BitsAllocated", 0))
+    pixels = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("SamplesPerPixel", 1))
+    if pixels * bits % 8:
+        raise NotAcceptable("frames of bit-packed pixel data that do not end on a byte")
+    size = pixels * bits // 8
+    count = int(ds.get("NumberOfFrames") or 1)
+    value: bytes = ds.PixelData
+    if size == 0 or len(value) < size * count:
+        raise NotFound("the pixel data is shorter than its attributes say")
+    for number in numbers:
+        if not 1 <= number <= count:
+            raise NotFound(f"frame {number} does not exist; the instance has {count}")
+    return [value[(n - 1) * size : n * size] for n in numbers]

@@ -1,0 +1,323 @@
+"""DICOMweb on the gateway's HTTP port: STOW-RS, QIDO-RS and WADO-RS handlers.
+
+Thin on purpose: the protocol lives in `telerad.runtime.dicomweb` (pure), storage in
+`Ingest` (the same checks and durability as C-STORE) and the catalog. File reads, parsing
+and SQLite run in worker threads so one large retrieval never stalls the event loop.
+Retrievals stream one instance at a time: a 300-slice study never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import PurePosixPath
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from telerad.runtime.dataset import valid_uid
+from telerad.runtime.dicomweb import media, multipart, qido, stow, wado
+from telerad.runtime.gateway.ingest import Ingest, Status
+from telerad.runtime.store.catalog import Catalog, Located
+from telerad.runtime.store.files import Tier
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Problem = Callable[[int, str, str], web.Response]
+DICOM_JSON = "application/dicom+json"
+PUBLIC_URL = web.AppKey("public_url", str)
+CHUNK = 1 << 20
+# A top-level tag, or a path through sequence items: 00880200/0/7FE00010.
+BULK_PATH = r"[0-9A-Fa-f]{8}(?:/[0-9]+/[0-9A-Fa-f]{8})*"
+# Ingest's refusals as STOW-RS failure reasons (the same codes: PS3.18 borrows PS3.4's).
+_REASONS = {
+    Status.OUT_OF_RESOURCES: stow.Reason.OUT_OF_RESOURCES,
+    Status.STUDY_MISMATCH: stow.Reason.STUDY_MISMATCH,
+    Status.CANNOT_UNDERSTAND: stow.Reason.CANNOT_UNDERSTAND,
+    Status.PROCESSING_FAILURE: stow.Reason.PROCESSING_FAILURE,
+}
+
+
+class DicomWebError(Exception):
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+
+
+def _not_found(what: str) -> DicomWebError:
+    # The same words whether the UID is malformed or absent: nothing to learn by probing.
+    return DicomWebError(404, "Not found", f"no such {what}")
+
+
+class DicomWeb:
+    def __init__(self, catalog: Catalog, tiers: dict[str, Tier], ingest: Ingest) -> None:
+        self.catalog = catalog
+        self.tiers = tiers
+        self.ingest = ingest
+
+    def routes(self) -> list[web.RouteDef]:
+        instance = "/studies/{study}/series/{series}/instances/{instance}"
+        return [
+            web.post("/studies", self.store),
+            web.post("/studies/{study}", self.store),
+            web.get("/studies", self._search(qido.Level.STUDY)),
+            web.get("/series", self._search(qido.Level.SERIES)),
+            web.get("/instances", self._search(qido.Level.INSTANCE)),
+            web.get("/studies/{study}/series", self._search(qido.Level.SERIES)),
+            web.get("/studies/{study}/instances", self._search(qido.Level.INSTANCE)),
+            web.get(
+                "/studies/{study}/series/{series}/instances", self._search(qido.Level.INSTANCE)
+            ),
+            web.get("/studies/{study}", self.retrieve),
+            web.get("/studies/{study}/series/{series}", self.retrieve),
+            web.get(instance, self.retrieve),
+            web.get("/studies/{study}/metadata", self.metadata),
+            web.get("/studies/{study}/series/{series}/metadata", self.metadata),
+            web.get(f"{instance}/metadata", self.metadata),
+            web.get(f"{instance}/frames/{{frames}}", self.frames),
+            web.get(f"{instance}/bulkdata/{{tag:{BULK_PATH}}}", self.bulkdata),
+        ]
+
+    # -- STOW-RS ----------------------------------------------------------------
+    async def store(self, request: web.Request) -> web.Response:
+        study = request.match_info.get("study")
+        if study is not None and not valid_uid(study):
+            raise DicomWebError(400, "Bad request", "the study in the URL is not a valid UID")
+        try:
+            _, part_type = multipart.parse_related(request.headers.get("Content-Type", ""))
+        except ValueError as exc:
+            raise DicomWebError(415, "Unsupported media type", str(exc)) from None
+        if part_type not in (None, "application/dicom"):
+            raise DicomWebError(
+                415,
+                "Unsupported media type",
+                f'parts of type "{part_type}" are not supported; send "application/dicom"',
+            )
+        base = _base(request)
+        client = str(request.get("client") or "DICOMWEB")[:16]
+        reader = await request.multipart()
+        outcomes: list[stow.Outcome] = []
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                # A nested multipart is not an instance; drain it and say so.
+                outcomes.append(stow.refused(stow.Reason.CANNOT_UNDERSTAND, "nested multipart"))
+                continue
+            outcomes.append(await self._store_part(part, study, client, base))
+        if not outcomes:
+            raise DicomWebError(400, "Bad request", "the request has no parts")
+        status, body = stow.response(outcomes, f"{base}/studies/{study}" if study else None)
+        request["audit"] = {
+            "stored": sum(isinstance(o, stow.Stored) for o in outcomes),
+            "failed": sum(not isinstance(o, stow.Stored) for o in outcomes),
+        }
+        return _json(body, DICOM_JSON, status)
+
+    async def _store_part(
+        self, part: BodyPartReader, study: str | None, client: str, base: str
+    ) -> stow.Outcome:
+        kind = part.headers.get("Content-Type", "application/dicom").split(";")[0].strip()
+        room = self.ingest.room()
+        data = bytearray()
+        size = 0
+        while chunk := await part.read_chunk(CHUNK):
+            size += len(chunk)
+            if size <= room:
+                data += chunk
+        if kind.lower() != "application/dicom":
+            return stow.refused(stow.Reason.CANNOT_UNDERSTAND, f"part of type {kind!r}")
+        if size > room:
+            await asyncio.to_thread(self.ingest.too_large, size)
+            return stow.refused(stow.Reason.OUT_OF_RESOURCES, "no room for the instance")
+        try:
+            meta = stow.split(bytes(data))
+        except stow.InvalidPart as exc:
+            return stow.refused(stow.Reason.CANNOT_UNDERSTAND, str(exc))
+        return await asyncio.to_thread(self._ingest, bytes(data), meta, study, client, base)
+
+    def _ingest(
+        self, data: bytes, meta: stow.Part10, study: str | None, client: str, base: str
+    ) -> stow.Outcome:
+        outcome = self.ingest.store(
+            data[meta.offset :],
+            meta.transfer_syntax,
+            meta.sop_class_uid,
+            meta.sop_instance_uid,
+            client,
+            study_uid=study,
+        )
+        header = outcome.header
+        if header is None:
+            return stow.refused(
+                _REASONS.get(outcome.status, stow.Reason.PROCESSING_FAILURE),
+                outcome.comment or "",
+                meta.sop_class_uid,
+                meta.sop_instance_uid,
+            )
+        url = (
+            f"{base}/studies/{header.study_uid}/series/{header.series_uid}"
+            f"/instances/{header.sop_instance_uid}"
+        )
+        warning = int(outcome.status) if outcome.status != Status.SUCCESS else None
+        return stow.Stored(header.sop_class_uid, header.sop_instance_uid, url, warning)
+
+    # -- QIDO-RS ----------------------------------------------------------------
+    def _search(self, level: qido.Level) -> Handler:
+        async def search(request: web.Request) -> web.Response:
+            content_type = _acceptable(media.dicom_json, request)
+            study = request.match_info.get("study")
+            series = request.match_info.get("series")
+            try:
+                query = qido.parse(
+                    level, list(request.query.items()), study_uid=study, series_uid=series
+                )
+            except qido.QueryError as exc:
+                raise DicomWebError(400, "Bad request", str(exc)) from None
+            result = await asyncio.to_thread(self.catalog.search, query.search)
+            body = qido.results(query, result, _base(request))
+            response = _json(body, content_type)
+            for text in query.warnings + qido.result_warnings(query, result):
+                response.headers.add("Warning", _warning(text))
+            return response
+
+        return search
+
+    # -- WADO-RS ----------------------------------------------------------------
+    async def _locate(self, request: web.Request) -> list[Located]:
+        study = request.match_info["study"]
+        series = request.match_info.get("series")
+        instance = request.match_info.get("instance")
+        if not all(valid_uid(u) for u in (study, series, instance) if u is not None):
+            raise _not_found("instance" if instance else "series" if series else "study")
+        located = await asyncio.to_thread(self.catalog.locate, study, series, instance)
+        if not located:
+            raise _not_found("instance" if instance else "series" if series else "study")
+        return located
+
+    def _read(self, where: Located) -> bytes:
+        tier = self.tiers.get(where.tier)
+        if tier is None:
+            raise DicomWebError(503, "Unavailable", "the instance's storage tier is not mounted")
+        return tier.read(PurePosixPath(where.path))
+
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        wanted = _acceptable(media.dicom_syntaxes, request)
+        located = await self._locate(request)
+        for where in located:
+            # Checked for all before the first byte: a 406 cannot follow a 200.
+            _checked(wado.check, where.transfer_syntax, wanted)
+        boundary = multipart.new_boundary()
+        response = web.StreamResponse(
+            headers={"Content-Type": multipart.content_type(boundary, "application/dicom")}
+        )
+        await response.prepare(request)
+        base = _base(request)
+        for where in located:
+            data = await asyncio.to_thread(self._read, where)
+            body, syntax = await asyncio.to_thread(wado.render, data, where.transfer_syntax, wanted)
+            head = multipart.part_head(
+                boundary, f"application/dicom; transfer-syntax={syntax}", _url(base, where)
+            )
+            await response.write(head + body + b"\r\n")
+        await response.write(multipart.closing(boundary))
+        await response.write_eof()
+        request["audit"] = {"instances": len(located)}
+        return response
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        content_type = _acceptable(media.dicom_json, request)
+        located = await self._locate(request)
+        base = _base(request)
+
+        def render() -> list[dict[str, Any]]:
+            return [wado.metadata(self._read(w), _url(base, w)) for w in located]
+
+        body = await asyncio.to_thread(render)
+        request["audit"] = {"instances": len(located)}
+        return _json(body, content_type)
+
+    async def frames(self, request: web.Request) -> web.StreamResponse:
+        _acceptable(media.octet_stream, request)
+        raw = request.match_info["frames"]
+        numbers = [int(n) for n in raw.split(",") if n.isdigit()]
+        if not numbers or len(numbers) != len(raw.split(",")) or 0 in numbers:
+            raise DicomWebError(400, "Bad request", "frames must be a list like 1,2,3 (from 1)")
+        (where,) = await self._locate(request)
+        data = await asyncio.to_thread(self._read, where)
+        parts = _checked(wado.frames, data, numbers)
+        return await _octet_parts(request, parts)
+
+    async def bulkdata(self, request: web.Request) -> web.StreamResponse:
+        _acceptable(media.octet_stream, request)
+        (where,) = await self._locate(request)
+        data = await asyncio.to_thread(self._read, where)
+        value = _checked(wado.bulkdata, data, request.match_info["tag"].upper())
+        return await _octet_parts(request, [value])
+
+
+def _acceptable(negotiate: Callable[[str | None], Any], request: web.Request) -> Any:
+    try:
+        return negotiate(request.headers.get("Accept"))
+    except media.NotAcceptable as exc:
+        raise DicomWebError(406, "Not acceptable", str(exc)) from None
+
+
+def _checked(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except media.NotAcceptable as exc:
+        raise DicomWebError(406, "Not acceptable", str(exc)) from None
+    except wado.NotFound as exc:
+        raise DicomWebError(404, "Not found", str(exc)) from None
+
+
+async def _octet_parts(request: web.Request, parts: list[bytes]) -> web.StreamResponse:
+    boundary = multipart.new_boundary()
+    response = web.StreamResponse(
+        headers={"Content-Type": multipart.content_type(boundary, "application/octet-stream")}
+    )
+    await response.prepare(request)
+    for part in parts:
+        head = multipart.part_head(boundary, "application/octet-stream")
+        await response.write(head + part + b"\r\n")
+    await response.write(multipart.closing(boundary))
+    await response.write_eof()
+    return response
+
+
+def _warning(text: str) -> str:
+    """A `Warning: 299` value; what a client sent may be echoed in it, so anything but
+    printable ASCII is replaced and the quoted string is escaped."""
+    clean = re.sub(r"[^\x20-\x7e]", "?", text).replace("\\", "\\\\").replace('"', '\\"')
+    return f'299 telerad "{clean}"'
+
+
+def _json(body: Any, content_type: str, status: int = 200) -> web.Response:
+    # No charset parameter: JSON is UTF-8 by definition, and some clients (dicomweb-client)
+    # compare the media type whole.
+    return web.Response(
+        body=json.dumps(body).encode(), status=status, headers={"Content-Type": content_type}
+    )
+
+
+def _base(request: web.Request) -> str:
+    """Where clients reach this gateway, for the URLs in answers: the configured public
+    URL, else the Host the client asked for. Some clients (dicomweb-client) send a Host
+    without the port; then the port the connection came in on is the one they used."""
+    public = request.app.get(PUBLIC_URL)
+    if public:
+        return str(public).rstrip("/")
+    host = request.host
+    if ":" not in host.rsplit("]", 1)[-1]:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        default = 443 if request.scheme == "https" else 80
+        if sockname and sockname[1] != default:
+            host = f"{host}:{sockname[1]}"
+    return f"{request.scheme}://{host}"
+
+
+def _url(base: str, where: Located) -> str:
+    return f"{base}/studies/{where.study_uid}/series/{where.series_uid}/instances/{where.sop_uid}"

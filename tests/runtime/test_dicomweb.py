@@ -1,0 +1,318 @@
+"""DICOMweb against the reference Python client, dicomweb-client, on a real gateway.
+
+What goes in through STOW-RS comes back through WADO-RS byte for byte (the data set as
+sent; the file meta is the gateway's own, as for C-STORE), QIDO-RS finds it by the keys
+viewers use, metadata points at bulk data that the bulk data and frame resources serve.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import numpy as np
+import pydicom
+import pytest
+from dicomweb_client import DICOMwebClient
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from requests.exceptions import HTTPError
+
+from telerad import synthetic
+from telerad.runtime.gateway.access import new_token
+from tests.runtime.conftest import GatewayProcess, send_datasets
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def encoded(ds: Dataset) -> bytes:
+    """The bytes dicomweb-client sends for a data set (it uses pydicom.dcmwrite)."""
+    with io.BytesIO() as out:
+        pydicom.dcmwrite(out, ds)
+        return out.getvalue()
+
+
+def data_set(part10: bytes) -> bytes:
+    """A Part 10 file's data set: everything after the file meta group."""
+    stream = io.BytesIO(part10)
+    pydicom.filereader.read_preamble(stream, False)
+    pydicom.filereader._read_file_meta_info(stream)
+    return part10[stream.tell() :]
+
+
+def parts(response: httpx.Response) -> list[tuple[Any, bytes]]:
+    """(Content-Type header, with its .params, and body) of each part of a multipart/related
+    answer."""
+    head = f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + response.content)
+    assert message.is_multipart(), response.headers["content-type"]
+    return [(p["Content-Type"], p.get_payload(decode=True)) for p in message.iter_parts()]
+
+
+def client(gateway: GatewayProcess, token: str | None = None) -> DICOMwebClient:
+    return DICOMwebClient(
+        gateway.url, headers={"Authorization": f"Bearer {token or gateway.token}"}
+    )
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> list[Dataset]:
+    """A small head CT and, in the same study, a multi-frame series."""
+    ct = list(synthetic.ct_series(n_slices=4, size=64, seed=3))
+    frames = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
+    frames.StudyInstanceUID = ct[0].StudyInstanceUID
+    frames.PatientID, frames.PatientName = ct[0].PatientID, ct[0].PatientName
+    return [*ct, frames]
+
+
+def test_store_search_and_retrieve_through_dicomweb_client(
+    gateway: GatewayProcess, study: list[Dataset]
+) -> None:
+    web = client(gateway)
+    uid = study[0].StudyInstanceUID
+    stored = web.store_instances(study)
+    referenced = {item.ReferencedSOPInstanceUID for item in stored.ReferencedSOPSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in study}
+    assert "FailedSOPSequence" not in stored
+
+    # QIDO-RS by the keys a viewer's study list uses.
+    (found,) = web.search_for_studies(search_filters={"PatientID": study[0].PatientID})
+    assert found["0020000D"]["Value"] == [uid]
+    assert found["00201208"]["Value"] == [len(study)]
+    assert set(found["00080061"]["Value"]) == {"CT", "MR"}
+    date = study[0].StudyDate
+    assert web.search_for_studies(search_filters={"StudyDate": f"{date}-{date}"})
+    assert not web.search_for_studies(search_filters={"StudyDate": "19000101-19001231"})
+    name = str(study[0].PatientName)
+    assert web.search_for_studies(search_filters={"PatientName": name[:3].lower() + "*"})
+    series = web.search_for_series(uid)
+    assert len(series) == 2
+    ct_series = study[0].SeriesInstanceUID
+    instances = web.search_for_instances(uid, ct_series, fields=["Rows"])
+    assert {i["00080018"]["Value"][0] for i in instances} == {ds.SOPInstanceUID for ds in study[:4]}
+    assert all(i["00280010"]["Value"] == [64] for i in instances)
+    first, second = (
+        web.search_for_instances(uid, limit=2),
+        web.search_for_instances(uid, limit=2, offset=2),
+    )
+    assert len(first) == len(second) == 2
+    assert not {i["00080018"]["Value"][0] for i in first} & {
+        i["00080018"]["Value"][0] for i in second
+    }
+
+    # WADO-RS: the client's view, then the bytes themselves.
+    retrieved = {ds.SOPInstanceUID: ds for ds in web.retrieve_study(uid)}
+    assert retrieved.keys() == {ds.SOPInstanceUID for ds in study}
+    for ds in study:
+        assert retrieved[ds.SOPInstanceUID] == ds
+    raw = httpx.get(f"{gateway.url}/studies/{uid}", headers=gateway.auth, timeout=30)
+    assert raw.status_code == 200
+    assert 'type="application/dicom"' in raw.headers["content-type"]
+    sent = {ds.SOPInstanceUID: data_set(encoded(ds)) for ds in study}
+    got = parts(raw)
+    assert len(got) == len(study)
+    for content_type, body in got:
+        assert content_type.params["transfer-syntax"] == EXPLICIT_LE
+        sop = pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True).SOPInstanceUID
+        assert data_set(body) == sent[sop]
+
+    mr = study[-1]
+    (one,) = web.retrieve_series(uid, mr.SeriesInstanceUID)
+    assert one == mr
+    assert web.retrieve_instance(uid, ct_series, study[1].SOPInstanceUID) == study[1]
+
+
+def test_metadata_bulk_data_and_frames(gateway: GatewayProcess, study: list[Dataset]) -> None:
+    web = client(gateway)
+    web.store_instances(study)
+    uid, mr = study[0].StudyInstanceUID, study[-1]
+    metadata = web.retrieve_study_metadata(uid)
+    assert len(metadata) == len(study)
+    meta = web.retrieve_instance_metadata(uid, mr.SeriesInstanceUID, mr.SOPInstanceUID)
+    pixel = meta["7FE00010"]
+    assert "Value" not in pixel and "InlineBinary" not in pixel
+    bulk = web.retrieve_bulkdata(pixel["BulkDataURI"])
+    assert bulk == [mr.PixelData]
+    assert (
+        Dataset.from_json({k: v for k, v in meta.items() if "BulkDataURI" not in v}).PatientID
+        == mr.PatientID
+    )
+
+    frame_bytes = mr.Rows * mr.Columns * mr.BitsAllocated // 8
+    frames = web.retrieve_instance_frames(uid, mr.SeriesInstanceUID, mr.SOPInstanceUID, [3, 1])
+    assert frames == [
+        mr.PixelData[2 * frame_bytes : 3 * frame_bytes],
+        mr.PixelData[:frame_bytes],
+    ]
+    assert np.array_equal(
+        np.frombuffer(frames[1], dtype="<u2").reshape(mr.Rows, mr.Columns), mr.pixel_array[0]
+    )
+    out_of_range = httpx.get(
+        f"{gateway.url}/studies/{uid}/series/{mr.SeriesInstanceUID}/instances/"
+        f"{mr.SOPInstanceUID}/frames/{mr.NumberOfFrames + 1}",
+        headers=gateway.auth,
+    )
+    assert out_of_range.status_code == 404
+
+
+def stow(
+    gateway: GatewayProcess, bodies: list[bytes], path: str = "/studies", **kw: str
+) -> httpx.Response:
+    boundary = "telerad-test-boundary-5f1c"
+    content = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + body + b"\r\n"
+            for body in bodies
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    content_type = kw.get(
+        "content_type", f'multipart/related; type="application/dicom"; boundary={boundary}'
+    )
+    return httpx.post(
+        f"{gateway.url}{path}",
+        content=content,
+        headers={**gateway.auth, "Content-Type": content_type},
+        timeout=30,
+    )
+
+
+def test_stow_reports_what_it_refused_and_keeps_what_it_took(
+    gateway: GatewayProcess, study: list[Dataset]
+) -> None:
+    good, other = encoded(study[0]), encoded(study[1])
+    truncated = encoded(study[2])[:-100]
+    response = stow(gateway, [good, truncated])
+    assert response.status_code == 202
+    body = Dataset.from_json(response.json())
+    (failed,) = body.FailedSOPSequence
+    assert failed.ReferencedSOPInstanceUID == study[2].SOPInstanceUID
+    assert failed.FailureReason == 0xC000
+    (ok,) = body.ReferencedSOPSequence
+    assert ok.ReferencedSOPInstanceUID == study[0].SOPInstanceUID
+    assert ok.RetrieveURL.endswith(f"/instances/{study[0].SOPInstanceUID}")
+
+    # Everything refused is a 409; an instance of another study is refused on its own URL.
+    stranger = next(synthetic.ct_series(n_slices=1, size=16, seed=9))
+    wrong = stow(gateway, [encoded(stranger)], f"/studies/{study[0].StudyInstanceUID}")
+    assert wrong.status_code == 409
+    assert Dataset.from_json(wrong.json()).FailedSOPSequence[0].FailureReason == 0xA900
+    assert stow(gateway, [b"not DICOM at all"]).status_code == 409
+    right = stow(gateway, [other], f"/studies/{study[0].StudyInstanceUID}")
+    assert right.status_code == 200
+
+    unsupported = stow(
+        gateway, [good], content_type='multipart/related; type="application/dicom+xml"; boundary=x'
+    )
+    assert unsupported.status_code == 415
+    assert stow(gateway, [good], content_type="application/json").status_code == 415
+
+    # Both accepted instances are catalogued and served; the refused ones are nowhere.
+    found = client(gateway).search_for_instances(study[0].StudyInstanceUID)
+    assert {i["00080018"]["Value"][0] for i in found} == {
+        study[0].SOPInstanceUID,
+        study[1].SOPInstanceUID,
+    }
+
+
+def test_c_store_and_stow_share_one_archive(gateway: GatewayProcess, study: list[Dataset]) -> None:
+    """An instance stored by C-STORE is served by WADO-RS; re-sending it by STOW is no
+    new version."""
+    assert send_datasets(gateway, study[:2]) == [0, 0]
+    web = client(gateway)
+    assert (
+        web.retrieve_instance(
+            study[0].StudyInstanceUID, study[0].SeriesInstanceUID, study[0].SOPInstanceUID
+        )
+        == study[0]
+    )
+    web.store_instances(study[:2])
+    assert gateway.metric("telerad_gateway_duplicates_total", result="identical") == 2
+
+
+def test_errors_are_problems_and_not_found_is_404(gateway: GatewayProcess) -> None:
+    missing = "1.2.3.4.5"
+    for path in (
+        f"/studies/{missing}",
+        f"/studies/{missing}/metadata",
+        f"/studies/{missing}/series/1.2/instances/1.3/frames/1",
+        "/studies/not-a-uid",
+    ):
+        response = httpx.get(f"{gateway.url}{path}", headers=gateway.auth)
+        assert response.status_code == 404, path
+        assert response.headers["content-type"].startswith("application/problem+json")
+    bad = httpx.get(f"{gateway.url}/studies", params={"StudyDate": "2020-01"}, headers=gateway.auth)
+    assert bad.status_code == 400
+    assert "StudyDate" in bad.json()["detail"]
+    unacceptable = httpx.get(
+        f"{gateway.url}/studies", headers={**gateway.auth, "Accept": "application/dicom+xml"}
+    )
+    assert unacceptable.status_code == 406
+    with pytest.raises(HTTPError):
+        client(gateway).retrieve_study(missing)
+
+
+def test_other_tenants_learn_nothing(gateway: GatewayProcess, study: list[Dataset]) -> None:
+    """Every operation of the OpenAPI description, with another tenant's token, is a 403
+    whose body is the same for a study that exists and one that does not."""
+    client(gateway).store_instances(study[:1])
+    ds = study[0]
+    real = {
+        "study": ds.StudyInstanceUID,
+        "series": ds.SeriesInstanceUID,
+        "instance": ds.SOPInstanceUID,
+    }
+    fake = {"study": "1.2.3", "series": "1.2.4", "instance": "1.2.5"}
+    other = {"Authorization": f"Bearer {new_token('another-tenant')}"}
+    wrong = {"Authorization": f"Bearer {new_token(gateway.config.namespace)}"}
+    spec = httpx.get(f"{gateway.url}/openapi.json").json()
+    checked = 0
+    for template, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if operation.get("security") == []:
+                continue
+            answers = []
+            for uids in (real, fake):
+                path = template.format(**uids, frames="1", tag="7FE00010", job="1")
+                for headers, expected in ((other, 403), (wrong, 401), ({}, 401)):
+                    response = httpx.request(
+                        method, f"{gateway.url}{path}", headers=headers, json={}
+                    )
+                    assert response.status_code == expected, (method, template, response.text)
+                    answers.append(response.content)
+            assert answers[:3] == answers[3:], template
+            checked += 1
+    assert checked >= 20
+    # The audit log has every one of those requests, with UIDs hashed and no patient data.
+    lines = [
+        json.loads(line)
+        for f in sorted((gateway.hot / "audit").glob("audit-*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    denied = [r for r in lines if r["status"] in (401, 403)]
+    assert len(denied) == checked * 6
+    assert {r["tenant"] for r in denied if r["status"] == 403} == {"another-tenant"}
+    text = "\n".join(json.dumps(r) for r in lines)
+    assert ds.StudyInstanceUID not in text
+    assert str(ds.PatientName) not in text and ds.PatientID not in text
+    stored = next(r for r in lines if r["method"] == "POST" and r["status"] == 200)
+    assert stored["client"] == "local" and stored["stored"] == 1
+
+
+def test_tokens_are_reloaded_when_the_secret_changes(gateway: GatewayProcess) -> None:
+    assert gateway.config.tokens_dir is not None
+    token = new_token(gateway.config.namespace)
+    refused = httpx.get(f"{gateway.url}/studies", headers={"Authorization": f"Bearer {token}"})
+    assert refused.status_code == 401
+    (gateway.config.tokens_dir / "viewer").write_text(token)
+
+    def accepted() -> bool:
+        headers = {"Authorization": f"Bearer {token}"}
+        return httpx.get(f"{gateway.url}/studies", headers=headers).status_code == 200
+
+    gateway.wait_for(accepted, timeout=15)
