@@ -11,6 +11,7 @@ import email.parser
 import email.policy
 import io
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import httpx2 as httpx
 import numpy as np
 import pydicom
 import pytest
+import yaml
 from dicomweb_client import DICOMwebClient
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -25,7 +27,8 @@ from requests.exceptions import HTTPError
 
 from telerad import synthetic
 from telerad.runtime.gateway.access import new_token
-from tests.runtime.conftest import GatewayProcess, send_datasets
+from telerad.runtime.gateway.example import example_config
+from tests.runtime.conftest import TELERAD, GatewayProcess, free_port, send_datasets
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -75,10 +78,13 @@ def test_store_search_and_retrieve_through_dicomweb_client(
 ) -> None:
     web = client(gateway)
     uid = study[0].StudyInstanceUID
-    stored = web.store_instances(study)
+    stored = web.store_instances(study[:3])
     referenced = {item.ReferencedSOPInstanceUID for item in stored.ReferencedSOPSequence}
-    assert referenced == {ds.SOPInstanceUID for ds in study}
+    assert referenced == {ds.SOPInstanceUID for ds in study[:3]}
     assert "FailedSOPSequence" not in stored
+    into_study = web.store_instances(study[3:], study_instance_uid=uid)
+    assert into_study.RetrieveURL.endswith(f"/studies/{uid}")
+    assert len(into_study.ReferencedSOPSequence) == 2
 
     # QIDO-RS by the keys a viewer's study list uses.
     (found,) = web.search_for_studies(search_filters={"PatientID": study[0].PatientID})
@@ -92,6 +98,10 @@ def test_store_search_and_retrieve_through_dicomweb_client(
     assert web.search_for_studies(search_filters={"PatientName": name[:3].lower() + "*"})
     series = web.search_for_series(uid)
     assert len(series) == 2
+    (mr_series,) = web.search_for_series(search_filters={"Modality": "MR"})
+    assert mr_series["0020000E"]["Value"] == [study[-1].SeriesInstanceUID]
+    everywhere = web.search_for_instances(search_filters={"PatientID": study[0].PatientID})
+    assert len(everywhere) == len(study)
     ct_series = study[0].SeriesInstanceUID
     instances = web.search_for_instances(uid, ct_series, fields=["Rows"])
     assert {i["00080018"]["Value"][0] for i in instances} == {ds.SOPInstanceUID for ds in study[:4]}
@@ -133,6 +143,10 @@ def test_metadata_bulk_data_and_frames(gateway: GatewayProcess, study: list[Data
     uid, mr = study[0].StudyInstanceUID, study[-1]
     metadata = web.retrieve_study_metadata(uid)
     assert len(metadata) == len(study)
+    series_metadata = web.retrieve_series_metadata(uid, study[0].SeriesInstanceUID)
+    assert {m["00080018"]["Value"][0] for m in series_metadata} == {
+        ds.SOPInstanceUID for ds in study[:4]
+    }
     meta = web.retrieve_instance_metadata(uid, mr.SeriesInstanceUID, mr.SOPInstanceUID)
     pixel = meta["7FE00010"]
     assert "Value" not in pixel and "InlineBinary" not in pixel
@@ -316,3 +330,22 @@ def test_tokens_are_reloaded_when_the_secret_changes(gateway: GatewayProcess) ->
         return httpx.get(f"{gateway.url}/studies", headers=headers).status_code == 200
 
     gateway.wait_for(accepted, timeout=15)
+
+
+def test_a_bad_token_file_stops_the_gateway_with_a_clear_error(tmp_path: Path) -> None:
+    config = example_config(free_port(), free_port(), tmp_path / "data")
+    assert config.tokens_dir is not None
+    config.tokens_dir.mkdir(parents=True)
+    (config.tokens_dir / "viewer").write_text("password123")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config.to_wire()))
+    run = subprocess.run(
+        [str(TELERAD), "gateway", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert "token 'viewer'" in run.stderr and "telerad token --tenant" in run.stderr
+    assert "password123" not in run.stderr + run.stdout

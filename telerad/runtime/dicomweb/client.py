@@ -66,9 +66,10 @@ async def store(
         "Accept": DICOM_JSON,
     }
     async with session.post(url, data=_body(boundary, items), headers=request_headers) as answer:
-        text = await answer.read()
+        await answer.read()
         if answer.status not in (200, 202, 409):
-            raise StowError(f"{url} answered {answer.status}: {text[:200]!r}")
+            # The body is not quoted: an error page may echo what was sent.
+            raise StowError(f"{url} answered {answer.status} {answer.reason}")
         try:
             body = await answer.json(content_type=None)
         except ValueError:

@@ -46,6 +46,8 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     ranges: list[tuple[int, MediaRange]] = []
     for index, item in enumerate(_split(header, ",")):
         pieces = _split(item, ";")
+        if not pieces:
+            continue
         media_type = pieces[0].strip().lower()
         if media_type.count("/") != 1:
             continue  # not a media range; RFC 9110 lets the server ignore it

@@ -64,7 +64,7 @@ def refused(reason: Reason, comment: str, sop_class: str = "", sop_instance: str
     return Refused(sop_class, sop_instance, reason, comment)
 
 
-def split(part: bytes) -> Part10:
+def split(part: bytes | bytearray) -> Part10:
     """The file meta of a Part 10 file (PS3.10 7.1) and where its data set starts."""
     if len(part) < _PREAMBLE + 4 or part[_PREAMBLE : _PREAMBLE + 4] != b"DICM":
         raise InvalidPart(
@@ -77,7 +77,7 @@ def split(part: bytes) -> Part10:
         group, element = struct.unpack_from("<HH", part, pos)
         if group != 0x0002:
             break
-        vr = part[pos + 4 : pos + 6]
+        vr = bytes(part[pos + 4 : pos + 6])
         if not (vr.isalpha() and vr.isupper()):
             raise InvalidPart(f"file meta element at offset {pos} has no explicit VR")
         if vr in _LONG_VRS:

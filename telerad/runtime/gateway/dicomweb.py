@@ -133,16 +133,17 @@ class DicomWeb:
             await asyncio.to_thread(self.ingest.too_large, size)
             return stow.refused(stow.Reason.OUT_OF_RESOURCES, "no room for the instance")
         try:
-            meta = stow.split(bytes(data))
+            meta = stow.split(data)
         except stow.InvalidPart as exc:
             return stow.refused(stow.Reason.CANNOT_UNDERSTAND, str(exc))
-        return await asyncio.to_thread(self._ingest, bytes(data), meta, study, client, base)
+        payload = bytes(memoryview(data)[meta.offset :])
+        return await asyncio.to_thread(self._ingest, payload, meta, study, client, base)
 
     def _ingest(
-        self, data: bytes, meta: stow.Part10, study: str | None, client: str, base: str
+        self, payload: bytes, meta: stow.Part10, study: str | None, client: str, base: str
     ) -> stow.Outcome:
         outcome = self.ingest.store(
-            data[meta.offset :],
+            payload,
             meta.transfer_syntax,
             meta.sop_class_uid,
             meta.sop_instance_uid,
@@ -206,26 +207,42 @@ class DicomWeb:
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         wanted = _acceptable(media.dicom_syntaxes, request)
         located = await self._locate(request)
-        for where in located:
-            # Checked for all before the first byte: a 406 cannot follow a 200.
-            _checked(wado.check, where.transfer_syntax, wanted)
+        # Decided for all before the first byte: a 406 cannot follow a 200.
+        syntaxes = [_checked(wado.check, w.transfer_syntax, wanted) for w in located]
         boundary = multipart.new_boundary()
         response = web.StreamResponse(
             headers={"Content-Type": multipart.content_type(boundary, "application/dicom")}
         )
         await response.prepare(request)
         base = _base(request)
-        for where in located:
-            data = await asyncio.to_thread(self._read, where)
-            body, syntax = await asyncio.to_thread(wado.render, data, where.transfer_syntax, wanted)
+        for where, syntax in zip(located, syntaxes, strict=True):
             head = multipart.part_head(
                 boundary, f"application/dicom; transfer-syntax={syntax}", _url(base, where)
             )
-            await response.write(head + body + b"\r\n")
+            await response.write(head)
+            if syntax == where.transfer_syntax:
+                # As stored: straight from the file, never whole in memory.
+                await self._send_file(response, where)
+            else:
+                data = await asyncio.to_thread(self._read, where)
+                body, _ = await asyncio.to_thread(wado.render, data, where.transfer_syntax, wanted)
+                await response.write(body)
+            await response.write(b"\r\n")
         await response.write(multipart.closing(boundary))
         await response.write_eof()
         request["audit"] = {"instances": len(located)}
         return response
+
+    async def _send_file(self, response: web.StreamResponse, where: Located) -> None:
+        tier = self.tiers.get(where.tier)
+        if tier is None:
+            raise DicomWebError(503, "Unavailable", "the instance's storage tier is not mounted")
+        source = await asyncio.to_thread(tier.path(PurePosixPath(where.path)).open, "rb")
+        try:
+            while chunk := await asyncio.to_thread(source.read, CHUNK):
+                await response.write(chunk)
+        finally:
+            source.close()
 
     async def metadata(self, request: web.Request) -> web.Response:
         content_type = _acceptable(media.dicom_json, request)
