@@ -179,8 +179,8 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayF
             }
         )
         gateway = GatewayProcess(GatewayConfig.model_validate(config.model_dump()), workdir)
+        started.append(gateway)  # before start: one that never gets healthy is stopped too
         gateway.start()
-        started.append(gateway)
         return gateway
 
     yield start

@@ -316,6 +316,11 @@ def test_other_tenants_learn_nothing(gateway: GatewayProcess, study: list[Datase
     assert str(ds.PatientName) not in text and ds.PatientID not in text
     stored = next(r for r in lines if r["method"] == "POST" and r["status"] == 200)
     assert stored["client"] == "local" and stored["stored"] == 1
+    forbidden = gateway.metric(
+        "telerad_gateway_http_request_seconds_count", route="/studies/{study}", code="403"
+    )
+    assert forbidden >= 2
+    assert ds.StudyInstanceUID not in httpx.get(f"{gateway.url}/metrics").text
 
 
 def test_tokens_are_reloaded_when_the_secret_changes(gateway: GatewayProcess) -> None:

@@ -29,10 +29,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]
     workdir = tmp_path_factory.mktemp("openapi")
     config = example_config(free_port(), free_port(), workdir / "data")
     gateway = GatewayProcess(GatewayConfig.model_validate(config.model_dump()), workdir)
-    gateway.start()
-    assert send_datasets(gateway, list(synthetic.ct_series(n_slices=2, size=32, seed=7))) == [0, 0]
-    yield gateway
-    gateway.stop()
+    try:
+        gateway.start()
+        stored = send_datasets(gateway, list(synthetic.ct_series(n_slices=2, size=32, seed=7)))
+        assert stored == [0, 0]
+        yield gateway
+    finally:
+        gateway.stop()
 
 
 @schemathesis.serializer("multipart/related")

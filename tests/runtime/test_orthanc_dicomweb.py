@@ -77,6 +77,7 @@ class Orthanc:
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
                 pytest.fail(f"Orthanc did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.2)
 

@@ -33,6 +33,12 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def cpu_ticks(pid: int) -> int:
+    """User and system CPU of a process, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def test_receivers_share_the_port_and_are_replaced(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(receivers=3)
     assert gateway.proc is not None
@@ -43,8 +49,13 @@ def test_receivers_share_the_port_and_are_replaced(start_gateway: GatewayFactory
         assert send_datasets(gateway, study(2, modality="CT", body_part="HEAD")) == [0, 0]
     assert gateway.metric("telerad_gateway_instances_received_total") == 24
     assert gateway.metric("telerad_gateway_associations_total", result="accepted") == 12
-    # Receivers that lose the race for a connection get EAGAIN and keep accepting.
+    # Receivers that lose the race for a connection get EAGAIN and keep accepting...
     assert "accepting DICOM connections failed" not in gateway.log.read_text()
+    # ...by waiting for the next one, not by spinning: idle, they use (almost) no CPU.
+    for child in children(gateway.proc.pid):  # type: ignore[union-attr]
+        before = cpu_ticks(child)
+        time.sleep(1)
+        assert cpu_ticks(child) - before < os.sysconf("SC_CLK_TCK") // 4, "a receiver spins"
 
     victim = children(gateway.proc.pid)[0]
     os.kill(victim, signal.SIGKILL)

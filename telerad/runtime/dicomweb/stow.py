@@ -6,13 +6,20 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Final
 
-from telerad.runtime.dataset import valid_uid
+from telerad.runtime.dataset import DEFLATED_LE, valid_uid
 
-_PREAMBLE = 128
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
-_META = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax"}
+_PREAMBLE: Final = 128
+_META: Final = _PREAMBLE + 4
+_LONG_VRS: Final = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_UIDS: Final = {
+    0x0010: "TransferSyntaxUID (0002,0010)",
+    0x0002: "MediaStorageSOPClassUID (0002,0002)",
+    0x0003: "MediaStorageSOPInstanceUID (0002,0003)",
+}
 
 
 class InvalidPart(ValueError):
@@ -26,10 +33,14 @@ class Reason(IntEnum):
     OUT_OF_RESOURCES = 0xA700
     STUDY_MISMATCH = 0xA900
     """The instance's study is not the one in the URL. PS3.18 leaves the code to the
-    server: an 0xA9xx "does not match" error (dcm4chee uses its own 0xC409)."""
+    server; this is its "data set does not match SOP class" error (dcm4chee uses its own
+    0xC409)."""
     CANNOT_UNDERSTAND = 0xC000
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
     COERCED = 0xB000
+    """Warning: stored with some attributes changed."""
     CLASS_MISMATCH = 0xB007
+    """Warning: stored, but the data set does not match the SOP class."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,14 +58,17 @@ class Stored:
     sop_instance_uid: str
     retrieve_url: str
     warning: int | None = None
+    """A WarningReason (0xB000, 0xB007), when stored with one."""
 
 
 @dataclass(frozen=True, slots=True)
 class Refused:
     sop_class_uid: str
+    """Empty, as is the instance UID, when the part could not be read that far."""
     sop_instance_uid: str
     reason: Reason
     comment: str
+    """Why, for logs; not part of the response."""
 
 
 Outcome = Stored | Refused
@@ -64,72 +78,117 @@ def refused(reason: Reason, comment: str, sop_class: str = "", sop_instance: str
     return Refused(sop_class, sop_instance, reason, comment)
 
 
-def split(part: bytes | bytearray) -> Part10:
-    """The file meta of a Part 10 file (PS3.10 7.1) and where its data set starts."""
-    if len(part) < _PREAMBLE + 4 or part[_PREAMBLE : _PREAMBLE + 4] != b"DICM":
+def split(part: bytes | bytearray | memoryview) -> Part10:
+    """The file meta of a Part 10 file (PS3.10 7.1) and where its data set starts.
+
+    The group 0002 elements themselves say where the meta ends, so a group length left
+    stale by a tool that edited the meta does not matter. It decides only for a deflated
+    data set, whose first bytes are not a tag."""
+    size = len(part)
+    if size < _META:
         raise InvalidPart(
-            "not a DICOM Part 10 file (no DICM prefix at offset 128); STOW-RS takes"
-            " application/dicom parts with their file meta information"
+            f"the part has {size} bytes, fewer than the 128-byte preamble and DICM prefix"
+            " of a DICOM Part 10 file"
         )
-    pos = _PREAMBLE + 4
-    found: dict[str, str] = {}
-    while pos + 8 <= len(part):
-        group, element = struct.unpack_from("<HH", part, pos)
-        if group != 0x0002:
+    if part[_PREAMBLE:_META] != b"DICM":
+        raise InvalidPart(
+            "no DICM prefix at offset 128: not a DICOM Part 10 file. STOW-RS takes"
+            " application/dicom parts with their file meta information, not bare data sets"
+        )
+    pos = _META
+    meta_end: int | None = None
+    found: dict[int, tuple[str, int]] = {}
+    while pos + 2 <= size:
+        if meta_end is not None and pos >= meta_end and _deflated(found):
             break
-        vr = bytes(part[pos + 4 : pos + 6])
-        if not (vr.isalpha() and vr.isupper()):
-            raise InvalidPart(f"file meta element at offset {pos} has no explicit VR")
-        if vr in _LONG_VRS:
-            if pos + 12 > len(part):
-                raise InvalidPart(f"file meta is truncated at offset {pos}")
-            (length,) = struct.unpack_from("<I", part, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", part, pos + 6)
-            start = pos + 8
+        if struct.unpack_from("<H", part, pos)[0] != 0x0002:
+            break
+        element, start, length = _element_header(part, pos)
         end = start + length
-        if end > len(part):
-            raise InvalidPart(f"file meta element at offset {pos} runs past the end")
-        if element in _META:
-            found[_META[element]] = part[start:end].decode("ascii", "replace").rstrip("\x00 ")
+        if end > size:
+            raise InvalidPart(
+                f"file meta element (0002,{element:04X}) at offset {pos} runs past the end"
+                f" of the part ({length} bytes from offset {start}, the part has {size})"
+            )
+        if element == 0x0000 and pos == _META and length == 4:
+            meta_end = end + int(struct.unpack_from("<I", part, start)[0])
+        elif element in _UIDS:
+            value = bytes(part[start:end]).decode("ascii", "replace").rstrip("\x00 ")
+            found[element] = (value, pos)
         pos = end
-    for name, label in (
-        ("transfer_syntax", "TransferSyntaxUID (0002,0010)"),
-        ("sop_class_uid", "MediaStorageSOPClassUID (0002,0002)"),
-        ("sop_instance_uid", "MediaStorageSOPInstanceUID (0002,0003)"),
-    ):
-        value = found.get(name, "")
+    if meta_end is not None and meta_end > size:
+        raise InvalidPart(
+            f"the file meta is truncated: its group length says it ends at offset {meta_end},"
+            f" the part has {size} bytes"
+        )
+    if meta_end is not None and pos != meta_end and _deflated(found):
+        raise InvalidPart(
+            f"the file meta's group length says it ends at offset {meta_end}, its elements"
+            f" at offset {pos}; with a deflated data set only the group length can tell"
+        )
+    uids = {}
+    for element, label in _UIDS.items():
+        value, offset = found.get(element, ("", 0))
         if not value:
-            raise InvalidPart(f"the file meta has no {label}")
+            raise InvalidPart(f"the file meta (offsets 132 to {pos}) has no {label}")
         if not valid_uid(value):
-            raise InvalidPart(f"the file meta's {label} is not a valid UID")
-    return Part10(offset=pos, **found)
+            raise InvalidPart(f"the file meta's {label} at offset {offset} is not a valid UID")
+        uids[element] = value
+    return Part10(uids[0x0010], uids[0x0002], uids[0x0003], offset=pos)
+
+
+def _deflated(found: dict[int, tuple[str, int]]) -> bool:
+    return found.get(0x0010, ("", 0))[0] == DEFLATED_LE
+
+
+def _element_header(part: bytes | bytearray | memoryview, pos: int) -> tuple[int, int, int]:
+    """(element, value offset, value length) of the explicit VR little endian group 0002
+    element at `pos`."""
+    if pos + 8 > len(part):
+        raise InvalidPart(f"the file meta is truncated in the element header at offset {pos}")
+    element = int(struct.unpack_from("<H", part, pos + 2)[0])
+    vr = bytes(part[pos + 4 : pos + 6])
+    if not (vr.isalpha() and vr.isupper()):
+        raise InvalidPart(
+            f"file meta element (0002,{element:04X}) at offset {pos} has no explicit VR"
+            " (the file meta is always explicit VR little endian)"
+        )
+    if vr not in _LONG_VRS:
+        return element, pos + 8, int(struct.unpack_from("<H", part, pos + 6)[0])
+    if pos + 12 > len(part):
+        raise InvalidPart(f"the file meta is truncated in the element header at offset {pos}")
+    return element, pos + 12, int(struct.unpack_from("<I", part, pos + 8)[0])
 
 
 def _element(vr: str, *values: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
 
 
-def response(outcomes: list[Outcome], study_url: str | None) -> tuple[int, dict[str, Any]]:
+def _uid(value: str) -> dict[str, Any]:
+    # An instance whose part could not be read has no UIDs: the attribute is there, empty.
+    return _element("UI", value) if value else _element("UI")
+
+
+def response(outcomes: list[Outcome], study_retrieve_url: str | None) -> tuple[int, dict[str, Any]]:
     """The HTTP status and the response data set (PS3.18 10.5.3) in the DICOM JSON model:
-    200 all stored, 202 some refused or warned, 409 none stored."""
+    200 all stored, 202 some refused or warned, 409 none stored.
+
+    A request without parts has nothing to report on: ValueError, so that it can never
+    come out as a 200; the handler answers it with 400."""
     if not outcomes:
         raise ValueError("a STOW-RS response needs at least one instance")
     stored = [o for o in outcomes if isinstance(o, Stored)]
     failed = [o for o in outcomes if isinstance(o, Refused)]
     body: dict[str, Any] = {}
-    if stored and study_url is not None:
-        body["00081190"] = _element("UR", study_url)
+    if stored and study_retrieve_url is not None:
+        body["00081190"] = _element("UR", study_retrieve_url)
     if failed:
         body["00081198"] = _element(
             "SQ",
             *(
                 {
-                    "00081150": _element("UI", *([o.sop_class_uid] if o.sop_class_uid else [])),
-                    "00081155": _element(
-                        "UI", *([o.sop_instance_uid] if o.sop_instance_uid else [])
-                    ),
+                    "00081150": _uid(o.sop_class_uid),
+                    "00081155": _uid(o.sop_instance_uid),
                     "00081197": _element("US", int(o.reason)),
                 }
                 for o in failed
@@ -139,8 +198,8 @@ def response(outcomes: list[Outcome], study_url: str | None) -> tuple[int, dict[
         items = []
         for o in stored:
             item = {
-                "00081150": _element("UI", o.sop_class_uid),
-                "00081155": _element("UI", o.sop_instance_uid),
+                "00081150": _uid(o.sop_class_uid),
+                "00081155": _uid(o.sop_instance_uid),
                 "00081190": _element("UR", o.retrieve_url),
             }
             if o.warning is not None:

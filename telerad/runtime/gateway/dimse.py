@@ -170,6 +170,9 @@ class DimseServer:
         return listener
 
     def start(self, listener: socket.socket) -> None:
+        # The socket a receiver process is handed has no Python timeout, while the file it
+        # shares is non-blocking: without one its accept would fail at once, over and over.
+        listener.settimeout(ACCEPT_POLL_S)
         self._listener = listener
         self._thread = threading.Thread(
             target=self._accept, args=(listener,), name="dimse-accept", daemon=True

@@ -163,6 +163,20 @@ def _denial(verdict: Verdict, configured: bool, authorization: str | None) -> we
     return response
 
 
+def _measured(metrics: GatewayMetrics) -> Middleware:
+    @web.middleware
+    async def measured(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        response = await handler(request)
+        resource = request.match_info.route.resource
+        # The route template, never the path: paths carry UIDs.
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.http_request(route, request.method, response.status, time.monotonic() - started)
+        return response
+
+    return measured
+
+
 def _access(tokens: Tokens, audit: Audit) -> Middleware:
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -291,7 +305,12 @@ def build_app(
         return _json(await run(flow.catalog.worklist, limit, offset))
 
     app = web.Application(
-        middlewares=[_access(tokens, audit), _strict_query(description), _errors],
+        middlewares=[
+            _measured(metrics),
+            _access(tokens, audit),
+            _strict_query(description),
+            _errors,
+        ],
         client_max_size=1 << 20,
     )
     app.add_routes(routes)

@@ -80,12 +80,22 @@ class GatewayMetrics:
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
+        self._http = Histogram(
+            "telerad_gateway_http_request_seconds",
+            "HTTP requests by route template, method and status code, with their durations.",
+            ["site", "route", "method", "code"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
         self._lifecycle = Counter(
             "telerad_gateway_lifecycle_studies",
             "Studies moved to the warm tier or deleted after retention.",
             ["site", "action"],
             registry=r,
         )
+
+    def http_request(self, route: str, method: str, code: int, seconds: float) -> None:
+        self._http.labels(self.site, route, method, str(code)).observe(seconds)
 
     def association(self, result: str) -> None:
         self._associations.labels(self.site, result).inc()

@@ -165,14 +165,7 @@ def _qido(level: Level, scope: list[Schema], summary: str) -> Schema:
             "Attributes to return besides the defaults, or `all`.",
             {"type": "string"},
         ),
-        _query(
-            "limit",
-            "Results per page (more than 1000 are cut to 1000, with a Warning).",
-            {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
-        ),
-        _query(
-            "offset", "Results to skip.", {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
-        ),
+        *_page("more than 1000 are cut to 1000, with a Warning", MAX_COUNT, MAX_COUNT),
         _query(
             "fuzzymatching",
             "Not supported: literal matching is done, with a Warning.",
@@ -255,15 +248,15 @@ def _post(model: type[BaseModel], response: Schema, *problems: int, **extra: Sch
     }
 
 
-def _page() -> list[Schema]:
+def _page(limits: str, max_limit: int, max_offset: int) -> list[Schema]:
     return [
         _query(
             "limit",
-            "Results per page (at most 1000).",
-            {"type": "integer", "minimum": 0, "maximum": MAX_PAGE},
+            f"Results per page ({limits}).",
+            {"type": "integer", "minimum": 0, "maximum": max_limit},
         ),
         _query(
-            "offset", "Results to skip.", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}
+            "offset", "Results to skip.", {"type": "integer", "minimum": 0, "maximum": max_offset}
         ),
     ]
 
@@ -400,7 +393,7 @@ def document() -> Schema:
                         {"type": "string", "enum": [s.value for s in JobState]},
                     ),
                     _query("model", "Only jobs of this model.", {"type": "string"}),
-                    *_page(),
+                    *_page("at most 1000", MAX_PAGE, MAX_OFFSET),
                 ],
                 "responses": {
                     "200": _json({"type": "array", "items": job}, "Jobs, newest first."),
@@ -411,7 +404,7 @@ def document() -> Schema:
         "/worklist": {
             "get": {
                 "tags": ["worklist"],
-                "parameters": _page(),
+                "parameters": _page("at most 1000", MAX_PAGE, MAX_OFFSET),
                 "responses": {
                     "200": _json(
                         {"type": "array", "items": _ref("WorklistEntry")},
