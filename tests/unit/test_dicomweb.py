@@ -1,6 +1,6 @@
 """The pure DICOMweb pieces on real DICOM files: content negotiation, multipart framing,
-STOW-RS part splitting and responses, WADO-RS rendering, QIDO-RS parsing; hypothesis
-for the parsers that read network input."""
+WADO-RS rendering, QIDO-RS parsing; hypothesis for the parsers that read network input.
+STOW-RS parts, responses and the client are in test_dicomweb_stow.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from telerad.runtime.dataset import EXPLICIT_LE, IMPLICIT_LE
-from telerad.runtime.dicomweb import media, multipart, qido, stow, wado
+from telerad.runtime.dicomweb import media, multipart, qido, wado
 from telerad.runtime.store.catalog import Kind, Level
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
@@ -121,80 +121,6 @@ def test_multipart_framing_parses_back() -> None:
 def test_content_types_refused_with_the_reason(header: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         multipart.parse_related(header)
-
-
-# -- STOW-RS ---------------------------------------------------------------------------
-def test_split_finds_the_meta_and_the_data_set() -> None:
-    raw = CT.read_bytes()
-    part = stow.split(raw)
-    ds = pydicom.dcmread(CT)
-    assert part.transfer_syntax == ds.file_meta.TransferSyntaxUID
-    assert part.sop_instance_uid == ds.SOPInstanceUID
-    assert part.sop_class_uid == ds.SOPClassUID
-    stream = io.BytesIO(raw)
-    pydicom.filereader.read_preamble(stream, False)
-    pydicom.filereader._read_file_meta_info(stream)
-    assert part.offset == stream.tell()
-    assert stow.split(bytearray(raw)) == part  # as read from a request, chunk by chunk
-
-
-def test_split_without_group_length() -> None:
-    ds = pydicom.dcmread(CT)
-    del ds.file_meta.FileMetaInformationGroupLength
-    out = io.BytesIO()
-    pydicom.dcmwrite(out, ds, enforce_file_format=False)
-    raw = out.getvalue()
-    assert stow.split(raw).sop_instance_uid == ds.SOPInstanceUID
-
-
-@pytest.mark.parametrize(
-    ("mangle", "message"),
-    [
-        (lambda raw: raw[128:], "no DICM"),
-        (lambda raw: raw[:140], "meta"),
-        (lambda raw: raw[:150], "runs past the end|has no TransferSyntaxUID"),
-        (lambda raw: raw.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.01"), "UID"),
-    ],
-)
-def test_split_says_what_is_wrong(mangle: object, message: str) -> None:
-    with pytest.raises(stow.InvalidPart, match=message):
-        stow.split(mangle(CT.read_bytes()))  # type: ignore[operator]
-
-
-@settings(max_examples=300)
-@given(st.integers(min_value=0, max_value=400), st.binary(max_size=64))
-def test_split_refuses_truncated_or_garbled_parts_cleanly(cut: int, noise: bytes) -> None:
-    raw = CT.read_bytes()
-    for candidate in (raw[:cut], raw[:cut] + noise, noise):
-        with contextlib.suppress(stow.InvalidPart):
-            stow.split(candidate)
-
-
-def test_stow_response_statuses_and_data_set() -> None:
-    ok = stow.Stored(
-        "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "http://g/studies/1/series/2/instances/3"
-    )
-    warned = stow.Stored("1.2.840.10008.5.1.4.1.1.2", "1.2.3.5", "http://g/x", 0xB007)
-    bad = stow.refused(
-        stow.Reason.CANNOT_UNDERSTAND, "broken", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.6"
-    )
-    unknown = stow.refused(stow.Reason.CANNOT_UNDERSTAND, "not DICOM")
-    assert stow.response([ok], "http://g/studies/1")[0] == 200
-    assert stow.response([ok, warned], None)[0] == 202
-    assert stow.response([ok, bad], None)[0] == 202
-    status, body = stow.response([bad, unknown], None)
-    assert status == 409
-    ds = Dataset.from_json(json.dumps(body))
-    assert [i.FailureReason for i in ds.FailedSOPSequence] == [0xC000, 0xC000]
-    assert ds.FailedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.3.6"
-    assert "ReferencedSOPSequence" not in ds
-    status, body = stow.response([ok, warned, bad], "http://g/studies/1")
-    ds = Dataset.from_json(json.dumps(body))
-    assert ds.RetrieveURL == "http://g/studies/1"
-    assert [i.ReferencedSOPInstanceUID for i in ds.ReferencedSOPSequence] == ["1.2.3.4", "1.2.3.5"]
-    assert ds.ReferencedSOPSequence[1].WarningReason == 0xB007
-    with pytest.raises(ValueError, match="at least one"):
-        stow.response([], None)
 
 
 # -- WADO-RS ---------------------------------------------------------------------------

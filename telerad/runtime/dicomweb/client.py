@@ -3,6 +3,8 @@ multipart/related request, streamed, and reads its answer."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,14 +12,24 @@ from typing import Any
 
 import aiohttp
 
+from telerad.runtime.dataset import valid_uid
 from telerad.runtime.dicomweb import multipart
 from telerad.runtime.dicomweb.media import DICOM, DICOM_JSON
 
 CHUNK = 1 << 20
+_QUOTED = 200
 
 
 class StowError(Exception):
-    """The server did not answer as STOW-RS says; the message has its status."""
+    """The server did not answer as STOW-RS says. The message has the status; the start
+    of the answer is kept apart in `body`, because a server's error page may echo what it
+    was sent, and the message goes to logs."""
+
+    def __init__(self, message: str, status: int, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+        """The first 200 characters of the answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,38 +38,32 @@ class StowReport:
     stored: list[str] = field(default_factory=list)
     """SOP Instance UIDs the server stored."""
     failed: list[tuple[str, int]] = field(default_factory=list)
-    """(SOP Instance UID, FailureReason) of those it refused."""
+    """(SOP Instance UID, FailureReason) of those it refused; the UID may be empty."""
     warnings: list[tuple[str, int]] = field(default_factory=list)
-
-
-async def _body(boundary: str, items: Sequence[Path | bytes]) -> AsyncIterator[bytes]:
-    for item in items:
-        yield multipart.part_head(boundary, DICOM)
-        if isinstance(item, bytes):
-            yield item
-        else:
-            with item.open("rb") as source:
-                while chunk := source.read(CHUNK):
-                    yield chunk
-        yield b"\r\n"
-    yield multipart.closing(boundary)
+    """(SOP Instance UID, WarningReason) of those it stored with a warning."""
 
 
 async def store(
     session: aiohttp.ClientSession,
     base_url: str,
-    items: Sequence[Path | bytes],
+    files: Sequence[Path | bytes],
     *,
     study_uid: str | None = None,
     headers: Mapping[str, str] | None = None,
+    chunk_size: int = CHUNK,
 ) -> StowReport:
-    """POST the items to `{base_url}/studies[/{study_uid}]`, byte for byte."""
+    """POST Part 10 files (paths, or objects in memory) to `{base_url}/studies[/{study_uid}]`,
+    byte for byte. 200, 202 and 409 answers are reports; anything else is a StowError, as
+    are answers that are not a DICOM JSON data set."""
+    if study_uid is not None and not valid_uid(study_uid):
+        raise ValueError("study_uid is not a valid UID")
     boundary = multipart.new_boundary()
     url = base_url.rstrip("/") + "/studies" + (f"/{study_uid}" if study_uid else "")
     # The length is known from the sizes, so no chunked encoding, which not every server
     # takes on a request.
+    sizes = await asyncio.to_thread(lambda: [_size(item) for item in files])
     length = len(multipart.closing(boundary)) + sum(
-        len(multipart.part_head(boundary, DICOM)) + _size(item) + 2 for item in items
+        len(multipart.part_head(boundary, DICOM)) + size + 2 for size in sizes
     )
     request_headers = {
         **(headers or {}),
@@ -65,43 +71,100 @@ async def store(
         "Content-Length": str(length),
         "Accept": DICOM_JSON,
     }
-    async with session.post(url, data=_body(boundary, items), headers=request_headers) as answer:
-        await answer.read()
-        if answer.status not in (200, 202, 409):
-            # The body is not quoted: an error page may echo what was sent.
-            raise StowError(f"{url} answered {answer.status} {answer.reason}")
-        try:
-            body = await answer.json(content_type=None)
-        except ValueError:
-            raise StowError(f"{url} answered {answer.status} without DICOM JSON") from None
-    if not isinstance(body, dict):
-        raise StowError(f"{url} answered {answer.status} with JSON that is not a data set")
-    return StowReport(
-        status=answer.status,
-        stored=[_uid(item) for item in _items(body, "00081199")],
-        failed=[(_uid(item), _reason(item, "00081197")) for item in _items(body, "00081198")],
-        warnings=[
-            (_uid(item), _reason(item, "00081196"))
-            for item in _items(body, "00081199")
-            if "00081196" in item
-        ],
-    )
+    body = _body(boundary, files, chunk_size)
+    async with session.post(url, data=body, headers=request_headers) as answer:
+        status = answer.status
+        # The URL may name a study, so the messages name only the server.
+        where = f"STOW-RS to {base_url}"
+        if status not in (200, 202, 409):
+            start = await _start(answer)
+            raise StowError(f"{where}: answered {status} {answer.reason}", status, start)
+        raw = await answer.read()
+    try:
+        return _report(status, json.loads(raw))
+    except ValueError:
+        raise StowError(
+            f"{where}: answered {status} without a DICOM JSON data set",
+            status,
+            raw[: _QUOTED * 4].decode("utf-8", "replace")[:_QUOTED],
+        ) from None
+
+
+async def _start(answer: aiohttp.ClientResponse) -> str:
+    """The first characters of an answer, without reading all of a large one."""
+    start = b""
+    # Up to four bytes a character in UTF-8.
+    while len(start) < _QUOTED * 4:
+        chunk = await answer.content.read(_QUOTED * 4 - len(start))
+        if not chunk:
+            break
+        start += chunk
+    return start.decode("utf-8", "replace")[:_QUOTED]
+
+
+async def _body(
+    boundary: str, files: Sequence[Path | bytes], chunk_size: int
+) -> AsyncIterator[bytes]:
+    for item in files:
+        yield multipart.part_head(boundary, DICOM)
+        if isinstance(item, bytes):
+            yield item
+        else:
+            # Reads go to a thread: the tiers may be network storage, and the event loop
+            # serves other requests meanwhile.
+            source = await asyncio.to_thread(item.open, "rb")
+            try:
+                while chunk := await asyncio.to_thread(source.read, chunk_size):
+                    yield chunk
+            finally:
+                source.close()
+        yield b"\r\n"
+    yield multipart.closing(boundary)
 
 
 def _size(item: Path | bytes) -> int:
     return len(item) if isinstance(item, bytes) else item.stat().st_size
 
 
-def _items(body: dict[str, Any], tag: str) -> list[dict[str, Any]]:
-    value = body.get(tag, {}).get("Value", [])
-    return [item for item in value if isinstance(item, dict)]
+def _report(status: int, body: object) -> StowReport:
+    """The instances a response data set (PS3.18 10.5.3) lists; ValueError when it is not
+    one."""
+    if not isinstance(body, dict):
+        raise ValueError("not a data set")
+    stored = _sequence(body, "00081199")
+    return StowReport(
+        status=status,
+        stored=[_uid(item) for item in stored],
+        failed=[(_uid(item), _reason(item, "00081197")) for item in _sequence(body, "00081198")],
+        warnings=[(_uid(item), _reason(item, "00081196")) for item in stored if "00081196" in item],
+    )
+
+
+def _sequence(body: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    items = _values(body, tag)
+    if not all(isinstance(item, dict) for item in items):
+        raise ValueError(f"{tag} is not a sequence")
+    return items
+
+
+def _values(item: dict[str, Any], tag: str) -> list[Any]:
+    element = item.get(tag, {})
+    values = element.get("Value", []) if isinstance(element, dict) else None
+    if not isinstance(values, list):
+        raise ValueError(f"{tag} is not a DICOM JSON element")
+    return values
 
 
 def _uid(item: dict[str, Any]) -> str:
-    values = item.get("00081155", {}).get("Value", [""])
+    values = _values(item, "00081155")
+    if values and not isinstance(values[0], str):
+        raise ValueError("a ReferencedSOPInstanceUID is not a string")
     return str(values[0]) if values else ""
 
 
 def _reason(item: dict[str, Any], tag: str) -> int:
-    values = item.get(tag, {}).get("Value", [0])
+    """A FailureReason or WarningReason; 0 when the server left it empty."""
+    values = _values(item, tag)
+    if values and (not isinstance(values[0], int) or isinstance(values[0], bool)):
+        raise ValueError(f"{tag} is not a US value")
     return int(values[0]) if values else 0

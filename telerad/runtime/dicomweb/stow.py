@@ -12,6 +12,8 @@ from telerad.runtime.dataset import DEFLATED_LE, valid_uid
 
 _PREAMBLE: Final = 128
 _META: Final = _PREAMBLE + 4
+_HEADER: Final = 8
+"""The shortest element header; a data set has at least one."""
 _LONG_VRS: Final = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
@@ -95,46 +97,69 @@ def split(part: bytes | bytearray | memoryview) -> Part10:
             "no DICM prefix at offset 128: not a DICOM Part 10 file. STOW-RS takes"
             " application/dicom parts with their file meta information, not bare data sets"
         )
+    end, group_end, found = _walk(part)
+    if group_end is not None and group_end > size:
+        raise InvalidPart(
+            f"the file meta runs past the end of the part: its group length says it ends at"
+            f" offset {group_end}, the part has {size} bytes"
+        )
+    if group_end is not None and end != group_end and _deflated(found):
+        raise InvalidPart(
+            f"the file meta's group length says it ends at offset {group_end}, its elements"
+            f" at offset {end}; with a deflated data set only the group length can tell"
+        )
+    if size - end < _HEADER:
+        raise InvalidPart(
+            f"the part ends at offset {size}, {size - end} bytes after its file meta:"
+            " it has no data set"
+        )
+    transfer_syntax, sop_class, sop_instance = (_required(found, element, end) for element in _UIDS)
+    return Part10(transfer_syntax, sop_class, sop_instance, offset=end)
+
+
+def _walk(
+    part: bytes | bytearray | memoryview,
+) -> tuple[int, int | None, dict[int, tuple[str, int]]]:
+    """Where the group 0002 elements end, where the group length says they end, and the
+    UIDs among them with their offsets."""
     pos = _META
-    meta_end: int | None = None
+    group_end: int | None = None
     found: dict[int, tuple[str, int]] = {}
-    while pos + 2 <= size:
-        if meta_end is not None and pos >= meta_end and _deflated(found):
+    while pos + 2 <= len(part):
+        if group_end is not None and pos >= group_end and _deflated(found):
             break
         if struct.unpack_from("<H", part, pos)[0] != 0x0002:
             break
         element, start, length = _element_header(part, pos)
         end = start + length
-        if end > size:
+        if end > len(part):
             raise InvalidPart(
                 f"file meta element (0002,{element:04X}) at offset {pos} runs past the end"
-                f" of the part ({length} bytes from offset {start}, the part has {size})"
+                f" of the part ({length} bytes from offset {start}, the part has {len(part)})"
             )
         if element == 0x0000 and pos == _META and length == 4:
-            meta_end = end + int(struct.unpack_from("<I", part, start)[0])
+            group_end = end + int(struct.unpack_from("<I", part, start)[0])
         elif element in _UIDS:
             value = bytes(part[start:end]).decode("ascii", "replace").rstrip("\x00 ")
             found[element] = (value, pos)
         pos = end
-    if meta_end is not None and meta_end > size:
-        raise InvalidPart(
-            f"the file meta is truncated: its group length says it ends at offset {meta_end},"
-            f" the part has {size} bytes"
-        )
-    if meta_end is not None and pos != meta_end and _deflated(found):
-        raise InvalidPart(
-            f"the file meta's group length says it ends at offset {meta_end}, its elements"
-            f" at offset {pos}; with a deflated data set only the group length can tell"
-        )
-    uids = {}
-    for element, label in _UIDS.items():
-        value, offset = found.get(element, ("", 0))
-        if not value:
-            raise InvalidPart(f"the file meta (offsets 132 to {pos}) has no {label}")
-        if not valid_uid(value):
-            raise InvalidPart(f"the file meta's {label} at offset {offset} is not a valid UID")
-        uids[element] = value
-    return Part10(uids[0x0010], uids[0x0002], uids[0x0003], offset=pos)
+    return pos, group_end, found
+
+
+def _required(found: dict[int, tuple[str, int]], element: int, end: int) -> str:
+    value, offset = found.get(element, ("", 0))
+    if not value:
+        raise InvalidPart(f"the file meta (offsets {_META} to {end}) has no {_UIDS[element]}")
+    if not valid_uid(value):
+        raise InvalidPart(f"the file meta's {_UIDS[element]} at offset {offset} is not a valid UID")
+    return value
+
+
+def _truncated(pos: int, header: int, size: int) -> InvalidPart:
+    return InvalidPart(
+        f"file meta element at offset {pos} runs past the end of the part"
+        f" (its header alone has {header} bytes, the part has {size})"
+    )
 
 
 def _deflated(found: dict[int, tuple[str, int]]) -> bool:
@@ -144,8 +169,8 @@ def _deflated(found: dict[int, tuple[str, int]]) -> bool:
 def _element_header(part: bytes | bytearray | memoryview, pos: int) -> tuple[int, int, int]:
     """(element, value offset, value length) of the explicit VR little endian group 0002
     element at `pos`."""
-    if pos + 8 > len(part):
-        raise InvalidPart(f"the file meta is truncated in the element header at offset {pos}")
+    if pos + _HEADER > len(part):
+        raise _truncated(pos, _HEADER, len(part))
     element = int(struct.unpack_from("<H", part, pos + 2)[0])
     vr = bytes(part[pos + 4 : pos + 6])
     if not (vr.isalpha() and vr.isupper()):
@@ -156,7 +181,7 @@ def _element_header(part: bytes | bytearray | memoryview, pos: int) -> tuple[int
     if vr not in _LONG_VRS:
         return element, pos + 8, int(struct.unpack_from("<H", part, pos + 6)[0])
     if pos + 12 > len(part):
-        raise InvalidPart(f"the file meta is truncated in the element header at offset {pos}")
+        raise _truncated(pos, 12, len(part))
     return element, pos + 12, int(struct.unpack_from("<I", part, pos + 8)[0])
 
 
@@ -164,7 +189,7 @@ def _element(vr: str, *values: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
 
 
-def _uid(value: str) -> dict[str, Any]:
+def _ui(value: str) -> dict[str, Any]:
     # An instance whose part could not be read has no UIDs: the attribute is there, empty.
     return _element("UI", value) if value else _element("UI")
 
@@ -187,8 +212,8 @@ def response(outcomes: list[Outcome], study_retrieve_url: str | None) -> tuple[i
             "SQ",
             *(
                 {
-                    "00081150": _uid(o.sop_class_uid),
-                    "00081155": _uid(o.sop_instance_uid),
+                    "00081150": _ui(o.sop_class_uid),
+                    "00081155": _ui(o.sop_instance_uid),
                     "00081197": _element("US", int(o.reason)),
                 }
                 for o in failed
@@ -198,8 +223,8 @@ def response(outcomes: list[Outcome], study_retrieve_url: str | None) -> tuple[i
         items = []
         for o in stored:
             item = {
-                "00081150": _uid(o.sop_class_uid),
-                "00081155": _uid(o.sop_instance_uid),
+                "00081150": _ui(o.sop_class_uid),
+                "00081155": _ui(o.sop_instance_uid),
                 "00081190": _element("UR", o.retrieve_url),
             }
             if o.warning is not None:
