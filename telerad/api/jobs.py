@@ -1,4 +1,4 @@
-"""The gateway's job API: what workers send and receive, and the worklist.
+"""The gateway's JSON API: what workers send and receive, the worklist, and exports.
 
 One definition for the gateway that serves it and the worker that calls it.
 """
@@ -13,7 +13,7 @@ from pydantic import Field
 
 from telerad.api.aimodel import Ratio
 from telerad.api.base import ApiModel
-from telerad.api.types import DNSLabel, Priority
+from telerad.api.types import DicomUID, DNSLabel, Priority
 
 Seconds = Annotated[int, Field(ge=1, le=3600)]
 Owner = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:@/-]+$")]
@@ -137,15 +137,10 @@ class Problem(ApiModel):
     detail: str
 
 
-Uid = Annotated[
-    str, Field(min_length=3, max_length=64, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
-]
-
-
 class ExportRequest(ApiModel):
     """Send a study to one of the site's destinations now."""
 
-    study: Uid
+    study: DicomUID
     """Study Instance UID."""
     destination: DNSLabel
     """Name of a destination in the site's spec."""
