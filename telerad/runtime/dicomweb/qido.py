@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from pydicom.datadict import dictionary_keyword, keyword_dict, tag_for_keyword
+from pydicom.datadict import keyword_dict, keyword_for_tag, tag_for_keyword
 
 from telerad.runtime.dataset import valid_uid
 from telerad.runtime.store.catalog import (
@@ -118,7 +118,8 @@ def _keyword(key: str) -> str:
     if "." in key:
         raise QueryError(f"{key}: attributes inside sequences cannot be matched")
     if re.fullmatch(r"[0-9A-Fa-f]{8}", key):
-        name = dictionary_keyword(int(key, 16)) if int(key, 16) else ""
+        # keyword_for_tag, unlike dictionary_keyword, answers "" for a tag it does not know.
+        name = keyword_for_tag(int(key, 16))
         if not name:
             raise QueryError(f"{key}: not a known attribute tag")
         return str(name)
@@ -209,7 +210,8 @@ def parse(
         keyword = _keyword(key)
         if keyword not in available or not ATTRIBUTES[keyword].matchable:
             supported = ", ".join(MATCHING_KEYS[level])
-            raise QueryError(f"{keyword}: not a supported matching key here; use {supported}")
+            named = key if key == keyword else f"{key} ({keyword})"
+            raise QueryError(f"{named}: not a supported matching key here; use {supported}")
         if keyword not in returned:
             returned.append(keyword)
         if value != "":
