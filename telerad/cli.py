@@ -203,6 +203,100 @@ def gateway(
 
 
 @cli.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Worker configuration (YAML), as the operator renders it into the model's ConfigMap.",
+)
+@click.option(
+    "--example-config",
+    is_flag=True,
+    help="Print a complete configuration for a local run and exit.",
+)
+@click.option(
+    "--gateway",
+    "gateway_url",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="With --example-config: the gateway's HTTP base URL.",
+)
+@click.option(
+    "--model",
+    default="ct-head-hyperdensity",
+    show_default=True,
+    help="With --example-config: the model plugin (entry point in telerad.models).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("telerad-data/tokens/local"),
+    show_default=True,
+    help="With --example-config: the file with the gateway's bearer token.",
+)
+@click.option(
+    "--metrics-port", type=int, default=9090, show_default=True, help="With --example-config."
+)
+@click.option("-v", "--verbose", is_flag=True)
+def worker(
+    *,
+    config_file: Path | None,
+    example_config: bool,
+    gateway_url: str,
+    model: str,
+    token_file: Path,
+    metrics_port: int,
+    verbose: bool,
+) -> None:
+    """Run an inference worker: claim jobs, run the model, store the SR, report findings.
+
+    \b
+    Start one beside the example gateway:
+      telerad worker --example-config > worker.yaml
+      telerad worker --config worker.yaml
+    """
+    import asyncio  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    from telerad.api.config import WorkerConfig  # noqa: PLC0415
+    from telerad.runtime.gpu import Gpus  # noqa: PLC0415
+    from telerad.runtime.models import base  # noqa: PLC0415
+    from telerad.runtime.worker.run import StartupError, Worker, choose_device  # noqa: PLC0415
+
+    if example_config:
+        from telerad.runtime.worker.example import example_config as build  # noqa: PLC0415
+
+        try:
+            config = build(gateway_url, model, token_file, metrics_port)
+        except (base.UnknownModel, ValidationError) as exc:
+            raise click.ClickException(str(exc)) from None
+        text = yaml.safe_dump(config.to_wire(), sort_keys=False)
+        click.echo("# telerad worker configuration for a local run\n" + text, nl=False)
+        return
+    if config_file is None:
+        raise click.UsageError("give --config FILE (or --example-config to print one)")
+    try:
+        worker_config = WorkerConfig.load(config_file)
+    except ValidationError as exc:
+        raise click.ClickException(f"{config_file}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{config_file}: not YAML: {exc}") from None
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    gpus = Gpus()
+    try:
+        device = choose_device(worker_config, gpus)
+        plugin = base.load(worker_config.model.name, device)
+        asyncio.run(Worker(worker_config, plugin, gpus).run())
+    except (StartupError, base.UnknownModel, OSError) as exc:
+        raise click.ClickException(f"cannot start the worker: {exc}") from None
+    finally:
+        gpus.close()
+
+
+@cli.command()
 @click.option("--tenant", required=True, help="Namespace of the tenant the token belongs to.")
 def token(tenant: str) -> None:
     """Print a new bearer token for a site's HTTP API.

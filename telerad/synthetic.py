@@ -415,7 +415,7 @@ def small_instances(
 # --------------------------------------------------------------------------- chest X-ray
 
 
-def _chest_image(seed: int, rows: int, columns: int) -> npt.NDArray[np.uint16]:
+def _chest_image(seed: int, rows: int, columns: int, opacity: bool) -> npt.NDArray[np.uint16]:
     """A PA chest as displayed: patient's right on the image's left, head at the top, more
     attenuation brighter (MONOCHROME2). Lungs dark, mediastinum, heart and spine bright,
     ribs as curved bands over the lungs; enough for a viewer or a model's pre-processing to
@@ -437,6 +437,9 @@ def _chest_image(seed: int, rows: int, columns: int) -> npt.NDArray[np.uint16]:
     ribs = (0.5 + 0.5 * np.cos(2 * np.pi * 7.0 * (v - 0.3 * u**2))) ** 8
     att[lungs] = (0.2 + 0.12 * np.broadcast_to(ribs, att.shape))[lungs]
     att[inside(0.12, 0.25, 0.27 * jitter[2], 0.23)] = 0.62  # heart, to the patient's left
+    if opacity:
+        # Consolidation filling most of the right upper zone (the image's left).
+        att[lungs & inside(-0.38, -0.4, 0.26, 0.26)] = 0.55
     att[body & (np.abs(u) < 0.08)] = 0.7  # spine and mediastinum
     clavicles = (
         (np.abs(v + 0.58 - 0.18 * np.abs(u)) < 0.025) & (np.abs(u) > 0.08) & (np.abs(u) < 0.55)
@@ -452,18 +455,22 @@ def chest_xray(
     modality: Literal["DX", "CR"] = "DX",
     *,
     study_uid: str | None = None,
+    opacity: bool = False,
 ) -> FileDataset:
     """A single-view PA chest radiograph, 12 bits stored in 16, at 0.2 mm per pixel.
 
     DX is Digital X-Ray For Presentation, with the attributes its IOD requires beyond CR's
     (presentation intent, pixel intensity relationship, presentation LUT), because that is
     what modern rooms send; CR is for paths that must handle the older class.
+
+    With `opacity` a dense consolidation fills most of the right upper lung zone.
     """
     _check_seed(seed)
     rows, columns = size
     if rows < 8 or columns < 8:
         raise ValueError(f"size {size} is too small")
-    key = ("cxr", seed, rows, columns, modality)
+    # Only a changed image changes the UIDs: earlier studies keep theirs.
+    key = ("cxr", seed, rows, columns, modality, *(("opacity",) if opacity else ()))
     study = _study("cxr", seed, key, "XR CHEST 1 VIEW", study_uid)
     sop_class = (
         DigitalXRayImageStorageForPresentation
@@ -504,7 +511,7 @@ def chest_xray(
         ds.PresentationLUTShape = "IDENTITY"
         ds.LossyImageCompression = "00"
         ds.BurnedInAnnotation = "NO"
-    _pixels(ds, _chest_image(seed, rows, columns), bits_stored=12)
+    _pixels(ds, _chest_image(seed, rows, columns, opacity), bits_stored=12)
     ds.WindowCenter = "2048"
     ds.WindowWidth = "4096"
     return ds

@@ -62,6 +62,17 @@ class JobPolicy(ApiModel):
     """Longest wait between retries."""
 
 
+class DeliveryPolicy(ApiModel):
+    """Retries of critical-finding webhooks and result forwarding."""
+
+    max_attempts: int = Field(default=30, ge=1, le=1000)
+    """Attempts before a delivery is parked (kept, with its error, for a person to see)."""
+    backoff_seconds: int = Field(default=2, ge=0, le=3600)
+    """Wait before the second attempt; doubled for each after it."""
+    max_backoff_seconds: int = Field(default=600, ge=0, le=86400)
+    """Longest wait between attempts."""
+
+
 class ModelRoute(ApiModel):
     """A model a compiled rule sends studies to, with what the gateway must know of it."""
 
@@ -140,6 +151,8 @@ class GatewayConfig(ApiModel):
     """Audit log of the HTTP API, one JSON file per day; default `<hotDir>/audit`."""
     notifications: Notifications = Field(default_factory=Notifications)
     """Critical-finding webhooks."""
+    delivery: DeliveryPolicy = Field(default_factory=DeliveryPolicy)
+    """Retries of webhooks and result forwarding."""
 
 
 class GatewayEndpoint(ApiModel):
@@ -149,6 +162,11 @@ class GatewayEndpoint(ApiModel):
     """ImagingSite name."""
     url: HttpUrl
     """Base URL of the gateway's HTTP port."""
+    token_file: Path | None = None
+    """File holding the bearer token of the site's tenant (a mounted Secret key); re-read
+    on every request, so a rotated Secret is picked up."""
+    ca_file: Path | None = None
+    """CA bundle that signs the gateway's HTTPS certificate; default: the system's."""
 
 
 class WorkerConfig(ApiModel):
@@ -168,3 +186,9 @@ class WorkerConfig(ApiModel):
     """Lease of a claimed job; extended while the worker runs."""
     metrics_port: Port = 9090
     """Port of /metrics and /healthz."""
+    bind_address: str = "0.0.0.0"  # noqa: S104  (a pod listens on its own interface)
+    """Address of the metrics port."""
+    poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    """Wait between claims when no gateway has work."""
+    owner: Annotated[str, Field(max_length=200)] | None = None
+    """Identity on the leases; default: the host name (the pod name)."""

@@ -20,6 +20,14 @@ Owner = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9
 Token = Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._ -]+$")]
 
+JOB_HEADER = "Telerad-Job"
+"""`<job id>:<lease token>` on a WADO-RS or STOW-RS request made for a leased job. The
+gateway checks the lease; it serves a de-identified study when the job asks for one, and
+a result stored under it does not make the study route again."""
+LEASE_NOT_HELD = 412
+"""What such a request gets when the lease is not held (409 already means "nothing
+stored" to STOW-RS)."""
+
 
 class JobState(StrEnum):
     """Where a job is; parked jobs wait for a person, they are never dropped."""

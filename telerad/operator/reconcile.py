@@ -92,13 +92,13 @@ class World:
     def models_of_site(self, site: str) -> set[str]:
         return {route.name for rule in self.rules_for(site) for route in rule.models}
 
-    def gateways_of_model(self, model: str) -> dict[str, int]:
-        """Sites whose rules route to the model, with their HTTP ports."""
+    def gateways_of_model(self, model: str) -> dict[str, ImagingSite]:
+        """Sites whose rules route to the model."""
         found = {}
         for name, body in self.sites.items():
             parsed = _parse(ImagingSite, body)
             if parsed is not None and model in self.models_of_site(name):
-                found[name] = parsed.spec.http_port
+                found[name] = parsed
         return found
 
     def policies_using(self, model: str) -> list[str]:

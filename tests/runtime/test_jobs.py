@@ -70,10 +70,10 @@ def test_completed_studies_become_the_jobs_their_rules_call_for(quick: GatewayPr
     jobs = {j["model"]: j for j in gateway.get("/jobs")}
     assert jobs["ct-head-hyperdensity"]["priority"] == "stat"
     assert jobs["ct-head-hyperdensity"]["studyUid"] == head[0].StudyInstanceUID
-    assert jobs["chest-xray-triage"]["priority"] == "urgent"
-    assert jobs["chest-xray-triage"]["deidentify"] is True
+    assert jobs["cxr-opacity"]["priority"] == "urgent"
+    assert jobs["cxr-opacity"]["deidentify"] is False
     assert gateway.metric("telerad_queue_depth", model="ct-head-hyperdensity", priority="stat") == 1
-    assert gateway.metric("telerad_queue_depth", model="chest-xray-triage", priority="stat") == 0
+    assert gateway.metric("telerad_queue_depth", model="cxr-opacity", priority="stat") == 0
     worklist = gateway.get("/worklist")
     assert [e["studyUid"] for e in worklist] == [
         head[0].StudyInstanceUID,
@@ -140,7 +140,7 @@ def test_failing_jobs_retry_then_park_with_their_reason(quick: GatewayProcess) -
     assert send_datasets(gateway, study(1, modality="DX", body_part="CHEST")) == [0]
     gateway.wait_for(lambda: len(gateway.get("/jobs")) == 1)
     for attempt in (1, 2):
-        job = claim(gateway, "chest-xray-triage", "worker-a")
+        job = claim(gateway, "cxr-opacity", "worker-a")
         assert job is not None and job["attempts"] == attempt
         failed = gateway.post(
             f"/jobs/{job['id']}/fail",
@@ -149,10 +149,10 @@ def test_failing_jobs_retry_then_park_with_their_reason(quick: GatewayProcess) -
         assert failed.status_code == 200
     assert failed.json()["state"] == "parked"
     assert failed.json()["reason"] == "model crashed (2)"
-    assert claim(gateway, "chest-xray-triage", "worker-a") is None
+    assert claim(gateway, "cxr-opacity", "worker-a") is None
     parked = gateway.get("/jobs", state="parked")
     assert [j["id"] for j in parked] == [job["id"]]
-    assert gateway.metric("telerad_gateway_jobs", model="chest-xray-triage", state="parked") == 1
+    assert gateway.metric("telerad_gateway_jobs", model="cxr-opacity", state="parked") == 1
 
 
 def test_bad_requests_say_what_was_wrong(gateway: GatewayProcess) -> None:

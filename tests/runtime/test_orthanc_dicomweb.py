@@ -35,8 +35,11 @@ def data_set(part10: bytes) -> bytes:
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, gateway: GatewayProcess | None) -> None:
+    def __init__(
+        self, workdir: Path, gateway: GatewayProcess | None, *, dicom: bool = False
+    ) -> None:
         self.http_port = free_port()
+        self.dicom_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         servers = (
             {
@@ -56,7 +59,12 @@ class Orthanc:
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "DicomServerEnabled": False,
+            # With `dicom`, a C-STORE peer as well: AE title ORTHANC, any caller may store.
+            "DicomServerEnabled": dicom,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": True,
             "Plugins": [str(PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers},
         }
@@ -99,7 +107,7 @@ class Orthanc:
         return out
 
 
-OrthancFactory = Callable[[GatewayProcess | None], Orthanc]
+OrthancFactory = Callable[..., Orthanc]
 
 
 @pytest.fixture
@@ -109,8 +117,8 @@ def orthanc_for(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancFac
             pytest.fail(f"{needed} is missing: `make test` installs orthanc and orthanc-dicomweb")
     started: list[Orthanc] = []
 
-    def start(gateway: GatewayProcess | None) -> Orthanc:
-        orthanc = Orthanc(tmp_path_factory.mktemp("orthanc"), gateway)
+    def start(gateway: GatewayProcess | None, *, dicom: bool = False) -> Orthanc:
+        orthanc = Orthanc(tmp_path_factory.mktemp("orthanc"), gateway, dicom=dicom)
         started.append(orthanc)
         return orthanc
 

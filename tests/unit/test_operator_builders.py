@@ -4,11 +4,14 @@ comparison that decides whether a write is needed."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from telerad.api.aimodel import AIModel
+from telerad.api.config import WorkerConfig
 from telerad.api.routing import RoutingPolicy
 from telerad.api.site import ImagingSite
 from telerad.operator.builders import model as model_builders
@@ -251,8 +254,9 @@ def test_network_policy_opens_dicom_to_callers_and_http_to_workers() -> None:
 def test_worker_deployment_requests_gpus_and_tolerates_the_taint() -> None:
     body = owner("ct-head-hyperdensity")
     model = AIModel.from_wire(body)
+    st_marys = ImagingSite.from_wire(owner("st-marys"))
     children = {
-        c["kind"]: c for c in model_builders.children(body, model, {"st-marys": 8080}, SETTINGS)
+        c["kind"]: c for c in model_builders.children(body, model, {"st-marys": st_marys}, SETTINGS)
     }
     pod = children["Deployment"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -262,9 +266,31 @@ def test_worker_deployment_requests_gpus_and_tolerates_the_taint() -> None:
         "operator": "Exists",
         "effect": "NoSchedule",
     }
-    assert (
-        "http://st-marys-gateway.tenant-a.svc:8080" in children["ConfigMap"]["data"]["worker.yaml"]
+    config = WorkerConfig.model_validate(
+        yaml.safe_load(children["ConfigMap"]["data"]["worker.yaml"])
     )
+    (gateway,) = config.gateways
+    # The site serves HTTPS and asks for tokens: the worker gets its token and the CA, and
+    # only those two keys of the two Secrets.
+    assert str(gateway.url) == "https://st-marys-gateway.tenant-a.svc:8080"
+    assert gateway.token_file == Path("/etc/telerad/gateways/st-marys/token")
+    assert gateway.ca_file == Path("/etc/telerad/gateways/st-marys/ca.crt")
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "gw-st-marys")
+    assert mount == {
+        "name": "gw-st-marys",
+        "mountPath": "/etc/telerad/gateways/st-marys",
+        "readOnly": True,
+    }
+    volume = next(v for v in pod["volumes"] if v["name"] == "gw-st-marys")
+    assert volume["projected"]["sources"] == [
+        {
+            "secret": {
+                "name": "st-marys-http-clients",
+                "items": [{"key": "worker", "path": "token"}],
+            }
+        },
+        {"secret": {"name": "st-marys-dicom-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+    ]
     body["spec"]["gpu"] = {"count": 0}
     cpu = model_builders.deployment(body, AIModel.from_wire(body), children["ConfigMap"], SETTINGS)
     assert "tolerations" not in cpu["spec"]["template"]["spec"]

@@ -28,6 +28,8 @@ def summary(**fields: object) -> StudySummary:
     return StudySummary(**base)  # type: ignore[arg-type]
 
 
+# A vendor's model: its jobs are de-identified whatever the rule says.
+THIRD_PARTY = CHEST_XRAY.model_copy(update={"name": "chest-xray-triage", "third_party": True})
 RULES = [
     CompiledRule(
         policy="p", name="ed-head", models=[CT_HEAD], priority=Priority.STAT,
@@ -38,7 +40,7 @@ RULES = [
         match=Match(modalities=["CT"], study_description="*head*"),
     ),
     CompiledRule(
-        policy="p", name="chest", models=[CHEST_XRAY, CT_HEAD], priority=Priority.URGENT,
+        policy="p", name="chest", models=[THIRD_PARTY, CT_HEAD], priority=Priority.URGENT,
         match=Match(modalities=["CR", "DX"], body_parts=["CHEST"]),
     ),
 ]  # fmt: skip

@@ -9,6 +9,7 @@ import yaml
 from telerad.api import names
 from telerad.api.aimodel import AIModel
 from telerad.api.config import GatewayEndpoint, WorkerConfig
+from telerad.api.site import ImagingSite
 from telerad.operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
     CONTAINER_SECURITY,
@@ -24,6 +25,9 @@ COMPONENT = "worker"
 METRICS_PORT = 9090
 CONFIG_DIR = Path("/etc/telerad")
 CONFIG_FILE = "worker.yaml"
+GATEWAYS_DIR = Path("/etc/telerad/gateways")
+# The key of a site's access Secret that holds the token its model workers use.
+WORKER_TOKEN_KEY = "worker"  # noqa: S105  (the name of a key, not a secret)
 GPU = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
@@ -37,16 +41,22 @@ def desired_replicas(model: AIModel) -> tuple[int, str]:
     return floor, f"minReplicas floor ({floor}); queue-driven autoscaling is not enabled yet"
 
 
-def worker_config(model: AIModel, namespace: str, gateways: dict[str, int]) -> WorkerConfig:
-    """``gateways``: site name -> HTTP port of the sites whose rules route to this model."""
+def _endpoint(name: str, site: ImagingSite, namespace: str) -> GatewayEndpoint:
+    scheme = "https" if site.spec.tls is not None else "http"
+    host = f"{names.site_child(name, 'gateway')}.{namespace}.svc"
+    return GatewayEndpoint(
+        site=name,
+        url=f"{scheme}://{host}:{site.spec.http_port}",
+        token_file=GATEWAYS_DIR / name / "token" if site.spec.access is not None else None,
+        ca_file=GATEWAYS_DIR / name / "ca.crt" if site.spec.tls is not None else None,
+    )
+
+
+def worker_config(model: AIModel, namespace: str, gateways: dict[str, ImagingSite]) -> WorkerConfig:
+    """``gateways``: the sites whose rules route to this model, by name."""
     return WorkerConfig(
         model=model.spec.model,
-        gateways=[
-            GatewayEndpoint(
-                site=site, url=f"http://{names.site_child(site, 'gateway')}.{namespace}.svc:{port}"
-            )
-            for site, port in sorted(gateways.items())
-        ],
+        gateways=[_endpoint(name, site, namespace) for name, site in sorted(gateways.items())],
         third_party=model.spec.third_party,
         thresholds=model.spec.thresholds,
         device="auto" if model.spec.gpu.count else "cpu",
@@ -65,8 +75,30 @@ def config_map(owner: Manifest, config: WorkerConfig) -> Manifest:
     }
 
 
+def _gateway_volumes(gateways: dict[str, ImagingSite]) -> list[Manifest]:
+    """Per site: its client token (the `worker` key of its access Secret) and the CA of
+    its HTTPS certificate, side by side in one directory. Only those keys are mounted."""
+    volumes = []
+    for name, site in sorted(gateways.items()):
+        sources: list[Manifest] = []
+        if site.spec.access is not None:
+            secret = site.spec.access.token_secret_name
+            items = [{"key": WORKER_TOKEN_KEY, "path": "token"}]
+            sources.append({"secret": {"name": secret, "items": items}})
+        if site.spec.tls is not None:
+            items = [{"key": "ca.crt", "path": "ca.crt"}]
+            sources.append({"secret": {"name": site.spec.tls.secret_name, "items": items}})
+        if sources:
+            volumes.append({"name": f"gw-{name}", "projected": {"sources": sources}})
+    return volumes
+
+
 def deployment(
-    owner: Manifest, model: AIModel, config: Manifest, settings: OperatorSettings
+    owner: Manifest,
+    model: AIModel,
+    config: Manifest,
+    settings: OperatorSettings,
+    gateways: dict[str, ImagingSite] | None = None,
 ) -> Manifest:
     model_name = owner["metadata"]["name"]
     name = names.model_child(model_name)
@@ -111,6 +143,15 @@ def deployment(
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    for volume in _gateway_volumes(gateways or {}):
+        pod["volumes"].append(volume)
+        pod["containers"][0]["volumeMounts"].append(
+            {
+                "name": volume["name"],
+                "mountPath": str(GATEWAYS_DIR / volume["name"].removeprefix("gw-")),
+                "readOnly": True,
+            }
+        )
     if node_selector:
         pod["nodeSelector"] = node_selector
     if tolerations:
@@ -155,7 +196,10 @@ def service(owner: Manifest) -> Manifest:
 
 
 def children(
-    owner: Manifest, model: AIModel, gateways: dict[str, int], settings: OperatorSettings
+    owner: Manifest,
+    model: AIModel,
+    gateways: dict[str, ImagingSite],
+    settings: OperatorSettings,
 ) -> list[Manifest]:
     config = config_map(owner, worker_config(model, owner["metadata"]["namespace"], gateways))
-    return [config, service(owner), deployment(owner, model, config, settings)]
+    return [config, service(owner), deployment(owner, model, config, settings, gateways)]

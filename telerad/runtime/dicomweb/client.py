@@ -1,5 +1,5 @@
-"""A STOW-RS client: sends files or in-memory Part 10 objects to a DICOMweb server as one
-multipart/related request, streamed, and reads its answer."""
+"""A DICOMweb client for what telerad itself sends: STOW-RS of files or in-memory Part 10
+objects as one streamed multipart/related request, and WADO-RS of a whole study."""
 
 from __future__ import annotations
 
@@ -18,6 +18,43 @@ from telerad.runtime.dicomweb.media import DICOM, DICOM_JSON
 
 CHUNK = 1 << 20
 _QUOTED = 200
+
+
+class RetrieveError(Exception):
+    """A WADO-RS retrieve did not give the study's instances; `status` is the answer's."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def retrieve(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    study_uid: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> list[bytes]:
+    """GET `{base_url}/studies/{study_uid}`: every instance of the study as stored (any
+    transfer syntax), as Part 10 bytes."""
+    if not valid_uid(study_uid):
+        raise ValueError("study_uid is not a valid UID")
+    url = f"{base_url.rstrip('/')}/studies/{study_uid}"
+    accept = f'multipart/related; type="{DICOM}"; transfer-syntax=*'
+    async with session.get(url, headers={**(headers or {}), "Accept": accept}) as answer:
+        where = f"WADO-RS from {base_url}"
+        if answer.status != 200:
+            raise RetrieveError(f"{where}: answered {answer.status} {answer.reason}", answer.status)
+        reader = aiohttp.MultipartReader.from_response(answer)
+        parts = []
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, aiohttp.BodyPartReader):
+                raise RetrieveError(f"{where}: a nested multipart in the answer", answer.status)
+            parts.append(bytes(await part.read()))
+    return parts
 
 
 class StowError(Exception):

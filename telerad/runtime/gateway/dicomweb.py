@@ -17,10 +17,11 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from telerad.api.jobs import JOB_HEADER, LEASE_NOT_HELD, Job
 from telerad.runtime.dataset import valid_uid
 from telerad.runtime.dicomweb import media, multipart, qido, stow, wado
 from telerad.runtime.gateway.ingest import Ingest, Status
-from telerad.runtime.store.catalog import Catalog, Located
+from telerad.runtime.store.catalog import Catalog, LeaseLost, Located, UnknownJob
 from telerad.runtime.store.files import Tier
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -32,6 +33,7 @@ SMALL_FILE = 8 << 20
 # A top-level tag, or a path through sequence items: 00880200/0/7FE00010.
 BULK_PATH = r"[0-9A-Fa-f]{8}(?:/[0-9]+/[0-9A-Fa-f]{8})*"
 # Ingest's refusals as STOW-RS failure reasons (the same codes: PS3.18 borrows PS3.4's).
+_JOB_VALUE = re.compile(r"([0-9]{1,18}):([A-Za-z0-9_-]{16,64})")
 _REASONS = {
     Status.OUT_OF_RESOURCES: stow.Reason.OUT_OF_RESOURCES,
     Status.STUDY_MISMATCH: stow.Reason.STUDY_MISMATCH,
@@ -80,11 +82,36 @@ class DicomWeb:
             web.get(f"{instance}/bulkdata/{{tag:{BULK_PATH}}}", self.bulkdata),
         ]
 
+    async def _job(self, request: web.Request, study: str | None) -> Job | None:
+        """The leased job a request is made for (the Telerad-Job header), checked."""
+        value = request.headers.get(JOB_HEADER)
+        if value is None:
+            return None
+        not_held = DicomWebError(
+            LEASE_NOT_HELD,
+            "Precondition failed",
+            f"{JOB_HEADER} does not name a job leased under its token (<job id>:<lease token>)",
+        )
+        match = _JOB_VALUE.fullmatch(value.strip())
+        if match is None:
+            raise not_held
+        job_id, token = int(match.group(1)), match.group(2)
+        try:
+            job = await asyncio.to_thread(self.catalog.leased_job, job_id, token)
+        except (LeaseLost, UnknownJob):
+            # The same answer for an unknown job, a lost lease or a malformed value.
+            raise not_held from None
+        if study != job.study_uid:
+            raise DicomWebError(400, "Bad request", f"job {job_id} is for another study")
+        request["audit"] = {"job": job_id}
+        return job
+
     # -- STOW-RS ----------------------------------------------------------------
     async def store(self, request: web.Request) -> web.Response:
         study = request.match_info.get("study")
         if study is not None and not valid_uid(study):
             raise DicomWebError(400, "Bad request", "the study in the URL is not a valid UID")
+        job = await self._job(request, study)
         try:
             _, part_type = multipart.parse_related(request.headers.get("Content-Type", ""))
         except ValueError as exc:
@@ -107,18 +134,21 @@ class DicomWeb:
                 # A nested multipart is not an instance; drain it and say so.
                 outcomes.append(stow.refused(stow.Reason.CANNOT_UNDERSTAND, "nested multipart"))
                 continue
-            outcomes.append(await self._store_part(part, study, client, base))
+            outcomes.append(
+                await self._store_part(part, study, client, base, job.id if job else None)
+            )
         if not outcomes:
             raise DicomWebError(400, "Bad request", "the request has no parts")
         status, body = stow.response(outcomes, f"{base}/studies/{study}" if study else None)
         request["audit"] = {
+            **request.get("audit", {}),
             "stored": sum(isinstance(o, stow.Stored) for o in outcomes),
             "failed": sum(not isinstance(o, stow.Stored) for o in outcomes),
         }
         return _json(body, DICOM_JSON, status)
 
     async def _store_part(
-        self, part: BodyPartReader, study: str | None, client: str, base: str
+        self, part: BodyPartReader, study: str | None, client: str, base: str, job: int | None
     ) -> stow.Outcome:
         kind = part.headers.get("Content-Type", "application/dicom").split(";")[0].strip()
         room = self.ingest.room()
@@ -138,10 +168,16 @@ class DicomWeb:
         except stow.InvalidPart as exc:
             return stow.refused(stow.Reason.CANNOT_UNDERSTAND, str(exc))
         payload = bytes(memoryview(data)[meta.offset :])
-        return await asyncio.to_thread(self._ingest, payload, meta, study, client, base)
+        return await asyncio.to_thread(self._ingest, payload, meta, study, client, base, job)
 
-    def _ingest(
-        self, payload: bytes, meta: stow.Part10, study: str | None, client: str, base: str
+    def _ingest(  # noqa: PLR0917  (the part, and where it came from)
+        self,
+        payload: bytes,
+        meta: stow.Part10,
+        study: str | None,
+        client: str,
+        base: str,
+        job: int | None,
     ) -> stow.Outcome:
         outcome = self.ingest.store(
             payload,
@@ -150,6 +186,7 @@ class DicomWeb:
             meta.sop_instance_uid,
             client,
             study_uid=study,
+            result_of=job,
         )
         header = outcome.header
         if header is None:
@@ -206,6 +243,13 @@ class DicomWeb:
         return tier.read(PurePosixPath(where.path))
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        job = await self._job(request, request.match_info.get("study"))
+        if job is not None and job.deidentify:
+            raise DicomWebError(
+                501,
+                "Not implemented",
+                "this job's rule asks for de-identified data, which is not served yet",
+            )
         wanted = _acceptable(media.dicom_syntaxes, request)
         located = await self._locate(request)
         # Decided for all before the first byte: a 406 cannot follow a 200.

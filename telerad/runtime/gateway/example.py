@@ -20,8 +20,7 @@ CT_HEAD = ModelRoute(
     thresholds=Thresholds(critical=0.8),
 )
 CHEST_XRAY = ModelRoute(
-    name="chest-xray-triage",
-    third_party=True,
+    name="cxr-opacity",
     intended_use=IntendedUse(modalities=["CR", "DX"], body_parts=["CHEST"]),
 )
 LOCAL = ["127.0.0.0/8", "::1/128"]
@@ -65,7 +64,6 @@ def example_config(port: int, http_port: int, data_dir: Path) -> GatewayConfig:
                 match=Match(modalities=["CR", "DX"], body_parts=["CHEST"]),
                 models=[CHEST_XRAY],
                 priority=Priority.URGENT,
-                deidentify=True,
             ),
         ],
     )

@@ -11,6 +11,7 @@ from pathlib import PurePosixPath
 from telerad.api.config import GatewayConfig, ModelRoute
 from telerad.api.jobs import Finding, Job
 from telerad.runtime import phi
+from telerad.runtime.gateway import outbox
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.routing import route
 from telerad.runtime.store.catalog import HOT, WARM, Catalog, StudyFiles
@@ -92,7 +93,18 @@ class Flow:
         current = self.catalog.job(job_id)
         model = self._models.get(current.model)
         critical = any(f.critical or self._over_threshold(model, f) for f in findings)
-        job = self.catalog.complete_job(job_id, token, findings, critical, time.time())
+        done = current.model_copy(update={"critical": critical, "findings": findings})
+        public_url = str(self.config.public_url) if self.config.public_url else None
+        now = time.time()
+        job = self.catalog.complete_job(
+            job_id,
+            token,
+            findings,
+            critical,
+            now,
+            deliveries=outbox.plan(self.config, done, public_url),
+        )
+        self.metrics.stage("result", now - job.created_at.timestamp())
         if critical:
             log.warning("critical finding on study %s by %s", phi.ref(job.study_uid), job.model)
         return job

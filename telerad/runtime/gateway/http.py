@@ -288,12 +288,16 @@ def build_app(
         state = request.query.get("state")
         if state is not None and state not in set(JobState):
             raise _Problem(400, "Bad request", f"state must be one of {', '.join(JobState)}")
+        claimable = request.query.get("claimable", "false").lower()
+        if claimable not in ("true", "false"):
+            raise _Problem(400, "Bad request", "claimable must be true or false")
         jobs = await run(
             lambda: flow.catalog.jobs(
                 state=state,
                 model=request.query.get("model"),
                 limit=_int(request, "limit", 100, openapi.MAX_PAGE),
                 offset=_int(request, "offset", 0, openapi.MAX_OFFSET),
+                claimable_at=time.time() if claimable == "true" else None,
             )
         )
         return _json(jobs)

@@ -70,9 +70,11 @@ class Ingest:
         calling_ae: str,
         *,
         study_uid: str | None = None,
+        result_of: int | None = None,
     ) -> Outcome:
         """Store an encoded data set as received; `sop_*` are what the request announced,
-        `study_uid` the study it must belong to, when the request named one."""
+        `study_uid` the study it must belong to, when the request named one, `result_of`
+        the job whose result it is."""
         started = time.monotonic()
         checked = self._check(data, transfer_syntax, sop_class_uid, sop_instance_uid)
         if isinstance(checked, Outcome):
@@ -90,7 +92,7 @@ class Ingest:
             return self._identical(started, header)  # the common re-send, not written again
         # Versions whose file is gone were never acknowledged; their numbers are free.
         taken = {n for n, same in verdicts.items() if same is not None}
-        written = self._write(header, data, transfer_syntax, calling_ae, taken)
+        written = self._write(header, data, transfer_syntax, calling_ae, taken, result_of=result_of)
         if isinstance(written, Outcome):
             return written
         received, added = written
@@ -133,6 +135,8 @@ class Ingest:
         transfer_syntax: str,
         calling_ae: str,
         taken: set[int],
+        *,
+        result_of: int | None,
     ) -> tuple[Received, Added] | Outcome:
         """Write the file under the first free version, flush it, then catalogue it."""
         sop = header.sop_instance_uid
@@ -155,7 +159,9 @@ class Ingest:
             self._hot.discard(staged)
             log.error("write failed: %s", exc.strerror)
             return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
-        received = Received(version, relative, staged.size, transfer_syntax, calling_ae)
+        received = Received(
+            version, relative, staged.size, transfer_syntax, calling_ae, result_of=result_of
+        )
         try:
             added = self._catalog.add_instance(header, received, time.time())
         except Exception:

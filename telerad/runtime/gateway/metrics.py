@@ -75,7 +75,8 @@ class GatewayMetrics:
         self._stage = Histogram(
             "telerad_gateway_stage_seconds",
             "Durations: receive (one C-STORE), complete (first instance to study complete),"
-            " queued (job queued to claimed).",
+            " queued (job queued to claimed), result (job queued to completed), alert and"
+            " export (job completed to delivered).",
             ["site", "stage"],
             buckets=_STAGE_BUCKETS,
             registry=r,
@@ -85,6 +86,12 @@ class GatewayMetrics:
             "HTTP requests by route template, method and status code, with their durations.",
             ["site", "route", "method", "code"],
             buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self._deliveries = Counter(
+            "telerad_gateway_deliveries",
+            "Attempts to send an alert or a result, by outcome (delivered, retry, parked).",
+            ["site", "kind", "result"],
             registry=r,
         )
         self._lifecycle = Counter(
@@ -114,6 +121,9 @@ class GatewayMetrics:
 
     def stage(self, stage: str, seconds: float) -> None:
         self._stage.labels(self.site, stage).observe(max(seconds, 0.0))
+
+    def delivery(self, kind: str, result: str) -> None:
+        self._deliveries.labels(self.site, kind, result).inc()
 
     def lifecycle(self, action: str) -> None:
         self._lifecycle.labels(self.site, action).inc()
@@ -162,6 +172,14 @@ class _StateCollector(Collector):
         for (model, state), n in sorted(self._catalog.job_states().items()):
             states.add_metric([self._site, model, state], n)
         yield states
+        outbox = GaugeMetricFamily(
+            "telerad_gateway_outbox",
+            "Alerts and result exports by state (pending, delivered, parked).",
+            labels=["site", "kind", "state"],
+        )
+        for (kind, state), n in sorted(self._catalog.delivery_states().items()):
+            outbox.add_metric([self._site, kind, state], n)
+        yield outbox
         free = GaugeMetricFamily(
             "telerad_gateway_free_bytes", "Free space of each tier.", labels=["site", "tier"]
         )

@@ -15,6 +15,8 @@ from pydantic import BaseModel
 
 from telerad import __version__
 from telerad.api.jobs import (
+    JOB_HEADER,
+    LEASE_NOT_HELD,
     ClaimRequest,
     CompleteRequest,
     ExportReport,
@@ -79,6 +81,7 @@ def _problems(*statuses: int) -> dict[str, Schema]:
         404: "No such resource.",
         406: "None of the accepted media types can be produced.",
         409: "The request conflicts with the resource's state.",
+        LEASE_NOT_HELD: f"The job named in {JOB_HEADER} is not leased under its token.",
         413: "The body is larger than the gateway accepts.",
         415: "The body's media type is not supported.",
         501: "Not implemented for this kind of target.",
@@ -187,15 +190,15 @@ def _qido(level: Level, scope: list[Schema], summary: str) -> Schema:
     }
 
 
-def _wado(scope: list[Schema], what: str) -> Schema:
+def _wado(scope: list[Schema], what: str, *, job: bool = False) -> Schema:
     return {
         "get": {
             "tags": ["WADO-RS"],
             "summary": f"Retrieve the {what} (multipart/related; type=application/dicom).",
-            "parameters": scope,
+            "parameters": [*scope, *([JOB_PARAMETER] if job else [])],
             "responses": {
                 "200": _multipart("One part per instance, in its stored transfer syntax."),
-                **_problems(400, *AUTH_PROBLEMS, 404, 406),
+                **_problems(400, *AUTH_PROBLEMS, 404, 406, *((LEASE_NOT_HELD, 501) if job else ())),
             },
         }
     }
@@ -215,11 +218,24 @@ def _metadata(scope: list[Schema], what: str) -> Schema:
     }
 
 
+JOB_PARAMETER: Schema = {
+    "name": JOB_HEADER,
+    "in": "header",
+    "required": False,
+    "description": "`<job id>:<lease token>` when a worker asks for a leased job's study or"
+    " stores its result: the lease is checked (412 when not held), and a result stored under"
+    " it does not make the study route again.",
+    # No pattern: any value that does not name a held lease gets the same 412.
+    "schema": {"type": "string"},
+}
+
+
 def _stow(scope: list[Schema]) -> Schema:
+    job = [JOB_PARAMETER] if scope else []
     return {
         "tags": ["STOW-RS"],
         "summary": "Store instances (multipart/related; type=application/dicom).",
-        "parameters": scope,
+        "parameters": [*scope, *job],
         "requestBody": {
             "required": True,
             "content": {"multipart/related": {"schema": {"type": "string", "format": "binary"}}},
@@ -228,7 +244,7 @@ def _stow(scope: list[Schema]) -> Schema:
             "200": _dicom_json(_ref("DicomJson"), "Every instance stored."),
             "202": _dicom_json(_ref("DicomJson"), "Some stored; failures or warnings listed."),
             "409": _dicom_json(_ref("DicomJson"), "Nothing stored; the reasons are listed."),
-            **_problems(400, *AUTH_PROBLEMS, 415),
+            **_problems(400, *AUTH_PROBLEMS, 415, *((LEASE_NOT_HELD,) if scope else ())),
         },
     }
 
@@ -303,7 +319,7 @@ def document() -> Schema:
         "/studies": {**_qido(Level.STUDY, [], "Search for studies."), "post": _stow([])},
         "/series": _qido(Level.SERIES, [], "Search for series in every study."),
         "/instances": _qido(Level.INSTANCE, [], "Search for instances in every study."),
-        "/studies/{study}": {**_wado([STUDY], "study"), "post": _stow([STUDY])},
+        "/studies/{study}": {**_wado([STUDY], "study", job=True), "post": _stow([STUDY])},
         "/studies/{study}/metadata": _metadata([STUDY], "study"),
         "/studies/{study}/series": _qido(Level.SERIES, [STUDY], "Search for a study's series."),
         "/studies/{study}/instances": _qido(
@@ -393,10 +409,19 @@ def document() -> Schema:
                         {"type": "string", "enum": [s.value for s in JobState]},
                     ),
                     _query("model", "Only jobs of this model.", {"type": "string"}),
+                    _query(
+                        "claimable",
+                        "Only jobs a claim would take now: queued and due, or leased with an"
+                        " expired lease.",
+                        {"type": "boolean"},
+                    ),
                     *_page("at most 1000", MAX_PAGE, MAX_OFFSET),
                 ],
                 "responses": {
-                    "200": _json({"type": "array", "items": job}, "Jobs, newest first."),
+                    "200": _json(
+                        {"type": "array", "items": job},
+                        "Jobs, most urgent first (oldest first among equals).",
+                    ),
                     **_problems(400, *AUTH_PROBLEMS),
                 },
             }

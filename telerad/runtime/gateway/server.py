@@ -20,6 +20,7 @@ from telerad.runtime.gateway.exports import Exporter
 from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.http import build_app
 from telerad.runtime.gateway.metrics import GatewayMetrics
+from telerad.runtime.gateway.outbox import Outbox
 from telerad.runtime.gateway.receivers import STOP_GRACE_S, Pool, Receiver, default_count
 from telerad.runtime.store.catalog import WARM
 from telerad.runtime.store.files import Tier
@@ -27,6 +28,8 @@ from telerad.runtime.store.sqlite import SQLiteCatalog
 
 log = logging.getLogger(__name__)
 COMPLETION_TICK_S = 1.0
+# Pending alerts wait at most this long for their first attempt.
+OUTBOX_TICK_S = 0.2
 
 
 class Gateway:
@@ -52,6 +55,7 @@ class Gateway:
         self.tokens = Tokens(config.namespace, config.tokens_dir)
         self.audit = Audit(config.audit_dir or storage.hot_dir / "audit")
         self._runner: web.AppRunner | None = None
+        self.outbox: Outbox | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -94,6 +98,8 @@ class Gateway:
         await asyncio.to_thread(self.pool.start, listener)
         self.dimse.start(listener)
         tiers = self.receiver.tiers
+        exporter = Exporter(self.config, self.catalog, tiers, self.config.ae_title)
+        self.outbox = Outbox(self.config, self.catalog, exporter, self.metrics, self.audit.write)
         app = build_app(
             flow=self.flow,
             metrics=self.metrics,
@@ -101,7 +107,7 @@ class Gateway:
             tokens=self.tokens,
             audit=self.audit,
             dicomweb=DicomWeb(self.catalog, tiers, self.receiver.ingest),
-            exporter=Exporter(self.config, self.catalog, tiers),
+            exporter=exporter,
             public_url=self.config.public_url,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -119,7 +125,19 @@ class Gateway:
             asyncio.create_task(self._every(COMPLETION_TICK_S, self.flow.complete_due)),
             asyncio.create_task(self._every(storage.lifecycle_interval_seconds, self._lifecycle)),
             asyncio.create_task(self._every(COMPLETION_TICK_S, self._tick)),
+            asyncio.create_task(self._deliver()),
         ]
+
+    async def _deliver(self) -> None:
+        assert self.outbox is not None  # noqa: S101  (set by start)
+        while True:
+            try:
+                sent = await self.outbox.send_due()
+            except Exception:
+                log.exception("outbox pass failed")
+                sent = 0
+            if not sent:
+                await asyncio.sleep(OUTBOX_TICK_S)
 
     def _lifecycle(self, now: float) -> None:
         self.flow.lifecycle(now)
@@ -140,6 +158,8 @@ class Gateway:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.outbox is not None:
+            await self.outbox.close()
         self.audit.close()
         self.catalog.close()
 

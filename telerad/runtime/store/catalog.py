@@ -7,6 +7,7 @@ PostgreSQL backend for scale-out implements the same methods. Callers pass `now`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from pathlib import PurePosixPath
@@ -144,6 +145,9 @@ class Received:
     size: int
     transfer_syntax: str
     calling_ae: str
+    result_of: int | None = None
+    """The job whose result this is (stored under its lease): it does not re-open the
+    study, and it is what the job's deliveries send."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +202,39 @@ class StudyFiles:
     paths: list[str]
 
 
+class DeliveryKind(StrEnum):
+    ALERT = "alert"
+    """A critical-finding webhook."""
+    EXPORT = "export"
+    """A job's result to one of the site's destinations."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    kind: DeliveryKind
+    target: str
+    """Webhook or destination name."""
+    payload: str
+    """JSON the sender needs (the alert body; nothing for an export)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message in the outbox: written with the job's completion, in one transaction, and
+    sent until its target takes it."""
+
+    id: int
+    kind: DeliveryKind
+    target: str
+    key: str
+    """Idempotency key, the same on every attempt."""
+    job_id: int
+    study_uid: str
+    payload: str
+    attempts: int
+    created_at: float
+
+
 class LeaseLost(Exception):
     """The job is not leased under this token any more (expired and re-claimed, or done)."""
 
@@ -241,9 +278,20 @@ class Catalog(Protocol):
 
     def extend(self, job_id: int, token: str, lease_seconds: int, now: float) -> Job: ...
 
+    def leased_job(self, job_id: int, token: str) -> Job:
+        """The job, if it is leased under this token (else LeaseLost or UnknownJob)."""
+
     def complete_job(
-        self, job_id: int, token: str, findings: list[Finding], critical: bool, now: float
-    ) -> Job: ...
+        self,
+        job_id: int,
+        token: str,
+        findings: list[Finding],
+        critical: bool,
+        now: float,
+        *,
+        deliveries: Sequence[NewDelivery] = (),
+    ) -> Job:
+        """Done, with the deliveries it causes put in the outbox in the same transaction."""
 
     def fail_job(
         self, job_id: int, token: str, reason: str, retry_at: float | None, now: float
@@ -253,8 +301,15 @@ class Catalog(Protocol):
     def job(self, job_id: int) -> Job: ...
 
     def jobs(
-        self, *, state: str | None, model: str | None, limit: int, offset: int
-    ) -> list[Job]: ...
+        self,
+        *,
+        state: str | None,
+        model: str | None,
+        limit: int,
+        offset: int,
+        claimable_at: float | None = None,
+    ) -> list[Job]:
+        """Most urgent first; with `claimable_at`, only those a claim would take then."""
 
     def queue_depth(self, now: float) -> dict[tuple[str, Priority], int]:
         """Jobs waiting to be claimed, by model and priority."""
@@ -262,7 +317,25 @@ class Catalog(Protocol):
     def job_states(self) -> dict[tuple[str, str], int]:
         """Jobs by model and state."""
 
-    def worklist(self, limit: int, offset: int) -> list[WorklistEntry]: ...
+    def worklist(self, limit: int, offset: int) -> list[WorklistEntry]:
+        """Most urgent first; critical findings first within a priority; then oldest."""
+
+    def results(self, job_id: int) -> list[Located]:
+        """The instances stored as the job's result."""
+
+    # -- outbox ----------------------------------------------------------------
+    def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, oldest first."""
+
+    def delivered(self, delivery_id: int, now: float) -> None: ...
+
+    def delivery_failed(
+        self, delivery_id: int, error: str, retry_at: float | None, now: float
+    ) -> None:
+        """Try again from `retry_at`; None parks it (it stays, with its error)."""
+
+    def delivery_states(self) -> dict[tuple[str, str], int]:
+        """Deliveries by kind and state (pending, delivered, parked)."""
 
     # -- lifecycle -------------------------------------------------------------
     def lifecycle_candidates(

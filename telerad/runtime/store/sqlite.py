@@ -13,7 +13,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,8 +27,11 @@ from telerad.runtime.store.catalog import (
     HOT,
     Added,
     Completion,
+    Delivery,
+    DeliveryKind,
     LeaseLost,
     Located,
+    NewDelivery,
     NewJob,
     Received,
     Search,
@@ -93,6 +96,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT, findings TEXT NOT NULL DEFAULT '[]', critical INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs(model, state, priority, created_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL, target TEXT NOT NULL, key TEXT NOT NULL UNIQUE,
+    job_id INTEGER NOT NULL, study_uid TEXT NOT NULL, payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',          -- pending | delivered | parked
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL,
+    created_at REAL NOT NULL, delivered_at REAL, error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid);
 """
 
@@ -101,6 +114,7 @@ ADDED_INSTANCE_COLUMNS = (
     ("columns", "INTEGER"),
     ("bits_allocated", "INTEGER"),
     ("number_of_frames", "TEXT"),
+    ("result_of", "INTEGER"),
 )
 
 _JOB_COLUMNS = (
@@ -136,6 +150,14 @@ class SQLiteCatalog:
             for column, kind in ADDED_INSTANCE_COLUMNS:
                 if column not in have:
                     db.execute(f"ALTER TABLE instances ADD COLUMN {column} {kind}")
+            # Names this catalog in idempotency keys, so that two sites' job 1 differ.
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('instance', ?) ON CONFLICT DO NOTHING",
+                (secrets.token_hex(8),),
+            )
+            self.instance_id: str = db.execute(
+                "SELECT value FROM meta WHERE key = 'instance'"
+            ).fetchone()[0]
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -211,7 +233,9 @@ class SQLiteCatalog:
             row = db.execute(
                 "SELECT state FROM studies WHERE study_uid = ?", (header.study_uid,)
             ).fetchone()
-            reopened = row is not None and row[0] == "complete"
+            # A job's result belongs to the study without making it new again.
+            result = received.result_of is not None
+            reopened = row is not None and row[0] == "complete" and not result
             if row is None:
                 db.execute(
                     "INSERT INTO studies (study_uid, patient_key, study_date, study_time,"
@@ -231,6 +255,11 @@ class SQLiteCatalog:
                         now,
                         now,
                     ),
+                )
+            elif result:
+                db.execute(
+                    "UPDATE studies SET instance_count = instance_count + ? WHERE study_uid = ?",
+                    (1 if version == 1 else 0, header.study_uid),
                 )
             else:
                 db.execute(
@@ -260,8 +289,8 @@ class SQLiteCatalog:
             db.execute(
                 "INSERT INTO instances (sop_uid, version, study_uid, series_uid, sop_class_uid,"
                 " transfer_syntax, instance_number, calling_ae, tier, path, size, received_at,"
-                " rows, columns, bits_allocated, number_of_frames)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " rows, columns, bits_allocated, number_of_frames, result_of)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     header.sop_instance_uid,
                     version,
@@ -279,6 +308,7 @@ class SQLiteCatalog:
                     header.integer("columns"),
                     header.integer("bits_allocated"),
                     v("number_of_frames"),
+                    received.result_of,
                 ),
             )
         return Added(reopened=reopened)
@@ -442,8 +472,20 @@ class SQLiteCatalog:
             )
             return self._job(db, job_id)
 
+    def leased_job(self, job_id: int, token: str) -> Job:
+        with self._lock:
+            self._leased(self._db, job_id, token)
+            return self._job(self._db, job_id)
+
     def complete_job(
-        self, job_id: int, token: str, findings: list[Finding], critical: bool, now: float
+        self,
+        job_id: int,
+        token: str,
+        findings: list[Finding],
+        critical: bool,
+        now: float,
+        *,
+        deliveries: Sequence[NewDelivery] = (),
     ) -> Job:
         with self._write() as db:
             self._leased(db, job_id, token)
@@ -462,6 +504,22 @@ class SQLiteCatalog:
                     "UPDATE studies SET critical = 1, priority = ? WHERE study_uid ="
                     " (SELECT study_uid FROM jobs WHERE id = ?)",
                     (PRIORITY_RANK[Priority.STAT], job_id),
+                )
+            study_uid = db.execute("SELECT study_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            for d in deliveries:
+                db.execute(
+                    "INSERT INTO outbox (kind, target, key, job_id, study_uid, payload,"
+                    " next_attempt, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        d.kind,
+                        d.target,
+                        f"{self.instance_id}-{job_id}-{d.kind}-{d.target}",
+                        job_id,
+                        study_uid[0],
+                        d.payload,
+                        now,
+                        now,
+                    ),
                 )
             return self._job(db, job_id)
 
@@ -488,15 +546,76 @@ class SQLiteCatalog:
                 )
             return self._job(db, job_id)
 
+    def results(self, job_id: int) -> list[Located]:
+        rows = self._read(
+            "SELECT i.study_uid, i.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,"
+            " i.tier, i.path, i.size FROM instances i WHERE i.result_of = ?"
+            " AND i.version = (SELECT MAX(version) FROM instances v WHERE v.sop_uid = i.sop_uid)"
+            " ORDER BY i.sop_uid",
+            (job_id,),
+        )
+        return [Located(*row) for row in rows]
+
+    # -- outbox ----------------------------------------------------------------
+    def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        rows = self._read(
+            "SELECT id, kind, target, key, job_id, study_uid, payload, attempts, created_at"
+            " FROM outbox WHERE state = 'pending' AND next_attempt <= ?"
+            " ORDER BY next_attempt, id LIMIT ?",
+            (now, limit),
+        )
+        return [
+            Delivery(r[0], DeliveryKind(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+            for r in rows
+        ]
+
+    def delivered(self, delivery_id: int, now: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?, error = NULL,"
+                " attempts = attempts + 1 WHERE id = ?",
+                (now, delivery_id),
+            )
+
+    def delivery_failed(
+        self, delivery_id: int, error: str, retry_at: float | None, now: float
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE outbox SET state = ?, error = ?, attempts = attempts + 1,"
+                " next_attempt = ? WHERE id = ?",
+                (
+                    "parked" if retry_at is None else "pending",
+                    error,
+                    retry_at if retry_at is not None else now,
+                    delivery_id,
+                ),
+            )
+
+    def delivery_states(self) -> dict[tuple[str, str], int]:
+        rows = self._read("SELECT kind, state, count(*) FROM outbox GROUP BY kind, state")
+        return {(k, s): n for k, s, n in rows}
+
     def job(self, job_id: int) -> Job:
         with self._lock:
             return self._job(self._db, job_id)
 
-    def jobs(self, *, state: str | None, model: str | None, limit: int, offset: int) -> list[Job]:
+    def jobs(
+        self,
+        *,
+        state: str | None,
+        model: str | None,
+        limit: int,
+        offset: int,
+        claimable_at: float | None = None,
+    ) -> list[Job]:
         rows = self._read(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) AND"  # noqa: S608
-            " (?2 IS NULL OR model = ?2) ORDER BY priority, created_at, id LIMIT ?3 OFFSET ?4",
-            (state, model, limit, offset),
+            " (?2 IS NULL OR model = ?2) AND (?5 IS NULL OR"
+            " (state = 'queued' AND not_before <= ?5) OR"
+            " (state = 'leased' AND lease_expires <= ?5))"
+            " ORDER BY priority, created_at, id LIMIT ?3 OFFSET ?4",
+            (state, model, limit, offset, claimable_at),
         )
         return [_job_of(row) for row in rows]
 
@@ -526,7 +645,8 @@ class SQLiteCatalog:
             studies = self._db.execute(
                 "SELECT study_uid, priority, state, critical, first_received, completed_at,"
                 " instance_count FROM studies WHERE deleting = 0"
-                " ORDER BY priority IS NULL, priority, first_received LIMIT ? OFFSET ?",
+                " ORDER BY priority IS NULL, priority, critical DESC, first_received"
+                " LIMIT ? OFFSET ?",
                 (limit, offset),
             ).fetchall()
             out = []

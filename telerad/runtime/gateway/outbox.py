@@ -1,0 +1,201 @@
+"""What a completed job causes beyond the catalog: critical-finding webhooks and results
+forwarded to the site's destinations.
+
+Both are planned when the job completes and written to the outbox in the same transaction
+as the completion, so a crash can delay them but never lose them. The sender retries each
+with exponential backoff; every attempt carries the same idempotency key (the
+`Idempotency-Key` header of a webhook), so a receiver that sees a message twice, because
+the gateway died between its answer and the bookkeeping, can tell. Every attempt is
+written to the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import aiohttp
+
+from telerad.api.config import GatewayConfig
+from telerad.api.jobs import Job
+from telerad.api.site import Webhook
+from telerad.api.types import Priority
+from telerad.runtime import phi
+from telerad.runtime.gateway.exports import Exporter, ExportError, read_secret
+from telerad.runtime.gateway.metrics import GatewayMetrics
+from telerad.runtime.store.catalog import Catalog, Delivery, DeliveryKind, NewDelivery
+
+log = logging.getLogger(__name__)
+TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+BATCH = 32
+SIGNATURE_HEADER = "Telerad-Signature"
+RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
+
+
+def plan(config: GatewayConfig, job: Job, public_url: str | None) -> list[NewDelivery]:
+    """Deliveries a completed job causes: an alert to each webhook whose lowest priority
+    the job's study reaches, when a finding is critical and its rule notifies; its result
+    to every destination."""
+    out = []
+    if job.critical and job.notify:
+        body = alert(config, job, public_url)
+        out += [
+            NewDelivery(DeliveryKind.ALERT, hook.name, body)
+            for hook in config.notifications.webhooks
+            if RANK[Priority.STAT] <= RANK[hook.min_priority]
+        ]
+    out += [NewDelivery(DeliveryKind.EXPORT, d.name, "{}") for d in config.destinations]
+    return out
+
+
+def alert(config: GatewayConfig, job: Job, public_url: str | None) -> str:
+    """The webhook body: where to look and what was found; UIDs, never names or IDs."""
+    base = (public_url or "").rstrip("/")
+    return json.dumps(
+        {
+            "kind": "critical-finding",
+            "namespace": config.namespace,
+            "site": config.site,
+            "job": job.id,
+            "model": job.model,
+            "priority": Priority.STAT,
+            "studyInstanceUID": job.study_uid,
+            "study": f"{base}/studies/{job.study_uid}" if base else None,
+            "worklist": f"{base}/worklist" if base else None,
+            "findings": [f.model_dump(mode="json", by_alias=True) for f in job.findings],
+        },
+        separators=(",", ":"),
+    )
+
+
+def sign(key: str, timestamp: str, body: bytes) -> str:
+    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "t.body">`: the time is signed too, so a
+    captured request cannot be replayed later as new."""
+    mac = hmac.new(key.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+class Outbox:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        catalog: Catalog,
+        exporter: Exporter,
+        metrics: GatewayMetrics,
+        record: Callable[[dict[str, object]], None],
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.exporter = exporter
+        self.metrics = metrics
+        self.record = record
+        self._hooks = {h.name: h for h in config.notifications.webhooks}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def send_due(self) -> int:
+        """One pass: send every due delivery (a batch at a time, concurrently)."""
+        due = await asyncio.to_thread(self.catalog.due_deliveries, time.time(), BATCH)
+        if due:
+            await asyncio.gather(*(self._attempt(d) for d in due))
+        return len(due)
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        send: Callable[[Delivery], Awaitable[str]] = (
+            self._alert if delivery.kind == DeliveryKind.ALERT else self._export
+        )
+        started = time.monotonic()
+        try:
+            outcome = await send(delivery)
+        except (ExportError, aiohttp.ClientError, TimeoutError, _Refused) as exc:
+            await self._failed(delivery, str(exc) or type(exc).__name__)
+            return
+        now = time.time()
+        await asyncio.to_thread(self.catalog.delivered, delivery.id, now)
+        self.metrics.delivery(delivery.kind, "delivered")
+        self.metrics.stage(str(delivery.kind), now - delivery.created_at)
+        self._audit(delivery, "delivered", outcome, time.monotonic() - started)
+
+    async def _failed(self, delivery: Delivery, error: str) -> None:
+        policy = self.config.delivery
+        attempts = delivery.attempts + 1
+        retry_at = None
+        if attempts < policy.max_attempts:
+            delay = min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** (attempts - 1))
+            retry_at = time.time() + delay
+        await asyncio.to_thread(
+            self.catalog.delivery_failed, delivery.id, error[:500], retry_at, time.time()
+        )
+        result = "retry" if retry_at is not None else "parked"
+        self.metrics.delivery(delivery.kind, result)
+        self._audit(delivery, result, error[:200], None)
+        log.warning(
+            "%s %s of job %d, attempt %d: %s (%s)",
+            delivery.kind,
+            delivery.target,
+            delivery.job_id,
+            attempts,
+            error[:200],
+            result,
+        )
+
+    def _audit(self, delivery: Delivery, result: str, detail: str, seconds: float | None) -> None:
+        self.record(
+            {
+                "event": "delivery",
+                "kind": str(delivery.kind),
+                "target": delivery.target,
+                "key": delivery.key,
+                "job": delivery.job_id,
+                "study": phi.ref(delivery.study_uid),
+                "attempt": delivery.attempts + 1,
+                "result": result,
+                "detail": detail,
+                "ms": None if seconds is None else round(seconds * 1000, 1),
+            }
+        )
+
+    async def _alert(self, delivery: Delivery) -> str:
+        hook: Webhook | None = self._hooks.get(delivery.target)
+        if hook is None:
+            raise _Refused(f"webhook {delivery.target!r} is no longer configured")
+        body = delivery.payload.encode()
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": delivery.key,
+            "User-Agent": "telerad-gateway",
+        }
+        if hook.signing_secret is not None:
+            key = read_secret(self.config, hook.signing_secret, f"webhook {hook.name!r}")
+            timestamp = str(int(datetime.now(UTC).timestamp()))
+            headers[SIGNATURE_HEADER] = sign(key, timestamp, body)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=TIMEOUT)
+        async with self._session.post(str(hook.url), data=body, headers=headers) as answer:
+            if not 200 <= answer.status < 300:
+                raise _Refused(f"webhook {hook.name!r} answered {answer.status}")
+            return f"HTTP {answer.status}"
+
+    async def _export(self, delivery: Delivery) -> str:
+        destination = self.exporter.destination(delivery.target)
+        located = await asyncio.to_thread(self.catalog.results, delivery.job_id)
+        if not located:
+            return "no result instances"
+        files = self.exporter.files(located)
+        report = await self.exporter.send(destination, files)
+        if report.failed:
+            raise _Refused(f"destination {destination.name!r} refused {report.failed} instances")
+        return f"{report.stored} stored"
+
+
+class _Refused(Exception):
+    """The target answered, but not with acceptance."""

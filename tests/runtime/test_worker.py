@@ -1,0 +1,377 @@
+"""The inference worker as a real process beside a real gateway: studies sent with dcmtk's
+storescu, the SR checked with dicom3tools' dciodvfy, the alert received by a webhook
+server the test runs, the result forwarded to Orthanc. Workers and gateways are killed
+with SIGKILL mid-way, and every job and alert is accounted for once."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pydicom
+import pytest
+import yaml
+from pydicom.data import get_testdata_file
+
+from telerad import synthetic
+from telerad.api.config import DeliveryPolicy, WorkerConfig
+from telerad.api.site import (
+    Completion,
+    Destination,
+    DicomPeer,
+    DicomWebPeer,
+    Notifications,
+    Webhook,
+)
+from telerad.runtime.worker.example import example_config as worker_example
+from tests.runtime.conftest import (
+    TELERAD,
+    GatewayFactory,
+    GatewayProcess,
+    env_nodelay,
+    free_port,
+    tool,
+)
+from tests.runtime.test_orthanc_dicomweb import OrthancFactory, orthanc_for  # noqa: F401
+
+
+@dataclass
+class Sink:
+    """A webhook receiver: records every POST; answers 503 while `refusing`."""
+
+    url: str = ""
+    received: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+    refused: int = 0
+    refusing: bool = False
+
+    def accepted_keys(self) -> list[str]:
+        return [headers["Idempotency-Key"] for headers, _ in self.received]
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    state = Sink()
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                if state.refusing:
+                    state.refused += 1
+                    self.send_response(503)
+                else:
+                    state.received.append((dict(self.headers), json.loads(body)))
+                    self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_port}/alerts"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+
+
+class WorkerProcess:
+    def __init__(self, workdir: Path, config: WorkerConfig) -> None:
+        self.config = config
+        self.path = workdir / f"worker-{config.metrics_port}.yaml"
+        self.path.write_text(yaml.safe_dump(config.to_wire()))
+        self.log = workdir / f"worker-{config.metrics_port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.metrics_port}"
+
+    def start(self) -> WorkerProcess:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(TELERAD), "worker", "--config", str(self.path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"worker not healthy after 30 s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Any]:
+    started: list[WorkerProcess] = []
+
+    def start(
+        gateway: GatewayProcess, model: str = "ct-head-hyperdensity", **update: Any
+    ) -> WorkerProcess:
+        assert gateway.config.tokens_dir is not None
+        token = gateway.config.tokens_dir / "local"
+        config = worker_example(gateway.url, model, token, free_port())
+        config = config.model_copy(update={"lease_seconds": 5, "poll_seconds": 0.2, **update})
+        worker = WorkerProcess(tmp_path, WorkerConfig.model_validate(config.model_dump()))
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def storescu(gateway: GatewayProcess, files: list[Path]) -> None:
+    command = [tool("storescu"), "-aet", "STORESCU", "-aec", gateway.ae_title]
+    command += ["127.0.0.1", str(gateway.port), *map(str, files)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env_nodelay(), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def with_alerts(start_gateway: GatewayFactory, sink: Sink, **more: Any) -> GatewayProcess:
+    return start_gateway(
+        completion=Completion(quiet_seconds=1),
+        notifications=Notifications(webhooks=[Webhook(name="on-call", url=sink.url)]),
+        **more,
+    )
+
+
+def done_jobs(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    return [j for j in gateway.get("/jobs") if j["state"] == "done"]
+
+
+def results(gateway: GatewayProcess, study_uid: str) -> list[dict[str, Any]]:
+    return gateway.get(f"/studies/{study_uid}/instances", Modality="SR")  # type: ignore[no-any-return]
+
+
+def retrieve(gateway: GatewayProcess, study: str, series: str, instance: str) -> pydicom.Dataset:
+    response = httpx.get(
+        f"{gateway.url}/studies/{study}/series/{series}/instances/{instance}",
+        headers={**gateway.auth, "Accept": 'multipart/related; type="application/dicom"'},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    boundary = response.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"')
+    part = response.content.split(f"--{boundary}".encode())[1]
+    return pydicom.dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n", 1)[0]))
+
+
+def uid(item: dict[str, Any], tag: str) -> str:
+    return str(item[tag]["Value"][0])
+
+
+def test_a_ct_head_with_a_bleed_gets_an_sr_stat_priority_and_one_alert(
+    start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
+) -> None:
+    gateway = with_alerts(start_gateway, sink)
+    worker = start_worker(gateway)
+    routine = synthetic.ct_series(n_slices=30, size=128, seed=21)
+    bleed = list(synthetic.ct_series(n_slices=60, size=256, seed=22, hyperdensity=True))
+    study_uid = str(bleed[0].StudyInstanceUID)
+    storescu(gateway, synthetic.write_series(routine, tmp_path / "routine"))
+    storescu(gateway, synthetic.write_series(bleed, tmp_path / "bleed"))
+    gateway.wait_for(lambda: len(done_jobs(gateway)) == 2, timeout=60)
+
+    # The SR is in the same study, valid, and points at the right images.
+    (item,) = results(gateway, study_uid)
+    report = retrieve(gateway, study_uid, uid(item, "0020000E"), uid(item, "00080018"))
+    path = tmp_path / "sr.dcm"
+    report.save_as(path, enforce_file_format=True)
+    check = subprocess.run(
+        [tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False
+    )
+    errors = [line for line in (check.stdout + check.stderr).splitlines() if "Error" in line]
+    assert errors == []
+    assert report.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    assert report.StudyInstanceUID == study_uid
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in report.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == {str(ds.SOPInstanceUID) for ds in bleed}
+    text = str(report)
+    assert "ct-head-hyperdensity" in text and "1.0.0" in text
+    # The outline is on a slice through the bleed (the middle slice +- 12 mm).
+    near = {str(ds.SOPInstanceUID) for ds in bleed[30 - 4 : 30 + 5]}
+    regions = [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in _walk(report.ContentSequence)
+        if item.ValueType == "IMAGE"
+    ]
+    assert regions and set(regions) <= near
+
+    # Findings, stat priority, first on the worklist, no re-routing because of the SR.
+    job = next(j for j in done_jobs(gateway) if j["studyUid"] == study_uid)
+    assert job["critical"] is True and job["findings"][0]["label"] == "hyperdensity"
+    assert job["findings"][0]["measurements"]["volume_ml"] > 5
+    worklist = gateway.get("/worklist")
+    assert worklist[0]["studyUid"] == study_uid and worklist[0]["priority"] == "stat"
+    assert worklist[0]["critical"] is True
+    assert len(gateway.get("/jobs")) == 2
+    assert gateway.metric("telerad_gateway_studies_reopened_total") == 0
+
+    # Exactly one alert, for the critical study only, with the idempotency key.
+    gateway.wait_for(lambda: len(sink.received) >= 1)
+    time.sleep(1)
+    assert len(sink.received) == 1
+    headers, alert = sink.received[0]
+    assert alert["studyInstanceUID"] == study_uid and alert["priority"] == "stat"
+    assert alert["findings"][0]["critical"] is True
+    assert headers["Idempotency-Key"]
+    assert gateway.metric("telerad_gateway_deliveries_total", kind="alert", result="delivered") == 1
+
+    # No GPU here: the worker says it runs on the CPU.
+    metrics = worker.metrics()
+    assert "telerad_gpu_available 0.0" in metrics
+    assert 'telerad_worker_device{device="cpu",model="ct-head-hyperdensity"} 1.0' in metrics
+    assert 'telerad_worker_jobs_total{model="ct-head-hyperdensity",result="done"} 2.0' in metrics
+    # Patient names and IDs appear in no log.
+    for log in (gateway.log, worker.log):
+        content = log.read_text()
+        assert str(bleed[0].PatientName) not in content
+        assert str(bleed[0].PatientID) not in content
+        assert study_uid not in content
+
+
+def _walk(items: Any) -> Iterator[Any]:
+    for item in items:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)
+
+
+def test_chest_x_rays_real_and_synthetic(
+    start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
+) -> None:
+    gateway = with_alerts(start_gateway, sink)
+    start_worker(gateway, "cxr-opacity")
+    real = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    sick = synthetic.chest_xray(seed=9, size=(1024, 1024), opacity=True)
+    files = [Path(get_testdata_file("RG1_UNCR.dcm"))]
+    files += synthetic.write_series([sick], tmp_path / "sick")
+    storescu(gateway, files)
+    gateway.wait_for(lambda: len(done_jobs(gateway)) == 2, timeout=60)
+    by_study = {j["studyUid"]: j for j in done_jobs(gateway)}
+    assert by_study[str(real.StudyInstanceUID)]["findings"] == []
+    (finding,) = by_study[str(sick.StudyInstanceUID)]["findings"]
+    assert finding["label"] == "opacity" and finding["score"] > 0.9
+    for study in by_study:
+        assert len(results(gateway, study)) == 1
+
+
+def test_worker_killed_mid_job_the_job_completes_once(
+    start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
+) -> None:
+    gateway = with_alerts(start_gateway, sink)
+    first = start_worker(gateway)
+    study = list(synthetic.ct_series(n_slices=200, size=512, seed=23, hyperdensity=True))
+    storescu(gateway, synthetic.write_series(study, tmp_path / "ct"))
+    gateway.wait_for(lambda: any(j["state"] == "leased" for j in gateway.get("/jobs")), 30)
+    first.kill()  # while it fetches or runs the model: 200 slices of 512x512 take seconds
+    assert done_jobs(gateway) == []
+    start_worker(gateway)
+    gateway.wait_for(lambda: len(done_jobs(gateway)) == 1, timeout=90)
+    (job,) = gateway.get("/jobs")
+    assert job["attempts"] == 2
+    assert len(results(gateway, str(study[0].StudyInstanceUID))) == 1
+    gateway.wait_for(lambda: len(sink.received) == 1)
+    time.sleep(1)
+    assert len(sink.received) == 1
+
+
+def test_gateway_killed_with_an_alert_pending_delivers_it_once(
+    start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
+) -> None:
+    sink.refusing = True
+    gateway = with_alerts(start_gateway, sink, delivery=DeliveryPolicy(backoff_seconds=1))
+    start_worker(gateway)
+    study = synthetic.ct_series(n_slices=30, size=128, seed=24, hyperdensity=True)
+    storescu(gateway, synthetic.write_series(study, tmp_path / "ct"))
+    gateway.wait_for(lambda: sink.refused >= 2, timeout=60)
+    gateway.kill()
+    sink.refusing = False
+    gateway.start()
+    gateway.wait_for(lambda: len(sink.received) == 1)
+    time.sleep(2)
+    assert len(sink.received) == 1
+    assert gateway.metric("telerad_gateway_outbox", kind="alert", state="delivered") == 1
+    audit = "".join(p.read_text() for p in (gateway.hot / "audit").glob("*.jsonl"))
+    attempts = [json.loads(line) for line in audit.splitlines() if '"delivery"' in line]
+    assert [a["result"] for a in attempts if a["kind"] == "alert"][-1] == "delivered"
+    assert len({a["key"] for a in attempts if a["kind"] == "alert"}) == 1
+
+
+@pytest.mark.parametrize("protocol", ["stow-rs", "c-store"])
+def test_results_are_forwarded_to_orthanc(  # noqa: PLR0917  (fixtures)
+    protocol: str,
+    start_gateway: GatewayFactory,
+    start_worker: Any,
+    orthanc_for: OrthancFactory,  # noqa: F811
+    sink: Sink,
+    tmp_path: Path,
+) -> None:
+    orthanc = orthanc_for(None, dicom=True)
+    destination = (
+        Destination(name="pacs", dicomweb=DicomWebPeer(url=f"{orthanc.url}/dicom-web"))
+        if protocol == "stow-rs"
+        else Destination(
+            name="pacs",
+            dicom=DicomPeer(host="127.0.0.1", port=orthanc.dicom_port, ae_title="ORTHANC"),
+        )
+    )
+    gateway = with_alerts(start_gateway, sink, destinations=[destination])
+    start_worker(gateway)
+    study = list(synthetic.ct_series(n_slices=20, size=128, seed=25, hyperdensity=True))
+    storescu(gateway, synthetic.write_series(study, tmp_path / "ct"))
+    gateway.wait_for(
+        lambda: gateway.metric("telerad_gateway_outbox", kind="export", state="delivered") == 1,
+        timeout=60,
+    )
+    (item,) = results(gateway, str(study[0].StudyInstanceUID))
+    ours = retrieve(
+        gateway, str(study[0].StudyInstanceUID), uid(item, "0020000E"), uid(item, "00080018")
+    )
+    theirs = orthanc.files()
+    assert list(theirs) == [ours.SOPInstanceUID]  # the SR only, not the images
+    copy = pydicom.dcmread(io.BytesIO(theirs[ours.SOPInstanceUID]))
+    assert copy.StudyInstanceUID == ours.StudyInstanceUID
+    assert copy.ContentSequence == ours.ContentSequence

@@ -1,0 +1,131 @@
+"""A job's result and what it causes, in one process on a real catalog: the SR stored under
+the lease does not re-open its study; completion writes alerts and exports to the outbox
+in the same transaction; deliveries back off, park, and keep one idempotency key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from telerad.api.jobs import Finding
+from telerad.api.site import Destination, DicomWebPeer, Notifications, Webhook
+from telerad.api.types import Priority
+from telerad.runtime.gateway import outbox
+from telerad.runtime.gateway.ingest import Status
+from telerad.runtime.store.catalog import DeliveryKind
+from tests.unit.test_runtime_store import CT, CT_CLASS, EXPLICIT, Site, _encode
+
+HOOKS = Notifications(
+    webhooks=[
+        Webhook(name="on-call", url="http://127.0.0.1:9/alerts"),
+        Webhook(name="ward", url="http://127.0.0.1:9/ward", min_priority=Priority.URGENT),
+    ]
+)
+PACS = Destination(name="pacs", dicomweb=DicomWebPeer(url="http://127.0.0.1:9/dicom-web"))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    site = Site(tmp_path)
+    site.config = site.config.model_copy(update={"notifications": HOOKS, "destinations": [PACS]})
+    site.flow.config = site.config
+    return site
+
+
+def store(site: Site, study: str, result_of: int | None = None) -> str:
+    ds = pydicom.dcmread(CT)
+    ds.StudyInstanceUID = study
+    ds.SOPInstanceUID = generate_uid()
+    ds.BodyPartExamined = "HEAD"  # what the example's stat CT head rule asks for
+    outcome = site.ingest.store(
+        _encode(ds), EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X", result_of=result_of
+    )
+    assert outcome.status == Status.SUCCESS
+    return str(ds.SOPInstanceUID)
+
+
+def completed_job(site: Site) -> tuple[str, int, str]:
+    study = generate_uid()
+    for _ in range(3):
+        store(site, study)
+    later = time.time() + 3600  # past the quiet time, without waiting for it
+    assert site.flow.complete_due(later) == 1
+    job = site.catalog.claim("ct-head-hyperdensity", "w", 60, later)
+    assert job is not None and job.lease is not None
+    return study, job.id, job.lease.token
+
+
+def store_result(site: Site, study: str, job_id: int) -> str:
+    return store(site, study, result_of=job_id)
+
+
+def test_a_result_joins_its_study_without_re_opening_it(site: Site) -> None:
+    study, job_id, _ = completed_job(site)
+    sop = store_result(site, study, job_id)
+    assert site.catalog.due_studies(time.time() + 3600) == []
+    assert [r.sop_uid for r in site.catalog.results(job_id)] == [sop]
+    # A late image, unlike a result, re-opens the study.
+    store(site, study)
+    assert site.catalog.due_studies(time.time() + 3600) == [study]
+
+
+def test_a_critical_completion_queues_alerts_and_exports_in_one_step(site: Site) -> None:
+    study, job_id, token = completed_job(site)
+    store_result(site, study, job_id)
+    finding = Finding(label="hyperdensity", score=0.97, critical=True)
+    site.flow.complete(job_id, token, [finding])
+    due = site.catalog.due_deliveries(time.time(), 10)
+    kinds = sorted((d.kind, d.target) for d in due)
+    # A critical finding makes the study stat, which every webhook's lowest priority admits.
+    assert kinds == [
+        (DeliveryKind.ALERT, "on-call"),
+        (DeliveryKind.ALERT, "ward"),
+        (DeliveryKind.EXPORT, "pacs"),
+    ]
+    alert = json.loads(next(d.payload for d in due if d.target == "on-call"))
+    assert alert["studyInstanceUID"] == study and alert["priority"] == "stat"
+    assert alert["findings"][0]["label"] == "hyperdensity"
+    # No patient data in the alert, only the UID that finds the study.
+    raw = json.dumps(alert)
+    ds = pydicom.dcmread(CT)
+    assert str(ds.PatientName) not in raw and str(ds.PatientID) not in raw
+
+
+def test_a_quiet_completion_exports_but_does_not_alert(site: Site) -> None:
+    _, job_id, token = completed_job(site)
+    site.flow.complete(job_id, token, [Finding(label="hyperdensity", score=0.1)])
+    due = site.catalog.due_deliveries(time.time(), 10)
+    assert [(d.kind, d.target) for d in due] == [(DeliveryKind.EXPORT, "pacs")]
+
+
+def test_failed_deliveries_back_off_then_park_with_one_key(site: Site) -> None:
+    _, job_id, token = completed_job(site)
+    site.flow.complete(job_id, token, [Finding(label="x", score=1.0, critical=True)])
+    (alert,) = [d for d in site.catalog.due_deliveries(time.time(), 10) if d.target == "on-call"]
+    now = time.time()
+    site.catalog.delivery_failed(alert.id, "503", now + 60, now)
+    assert all(d.id != alert.id for d in site.catalog.due_deliveries(now + 1, 10))
+    (again,) = [d for d in site.catalog.due_deliveries(now + 61, 10) if d.id == alert.id]
+    assert again.key == alert.key and again.attempts == 1
+    site.catalog.delivery_failed(alert.id, "503", None, now)
+    assert all(d.id != alert.id for d in site.catalog.due_deliveries(now + 10**6, 10))
+    assert site.catalog.delivery_states()[("alert", "parked")] == 1
+
+
+def test_keys_differ_between_catalogs(tmp_path: Path) -> None:
+    one, two = Site(tmp_path / "a"), Site(tmp_path / "b")
+    assert one.catalog.instance_id != two.catalog.instance_id
+
+
+def test_signature_covers_time_and_body() -> None:
+    header = outbox.sign("k", "1700000000", b'{"a":1}')
+    expected = hmac.new(b"k", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
+    assert header == f"t=1700000000,v1={expected}"
+    assert outbox.sign("k", "1700000001", b'{"a":1}') != header
