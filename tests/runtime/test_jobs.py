@@ -71,7 +71,7 @@ def test_completed_studies_become_the_jobs_their_rules_call_for(quick: GatewayPr
     assert jobs["ct-head-hyperdensity"]["priority"] == "stat"
     assert jobs["ct-head-hyperdensity"]["studyUid"] == head[0].StudyInstanceUID
     assert jobs["cxr-opacity"]["priority"] == "urgent"
-    assert jobs["cxr-opacity"]["deidentify"] is False
+    assert jobs["cxr-opacity"]["deidentify"] is True
     assert gateway.metric("telerad_queue_depth", model="ct-head-hyperdensity", priority="stat") == 1
     assert gateway.metric("telerad_queue_depth", model="cxr-opacity", priority="stat") == 0
     worklist = gateway.get("/worklist")

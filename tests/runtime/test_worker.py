@@ -33,6 +33,8 @@ from telerad.api.site import (
     Notifications,
     Webhook,
 )
+from telerad.runtime.models import base, volume
+from telerad.runtime.results import sr
 from telerad.runtime.worker.example import example_config as worker_example
 from tests.runtime.conftest import (
     TELERAD,
@@ -290,12 +292,21 @@ def test_chest_x_rays_real_and_synthetic(
     files += synthetic.write_series([sick], tmp_path / "sick")
     storescu(gateway, files)
     gateway.wait_for(lambda: len(done_jobs(gateway)) == 2, timeout=60)
-    by_study = {j["studyUid"]: j for j in done_jobs(gateway)}
-    assert by_study[str(real.StudyInstanceUID)]["findings"] == []
-    (finding,) = by_study[str(sick.StudyInstanceUID)]["findings"]
+    # The example's chest rule de-identifies, so jobs name their studies by pseudonyms.
+    jobs = done_jobs(gateway)
+    assert {j["studyUid"] for j in jobs}.isdisjoint({real.StudyInstanceUID, sick.StudyInstanceUID})
+    clear, found = sorted(jobs, key=lambda j: len(j["findings"]))
+    assert clear["findings"] == []
+    (finding,) = found["findings"]
     assert finding["label"] == "opacity" and finding["score"] > 0.9
-    for study in by_study:
-        assert len(results(gateway, study)) == 1
+    # The results are stored under the original studies, with their identity.
+    for original in (real, sick):
+        (item,) = results(gateway, str(original.StudyInstanceUID))
+        report = retrieve(
+            gateway, str(original.StudyInstanceUID), uid(item, "0020000E"), uid(item, "00080018")
+        )
+        assert report.PatientID == original.PatientID
+        assert report.PatientName == original.PatientName
 
 
 def test_worker_killed_mid_job_the_job_completes_once(
@@ -375,3 +386,102 @@ def test_results_are_forwarded_to_orthanc(  # noqa: PLR0917  (fixtures)
     copy = pydicom.dcmread(io.BytesIO(theirs[ours.SOPInstanceUID]))
     assert copy.StudyInstanceUID == ours.StudyInstanceUID
     assert copy.ContentSequence == ours.ContentSequence
+
+
+def parts(response: httpx.Response) -> list[bytes]:
+    boundary = response.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"')
+    chunks = response.content.split(f"--{boundary}".encode())[1:-1]
+    return [c.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n") for c in chunks]
+
+
+def identifiers(ds: pydicom.Dataset) -> set[str]:
+    """Every value of the original that identifies the patient, the study or the place:
+    names, IDs, dates and UIDs (but the standard's own, such as SOP classes)."""
+    keywords = {"PatientID", "AccessionNumber", "StudyID", "InstitutionName", "StationName"}
+    found = set()
+    for element in [*ds.file_meta, *ds.iterall()]:
+        if not element.value or element.VR == "SQ":
+            continue
+        standard = str(element.value).startswith("1.2.840.10008.")
+        if (
+            element.VR in ("PN", "DA", "DT")
+            or element.keyword in keywords
+            or (element.VR == "UI" and not standard)
+        ):
+            found.add(str(element.value))
+    return found
+
+
+def test_a_de_identifying_rule_serves_a_copy_and_restores_the_result(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    original = synthetic.chest_xray(seed=31, size=(512, 512), opacity=True)
+    original.InstitutionName = "ST MARYS HOSPITAL"
+    original.ReferringPhysicianName = "HOUSE^GREGORY"
+    storescu(gateway, synthetic.write_series([original], tmp_path / "cxr"))
+    secrets = identifiers(original)
+    assert str(original.PatientName) in secrets and str(original.StudyInstanceUID) in secrets
+
+    # The worker's side, by hand: what a claim, a fetch and a store show it.
+    gateway.wait_for(lambda: len(gateway.get("/jobs")) == 1, timeout=30)
+    claimed = gateway.post("/jobs/claim", {"model": "cxr-opacity", "owner": "vendor"}).json()
+    assert claimed["deidentify"] is True
+    pseudonym = claimed["studyUid"]
+    assert pseudonym not in secrets
+    lease = {**gateway.auth, "Telerad-Job": f"{claimed['id']}:{claimed['lease']['token']}"}
+    fetched = httpx.get(
+        f"{gateway.url}/studies/{pseudonym}",
+        headers={**lease, "Accept": 'multipart/related; type="application/dicom"'},
+        timeout=30,
+    )
+    assert fetched.status_code == 200
+    (copy_bytes,) = parts(fetched)
+    for secret in secrets:
+        assert secret.encode() not in copy_bytes, secret
+    copy = pydicom.dcmread(io.BytesIO(copy_bytes))
+    assert identifiers(copy).isdisjoint(secrets)
+    assert copy.StudyInstanceUID == pseudonym and copy.PatientIdentityRemoved == "YES"
+    assert "Content-Location" not in fetched.text[:2000]
+    # The original study is not reachable under the pseudonym without the lease.
+    assert httpx.get(f"{gateway.url}/studies/{pseudonym}", headers=gateway.auth).status_code == 404
+
+    # The model's result, made from the copy only, comes back as the original study's.
+    study = volume.assemble(pseudonym, [copy])
+    model = base.load("cxr-opacity", "cpu")
+    report = sr.build(
+        model.predict(study), list(study.series[0].images), model=model.name,
+        version=model.version, job_key=f"example/{claimed['id']}/{pseudonym}",
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
+    stored = httpx.post(
+        f"{gateway.url}/studies/{pseudonym}",
+        content=multipart_body(buffer.getvalue()),
+        headers={**lease, "Content-Type": MULTIPART, "Accept": "application/dicom+json"},
+        timeout=30,
+    )
+    assert stored.status_code == 200, stored.text
+    assert str(original.StudyInstanceUID) not in stored.text
+    (item,) = results(gateway, str(original.StudyInstanceUID))
+    kept = retrieve(
+        gateway, str(original.StudyInstanceUID), uid(item, "0020000E"), uid(item, "00080018")
+    )
+    assert kept.PatientName == original.PatientName and kept.PatientID == original.PatientID
+    assert kept.AccessionNumber == original.AccessionNumber
+    assert "PatientIdentityRemoved" not in kept
+    evidence = kept.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == original.StudyInstanceUID
+    referenced = evidence.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == original.SeriesInstanceUID
+    assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
+    pseudonyms = {str(copy.StudyInstanceUID), str(copy.SeriesInstanceUID), str(copy.SOPInstanceUID)}
+    assert pseudonyms.isdisjoint(str(e.value) for e in kept.iterall())
+    assert kept.StudyDate == original.StudyDate
+
+
+MULTIPART = 'multipart/related; type="application/dicom"; boundary=telerad-test'
+
+
+def multipart_body(part10: bytes) -> bytes:
+    head = b"--telerad-test\r\nContent-Type: application/dicom\r\n\r\n"
+    return head + part10 + b"\r\n--telerad-test--\r\n"

@@ -9,6 +9,7 @@ Retrievals stream one instance at a time: a 300-slice study never sits in memory
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -16,10 +17,12 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from pydicom import dcmread
 
 from telerad.api.jobs import JOB_HEADER, LEASE_NOT_HELD, Job
 from telerad.runtime.dataset import valid_uid
 from telerad.runtime.dicomweb import media, multipart, qido, stow, wado
+from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.ingest import Ingest, Status
 from telerad.runtime.store.catalog import Catalog, LeaseLost, Located, UnknownJob
 from telerad.runtime.store.files import Tier
@@ -54,10 +57,13 @@ def _not_found(what: str) -> DicomWebError:
 
 
 class DicomWeb:
-    def __init__(self, catalog: Catalog, tiers: dict[str, Tier], ingest: Ingest) -> None:
+    def __init__(
+        self, catalog: Catalog, tiers: dict[str, Tier], ingest: Ingest, deid: Deidentifier
+    ) -> None:
         self.catalog = catalog
         self.tiers = tiers
         self.ingest = ingest
+        self.deid = deid
 
     def routes(self) -> list[web.RouteDef]:
         instance = "/studies/{study}/series/{series}/instances/{instance}"
@@ -101,7 +107,8 @@ class DicomWeb:
         except (LeaseLost, UnknownJob):
             # The same answer for an unknown job, a lost lease or a malformed value.
             raise not_held from None
-        if study != job.study_uid:
+        named = self.deid.pseudonym(job.study_uid) if job.deidentify else job.study_uid
+        if study != named:
             raise DicomWebError(400, "Bad request", f"job {job_id} is for another study")
         request["audit"] = {"job": job_id}
         return job
@@ -112,6 +119,9 @@ class DicomWeb:
         if study is not None and not valid_uid(study):
             raise DicomWebError(400, "Bad request", "the study in the URL is not a valid UID")
         job = await self._job(request, study)
+        restore: Callable[[bytes], bytes] | None = None
+        if job is not None and job.deidentify:
+            restore = await asyncio.to_thread(self._reidentifier, job.study_uid)
         try:
             _, part_type = multipart.parse_related(request.headers.get("Content-Type", ""))
         except ValueError as exc:
@@ -134,9 +144,7 @@ class DicomWeb:
                 # A nested multipart is not an instance; drain it and say so.
                 outcomes.append(stow.refused(stow.Reason.CANNOT_UNDERSTAND, "nested multipart"))
                 continue
-            outcomes.append(
-                await self._store_part(part, study, client, base, job.id if job else None)
-            )
+            outcomes.append(await self._store_part(part, study, client, base, job, restore))
         if not outcomes:
             raise DicomWebError(400, "Bad request", "the request has no parts")
         status, body = stow.response(outcomes, f"{base}/studies/{study}" if study else None)
@@ -147,8 +155,24 @@ class DicomWeb:
         }
         return _json(body, DICOM_JSON, status)
 
-    async def _store_part(
-        self, part: BodyPartReader, study: str | None, client: str, base: str, job: int | None
+    def _reidentifier(self, study_uid: str) -> Callable[[bytes], bytes]:
+        """What turns a result made from the de-identified copy back into one of the study."""
+        headers = [
+            dcmread(io.BytesIO(self._read(where)), stop_before_pixels=True)
+            for where in self.catalog.locate(study_uid)
+        ]
+        if not headers:
+            raise _not_found("study")
+        return lambda part10: self.deid.reidentify(part10, headers, study_uid)
+
+    async def _store_part(  # noqa: PLR0917  (the part, and where it came from)
+        self,
+        part: BodyPartReader,
+        study: str | None,
+        client: str,
+        base: str,
+        job: Job | None,
+        restore: Callable[[bytes], bytes] | None,
     ) -> stow.Outcome:
         kind = part.headers.get("Content-Type", "application/dicom").split(";")[0].strip()
         room = self.ingest.room()
@@ -163,6 +187,11 @@ class DicomWeb:
         if size > room:
             await asyncio.to_thread(self.ingest.too_large, size)
             return stow.refused(stow.Reason.OUT_OF_RESOURCES, "no room for the instance")
+        if restore is not None:
+            try:
+                data = bytearray(await asyncio.to_thread(restore, bytes(data)))
+            except Exception as exc:
+                return stow.refused(stow.Reason.CANNOT_UNDERSTAND, f"not readable: {exc}"[:64])
         try:
             meta = stow.split(data)
         except stow.InvalidPart as exc:
@@ -177,16 +206,19 @@ class DicomWeb:
         study: str | None,
         client: str,
         base: str,
-        job: int | None,
+        job: Job | None,
     ) -> stow.Outcome:
+        # A result of a de-identified job is stored under the original study (it was
+        # re-identified), and the answer names the study as its sender knows it.
+        original = job.study_uid if job is not None else study
         outcome = self.ingest.store(
             payload,
             meta.transfer_syntax,
             meta.sop_class_uid,
             meta.sop_instance_uid,
             client,
-            study_uid=study,
-            result_of=job,
+            study_uid=original,
+            result_of=job.id if job is not None else None,
         )
         header = outcome.header
         if header is None:
@@ -196,9 +228,9 @@ class DicomWeb:
                 meta.sop_class_uid,
                 meta.sop_instance_uid,
             )
+        named = study if job is not None and job.deidentify else header.study_uid
         url = (
-            f"{base}/studies/{header.study_uid}/series/{header.series_uid}"
-            f"/instances/{header.sop_instance_uid}"
+            f"{base}/studies/{named}/series/{header.series_uid}/instances/{header.sop_instance_uid}"
         )
         warning = int(outcome.status) if outcome.status != Status.SUCCESS else None
         return stow.Stored(header.sop_class_uid, header.sop_instance_uid, url, warning)
@@ -245,11 +277,7 @@ class DicomWeb:
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         job = await self._job(request, request.match_info.get("study"))
         if job is not None and job.deidentify:
-            raise DicomWebError(
-                501,
-                "Not implemented",
-                "this job's rule asks for de-identified data, which is not served yet",
-            )
+            return await self._retrieve_deidentified(request, job)
         wanted = _acceptable(media.dicom_syntaxes, request)
         located = await self._locate(request)
         # Decided for all before the first byte: a 406 cannot follow a 200.
@@ -276,6 +304,29 @@ class DicomWeb:
         await response.write(multipart.closing(boundary))
         await response.write_eof()
         request["audit"] = {"instances": len(located)}
+        return response
+
+    async def _retrieve_deidentified(self, request: web.Request, job: Job) -> web.StreamResponse:
+        """The job's study as its de-identified copy: stored syntax, no Content-Location
+        (the URLs would name the originals)."""
+        located = await asyncio.to_thread(self.catalog.locate, job.study_uid)
+        if not located:
+            raise _not_found("study")
+        boundary = multipart.new_boundary()
+        response = web.StreamResponse(
+            headers={"Content-Type": multipart.content_type(boundary, "application/dicom")}
+        )
+        await response.prepare(request)
+        for where in located:
+            data = await asyncio.to_thread(self._read, where)
+            copy = await asyncio.to_thread(self.deid.deidentify, data, job.study_uid)
+            kind = f"application/dicom; transfer-syntax={where.transfer_syntax}"
+            await response.write(multipart.part_head(boundary, kind))
+            await response.write(copy)
+            await response.write(b"\r\n")
+        await response.write(multipart.closing(boundary))
+        await response.write_eof()
+        request["audit"] = {**request.get("audit", {}), "instances": len(located), "deid": True}
         return response
 
     async def _send_file(self, response: web.StreamResponse, where: Located) -> None:

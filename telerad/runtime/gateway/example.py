@@ -64,6 +64,7 @@ def example_config(port: int, http_port: int, data_dir: Path) -> GatewayConfig:
                 match=Match(modalities=["CR", "DX"], body_parts=["CHEST"]),
                 models=[CHEST_XRAY],
                 priority=Priority.URGENT,
+                deidentify=True,
             ),
         ],
     )

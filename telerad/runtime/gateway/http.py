@@ -28,6 +28,7 @@ from telerad.api.jobs import (
     ExportRequest,
     ExtendRequest,
     FailRequest,
+    Job,
     JobState,
     Problem,
 )
@@ -237,6 +238,13 @@ def build_app(
     async def run(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
 
+    def shown(job: Job) -> Job:
+        """A job whose study is served de-identified names it by the pseudonym its copy
+        carries: whoever holds the job never learns the original UID."""
+        if not job.deidentify:
+            return job
+        return job.model_copy(update={"study_uid": dicomweb.deid.pseudonym(job.study_uid)})
+
     @routes.get("/healthz")
     async def healthz(request: web.Request) -> web.Response:
         report = await run(health)
@@ -261,27 +269,29 @@ def build_app(
     async def claim(request: web.Request) -> web.Response:
         body = await _body(request, ClaimRequest)
         job = await run(flow.claim, body.model, body.owner, body.lease_seconds)
-        return web.Response(status=204) if job is None else _json(job)
+        return web.Response(status=204) if job is None else _json(shown(job))
 
     @routes.post("/jobs/{job:[0-9]{1,18}}/extend")
     async def extend(request: web.Request) -> web.Response:
         body = await _body(request, ExtendRequest)
-        return _json(await run(flow.extend, _job_id(request), body.token, body.lease_seconds))
+        job = await run(flow.extend, _job_id(request), body.token, body.lease_seconds)
+        return _json(shown(job))
 
     @routes.post("/jobs/{job:[0-9]{1,18}}/complete")
     async def complete(request: web.Request) -> web.Response:
         body = await _body(request, CompleteRequest)
-        return _json(await run(flow.complete, _job_id(request), body.token, body.findings))
+        job = await run(flow.complete, _job_id(request), body.token, body.findings)
+        return _json(shown(job))
 
     @routes.post("/jobs/{job:[0-9]{1,18}}/fail")
     async def fail(request: web.Request) -> web.Response:
         body = await _body(request, FailRequest)
         job = await run(flow.fail, _job_id(request), body.token, body.reason, body.retryable)
-        return _json(job)
+        return _json(shown(job))
 
     @routes.get("/jobs/{job:[0-9]{1,18}}")
     async def get_job(request: web.Request) -> web.Response:
-        return _json(await run(flow.catalog.job, _job_id(request)))
+        return _json(shown(await run(flow.catalog.job, _job_id(request))))
 
     @routes.get("/jobs")
     async def list_jobs(request: web.Request) -> web.Response:
@@ -300,7 +310,7 @@ def build_app(
                 claimable_at=time.time() if claimable == "true" else None,
             )
         )
-        return _json(jobs)
+        return _json([shown(job) for job in jobs])
 
     @routes.get("/worklist")
     async def worklist(request: web.Request) -> web.Response:

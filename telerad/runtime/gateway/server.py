@@ -14,6 +14,7 @@ from aiohttp import web
 
 from telerad.api.config import GatewayConfig
 from telerad.runtime.gateway.access import Audit, Tokens
+from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.dicomweb import DicomWeb
 from telerad.runtime.gateway.dimse import DimseServer, tls_context
 from telerad.runtime.gateway.exports import Exporter
@@ -28,6 +29,8 @@ from telerad.runtime.store.sqlite import SQLiteCatalog
 
 log = logging.getLogger(__name__)
 COMPLETION_TICK_S = 1.0
+# The key behind the pseudonyms of de-identified copies, beside the catalog.
+DEID_KEY_FILE = "deid.key"
 # Pending alerts wait at most this long for their first attempt.
 OUTBOX_TICK_S = 0.2
 
@@ -106,7 +109,12 @@ class Gateway:
             health=self.health,
             tokens=self.tokens,
             audit=self.audit,
-            dicomweb=DicomWeb(self.catalog, tiers, self.receiver.ingest),
+            dicomweb=DicomWeb(
+                self.catalog,
+                tiers,
+                self.receiver.ingest,
+                Deidentifier(self.config.storage.hot_dir / DEID_KEY_FILE),
+            ),
             exporter=exporter,
             public_url=self.config.public_url,
         )

@@ -87,11 +87,6 @@ class Worker:
                 f"plugin {config.model.name} is version {model.version},"
                 f" the configuration asks for {config.model.version}"
             )
-        if config.third_party:
-            raise StartupError(
-                "thirdParty models need de-identification by the gateway, which is not built"
-                " yet; run this model with thirdParty: false only if it is your own"
-            )
         self.config = config
         self.model = model
         self.metrics = WorkerMetrics(config.model.name, model.device, gpus)
