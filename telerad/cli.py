@@ -288,7 +288,15 @@ def worker(
     gpus = Gpus()
     try:
         device = choose_device(worker_config, gpus)
-        plugin = base.load(worker_config.model.name, device)
+        server = worker_config.inference_server
+        plugin: base.Model
+        if server is not None:
+            from telerad.runtime.models.kserve import RemoteModel  # noqa: PLC0415
+
+            ref = worker_config.model
+            plugin = RemoteModel(server, ref.name, ref.version)
+        else:
+            plugin = base.load(worker_config.model.name, device)
         asyncio.run(Worker(worker_config, plugin, gpus).run())
     except (StartupError, base.UnknownModel, OSError) as exc:
         raise click.ClickException(f"cannot start the worker: {exc}") from None

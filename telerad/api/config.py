@@ -169,6 +169,18 @@ class GatewayEndpoint(ApiModel):
     """CA bundle that signs the gateway's HTTPS certificate; default: the system's."""
 
 
+class InferenceServer(ApiModel):
+    """A model server beside the worker that speaks the KServe v2 / Triton HTTP inference
+    protocol; the worker sends it pixels instead of running a plugin itself."""
+
+    url: HttpUrl
+    """Base URL, e.g. http://localhost:8000 (requests go to /v2/models/{model}/infer)."""
+    model: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+    """Model name on the server."""
+    timeout_seconds: float = Field(default=300, gt=0, le=3600)
+    """Longest wait for one inference."""
+
+
 class WorkerConfig(ApiModel):
     """Everything an inference worker needs; rendered by the operator per AIModel."""
 
@@ -192,3 +204,6 @@ class WorkerConfig(ApiModel):
     """Wait between claims when no gateway has work."""
     owner: Annotated[str, Field(max_length=200)] | None = None
     """Identity on the leases; default: the host name (the pod name)."""
+    inference_server: InferenceServer | None = None
+    """Run the model on this server instead of in the worker (the model's name and version
+    above still go into every result)."""

@@ -7,180 +7,37 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import pydicom
 import pytest
-import yaml
 from pydicom.data import get_testdata_file
 
 from telerad import synthetic
-from telerad.api.config import DeliveryPolicy, WorkerConfig
+from telerad.api.config import DeliveryPolicy
 from telerad.api.site import (
-    Completion,
     Destination,
     DicomPeer,
     DicomWebPeer,
-    Notifications,
-    Webhook,
 )
 from telerad.runtime.models import base, volume
 from telerad.runtime.results import sr
-from telerad.runtime.worker.example import example_config as worker_example
 from tests.runtime.conftest import (
-    TELERAD,
     GatewayFactory,
     GatewayProcess,
-    env_nodelay,
-    free_port,
+    Sink,
+    done_jobs,
+    results,
+    storescu,
     tool,
+    with_alerts,
 )
 from tests.runtime.test_orthanc_dicomweb import OrthancFactory, orthanc_for  # noqa: F401
-
-
-@dataclass
-class Sink:
-    """A webhook receiver: records every POST; answers 503 while `refusing`."""
-
-    url: str = ""
-    received: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
-    refused: int = 0
-    refusing: bool = False
-
-    def accepted_keys(self) -> list[str]:
-        return [headers["Idempotency-Key"] for headers, _ in self.received]
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    state = Sink()
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            with lock:
-                if state.refusing:
-                    state.refused += 1
-                    self.send_response(503)
-                else:
-                    state.received.append((dict(self.headers), json.loads(body)))
-                    self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_port}/alerts"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-
-
-class WorkerProcess:
-    def __init__(self, workdir: Path, config: WorkerConfig) -> None:
-        self.config = config
-        self.path = workdir / f"worker-{config.metrics_port}.yaml"
-        self.path.write_text(yaml.safe_dump(config.to_wire()))
-        self.log = workdir / f"worker-{config.metrics_port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.config.metrics_port}"
-
-    def start(self) -> WorkerProcess:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(TELERAD), "worker", "--config", str(self.path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"worker not healthy after 30 s:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics", timeout=10).text
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Any]:
-    started: list[WorkerProcess] = []
-
-    def start(
-        gateway: GatewayProcess, model: str = "ct-head-hyperdensity", **update: Any
-    ) -> WorkerProcess:
-        assert gateway.config.tokens_dir is not None
-        token = gateway.config.tokens_dir / "local"
-        config = worker_example(gateway.url, model, token, free_port())
-        config = config.model_copy(update={"lease_seconds": 5, "poll_seconds": 0.2, **update})
-        worker = WorkerProcess(tmp_path, WorkerConfig.model_validate(config.model_dump()))
-        started.append(worker)
-        return worker.start()
-
-    yield start
-    for worker in started:
-        worker.stop()
-
-
-def storescu(gateway: GatewayProcess, files: list[Path]) -> None:
-    command = [tool("storescu"), "-aet", "STORESCU", "-aec", gateway.ae_title]
-    command += ["127.0.0.1", str(gateway.port), *map(str, files)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env_nodelay(), check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def with_alerts(start_gateway: GatewayFactory, sink: Sink, **more: Any) -> GatewayProcess:
-    return start_gateway(
-        completion=Completion(quiet_seconds=1),
-        notifications=Notifications(webhooks=[Webhook(name="on-call", url=sink.url)]),
-        **more,
-    )
-
-
-def done_jobs(gateway: GatewayProcess) -> list[dict[str, Any]]:
-    return [j for j in gateway.get("/jobs") if j["state"] == "done"]
-
-
-def results(gateway: GatewayProcess, study_uid: str) -> list[dict[str, Any]]:
-    return gateway.get(f"/studies/{study_uid}/instances", Modality="SR")  # type: ignore[no-any-return]
 
 
 def retrieve(gateway: GatewayProcess, study: str, series: str, instance: str) -> pydicom.Dataset:

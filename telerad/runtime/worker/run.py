@@ -31,6 +31,7 @@ from telerad.api.types import Priority
 from telerad.runtime import phi
 from telerad.runtime.gpu import Gpus
 from telerad.runtime.models import base, volume
+from telerad.runtime.models.kserve import InferenceError
 from telerad.runtime.results import sr
 from telerad.runtime.worker.gateways import Gateway, GatewayError, LeaseLost
 from telerad.runtime.worker.metrics import WorkerMetrics
@@ -169,7 +170,7 @@ class Worker:
                 log.warning("job %s/%d: lease lost: %s", gateway.site, job.id, error)
             elif isinstance(error, base.NotApplicable):
                 await self._fail(gateway, job, str(error), retryable=False)
-            elif isinstance(error, GatewayError):
+            elif isinstance(error, GatewayError | InferenceError):
                 await self._fail(gateway, job, str(error), retryable=True)
             else:
                 log.error("job %s/%d failed", gateway.site, job.id, exc_info=error)
