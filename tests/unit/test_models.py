@@ -16,7 +16,7 @@ from telerad import synthetic
 from telerad.api.aimodel import Thresholds
 from telerad.api.config import WorkerConfig
 from telerad.runtime.gpu import Gpus
-from telerad.runtime.models import base, volume
+from telerad.runtime.models import base, cthead, volume
 from telerad.runtime.results import sr
 from telerad.runtime.worker.run import findings
 
@@ -159,3 +159,19 @@ def test_the_sr_passes_dciodvfy_and_references_its_sources(
     text = str(report)
     assert "ct-head-hyperdensity" in text and model.version in text
     assert ("Absent" in text) != hyperdensity
+
+
+def test_the_onnx_graph_computes_what_the_numpy_reference_does() -> None:
+    real = study_of([pydicom.dcmread(REAL_CT)]).series[0]
+    bleed = study_of(list(synthetic.ct_series(n_slices=30, size=256, seed=6, hyperdensity=True)))
+    onnx = cthead.HyperdensityDetector("cpu")
+    reference = cthead.HyperdensityDetector("cpu", backend="numpy")
+    for series in (real, bleed.series[0]):
+        for factor, margin in ((1, 3), (2, 4)):
+            hu, blood = cthead.candidates(series.pixels, factor, margin)
+            hu_onnx, blood_onnx = onnx._candidates(series.pixels, factor, margin)
+            assert np.allclose(hu, hu_onnx, atol=1e-3)
+            assert np.array_equal(blood, blood_onnx)
+            assert blood.any() or series is real  # the bleed: a mask to compare
+        assert onnx.detect(series) == reference.detect(series)
+    assert onnx.device == "cpu"  # no CUDA provider here

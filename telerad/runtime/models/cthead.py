@@ -1,6 +1,7 @@
 """Reference model: hyperdensity (haemorrhage-like) on non-contrast head CT.
 
-NOT FOR CLINICAL USE. A transparent, deterministic detector for exercising the stat path:
+NOT FOR CLINICAL USE. A transparent, deterministic detector for exercising the stat path,
+run as an ONNX graph through ONNX Runtime like a trained network would be:
 it finds intracranial voxels in the range of acute blood (55-95 HU after smoothing), away
 from bone, and reports their volume. It knows nothing of calcifications, contrast, beam
 hardening or motion, which a real model must.
@@ -13,9 +14,12 @@ skull are not taken for blood, and the candidate voxels are counted.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
+import onnx
+import onnxruntime
 
 from telerad.runtime.models.base import (
     Code,
@@ -43,6 +47,9 @@ VOLUME = Code("118565006", "SCT", "Volume")
 MEAN = Code("373098007", "SCT", "Mean")
 MILLILITRE = Code("ml", "UCUM", "milliliter")
 HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+Candidates = Callable[
+    [npt.NDArray[np.float32], int, int], tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]
+]
 PROCEDURE = Code("303653007", "SCT", "Computed tomography of head")
 
 
@@ -59,16 +66,84 @@ def _blocks(pixels: npt.NDArray[np.float32], factor: int) -> npt.NDArray[np.floa
 
 
 def _grow(mask: npt.NDArray[np.bool_], steps: int) -> npt.NDArray[np.bool_]:
-    """Dilate in plane by `steps` pixels (a square), by shifted ORs."""
+    """Dilate in plane by a (2 steps + 1) square, by shifted ORs (a max filter)."""
     out = mask.copy()
     for _ in range(steps):
-        grown = out.copy()
-        grown[:, 1:, :] |= out[:, :-1, :]
-        grown[:, :-1, :] |= out[:, 1:, :]
-        grown[:, :, 1:] |= out[:, :, :-1]
-        grown[:, :, :-1] |= out[:, :, 1:]
-        out = grown
+        rows = out.copy()
+        rows[:, 1:, :] |= out[:, :-1, :]
+        rows[:, :-1, :] |= out[:, 1:, :]
+        out = rows.copy()
+        out[:, :, 1:] |= rows[:, :, :-1]
+        out[:, :, :-1] |= rows[:, :, 1:]
     return out
+
+
+def candidates(
+    pixels: npt.NDArray[np.float32], factor: int, margin: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """(HU in blocks, voxels in the blood range away from bone, opened): the image work,
+    in numpy. `onnx_graph` is the same computation as an ONNX graph."""
+    hu = _blocks(pixels, factor)
+    bone = _grow(hu > BONE_HU, margin)
+    blood = (hu >= BLOOD_HU[0]) & (hu <= BLOOD_HU[1]) & ~bone
+    # Opening: scattered voxels (noise, partial volume) go, compact regions stay.
+    return hu, _grow(~_grow(~blood, 1), 1) & blood
+
+
+def onnx_graph(factor: int, margin: int) -> bytes:
+    """`candidates` as an ONNX model (opset 17): image FP32 [slices, rows, columns] in,
+    `hu` and `blood` (0/1) FP32 [slices, 1, rows / factor, columns / factor] out."""
+    from onnx import TensorProto, helper  # noqa: PLC0415  (only to build the graph)
+
+    def pool(name: str, source: str, size: int) -> onnx.NodeProto:
+        return helper.make_node(
+            "MaxPool", [source], [name], kernel_shape=[size, size], pads=[size // 2] * 4
+        )
+
+    def constant(name: str, value: float) -> onnx.NodeProto:
+        return helper.make_node(
+            "Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [value])
+        )
+
+    nodes = [
+        constant("bone_hu", BONE_HU),
+        constant("low", BLOOD_HU[0]),
+        constant("high", BLOOD_HU[1]),
+        constant("one", 1.0),
+        helper.make_node(
+            "Constant", [], ["axis"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])
+        ),
+        helper.make_node("Unsqueeze", ["image", "axis"], ["planes"]),
+        helper.make_node(
+            "AveragePool",
+            ["planes"],
+            ["hu"],
+            kernel_shape=[factor, factor],
+            strides=[factor, factor],
+        ),
+        helper.make_node("Greater", ["hu", "bone_hu"], ["bone_b"]),
+        helper.make_node("Cast", ["bone_b"], ["bone"], to=TensorProto.FLOAT),
+        pool("near_bone", "bone", 2 * margin + 1),
+        helper.make_node("GreaterOrEqual", ["hu", "low"], ["above"]),
+        helper.make_node("LessOrEqual", ["hu", "high"], ["below"]),
+        helper.make_node("And", ["above", "below"], ["in_range"]),
+        helper.make_node("Cast", ["in_range"], ["in_range_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "near_bone"], ["far_from_bone"]),
+        helper.make_node("Mul", ["in_range_f", "far_from_bone"], ["raw"]),
+        helper.make_node("Sub", ["one", "raw"], ["not_raw"]),
+        pool("not_raw_grown", "not_raw", 3),
+        helper.make_node("Sub", ["one", "not_raw_grown"], ["eroded"]),
+        pool("opened", "eroded", 3),
+        helper.make_node("Mul", ["opened", "raw"], ["blood"]),
+    ]
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["slices", "rows", "columns"])
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, ["slices", 1, "r", "c"])
+        for name in ("hu", "blood")
+    ]
+    graph = helper.make_graph(nodes, "ct-head-hyperdensity", [image], outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString())
 
 
 def _outline(mask: npt.NDArray[np.bool_], factor: int) -> tuple[tuple[float, float], ...]:
@@ -80,23 +155,51 @@ def _outline(mask: npt.NDArray[np.bool_], factor: int) -> tuple[tuple[float, flo
     return ((left, top), (right, top), (right, bottom), (left, bottom), (left, top))
 
 
+class _Onnx:
+    """`candidates` run by ONNX Runtime: on the GPU (CUDA provider) when asked and there,
+    else on the CPU. One session per block factor and bone margin, made on first use."""
+
+    def __init__(self, device: Device) -> None:
+        available = onnxruntime.get_available_providers()
+        cuda = device == "cuda" and "CUDAExecutionProvider" in available
+        self.device: Device = "cuda" if cuda else "cpu"
+        self._providers = ["CUDAExecutionProvider"] * cuda + ["CPUExecutionProvider"]
+        self._sessions: dict[tuple[int, int], onnxruntime.InferenceSession] = {}
+
+    def __call__(
+        self, pixels: npt.NDArray[np.float32], factor: int, margin: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        key = (factor, margin)
+        if key not in self._sessions:
+            self._sessions[key] = onnxruntime.InferenceSession(
+                onnx_graph(factor, margin), providers=self._providers
+            )
+        hu, blood = self._sessions[key].run(None, {"image": np.ascontiguousarray(pixels)})
+        return hu[:, 0], blood[:, 0] > 0.5
+
+
 class HyperdensityDetector:
+    """The detector; its image work runs as an ONNX graph through ONNX Runtime, or, with
+    `backend="numpy"`, as the same computation in numpy (the reference the graph is
+    tested against)."""
+
     name = NAME
     version = VERSION
 
-    def __init__(self, device: Device) -> None:
-        # Plain numpy: it runs on the CPU whatever the machine has.
-        self.device: Device = "cpu"
+    def __init__(self, device: Device, backend: str = "onnx") -> None:
+        if backend == "onnx":
+            self._candidates: Candidates = _Onnx(device)
+            self.device: Device = self._candidates.device
+        else:
+            self._candidates = candidates
+            self.device = "cpu"
 
     def detect(self, series: Series) -> Detection | None:
         between, row_mm, column_mm = series.spacing
         factor = max(1, int(1.0 / min(row_mm, column_mm)))
-        hu = _blocks(series.pixels, factor)
         pixel_mm = (row_mm * factor, column_mm * factor)
-        bone = _grow(hu > BONE_HU, math.ceil(BONE_MARGIN_MM / min(pixel_mm)))
-        blood = (hu >= BLOOD_HU[0]) & (hu <= BLOOD_HU[1]) & ~bone
-        # Opening: scattered voxels (noise, partial volume) go, compact regions stay.
-        blood = _grow(~_grow(~blood, 1), 1) & blood
+        margin = math.ceil(BONE_MARGIN_MM / min(pixel_mm))
+        hu, blood = self._candidates(series.pixels, factor, margin)
         voxel_ml = between * pixel_mm[0] * pixel_mm[1] / 1000.0
         volume = float(blood.sum()) * voxel_ml
         if volume < MIN_VOLUME_ML:
