@@ -50,6 +50,7 @@ bench: setup k8s-bins debs
 	$(BIN)/python bench/controlplane_start.py --bin-dir "$$(hack/build-k8s.sh)"
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/dicomweb.py
+	$(BIN)/python bench/triage.py
 
 clean: cluster-down
 	rm -rf $(VENV) $(CLUSTER_DIR) .mypy_cache .ruff_cache .pytest_cache

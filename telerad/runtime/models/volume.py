@@ -25,13 +25,26 @@ def _position(ds: Dataset) -> float:
     return float(np.dot(np.cross(row, column), [float(v) for v in position]))
 
 
-def _pixels(ds: Dataset) -> npt.NDArray[np.float32]:
-    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+def _frames(ds: Dataset) -> int:
+    return int(ds.get("NumberOfFrames") or 1)
+
+
+def _pixels(ds: Dataset, out: npt.NDArray[np.float32]) -> None:
+    """Write the data set's pixels, in modality units, into `out` (frames, rows, columns)."""
+    raw = ds.pixel_array
+    if "ModalityLUTSequence" in ds:
+        out[...] = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32).reshape(out.shape)
+    else:
+        # The linear rescale in float32, in place: pydicom's goes through float64.
+        out[...] = raw.reshape(out.shape)
+        slope = float(ds.get("RescaleSlope") or 1.0)
+        intercept = float(ds.get("RescaleIntercept") or 0.0)
+        if slope != 1.0:
+            out *= slope
+        if intercept:
+            out += intercept
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        values = values.max() - values
-    if values.ndim == 3:  # multi-frame: the frames are the slices
-        return values
-    return values[None, :, :]
+        np.subtract(out.max(), out, out=out)
 
 
 def _spacing(images: list[Dataset]) -> tuple[float, float, float]:
@@ -58,8 +71,12 @@ def assemble(study_uid: str, datasets: Iterable[Dataset]) -> Study:
         found.sort(key=_position)
         shape = (found[0].Rows, found[0].Columns)
         images = [ds for ds in found if (ds.Rows, ds.Columns) == shape]
-        pixels = np.concatenate([_pixels(ds) for ds in images])
+        # One array filled slice by slice: no per-slice copies to join afterwards.
+        pixels = np.empty((sum(map(_frames, images)), *shape), dtype=np.float32)
+        at = 0
         for ds in images:
+            _pixels(ds, pixels[at : at + _frames(ds)])
+            at += _frames(ds)
             del ds.PixelData
         series.append(
             Series(

@@ -213,6 +213,10 @@ class Worker:
         return await self._timed(stage, asyncio.to_thread(fn, *args))
 
     async def _work(self, gateway: Gateway, job: Job) -> None:
+        if self.config.third_party and not job.deidentify:
+            # The gateway de-identifies what third-party models route to; a job that says
+            # otherwise comes from a misconfigured gateway, and identified data stays home.
+            raise base.NotApplicable("a third-party model takes de-identified studies only")
         parts = await self._timed("fetch", gateway.fetch(job))
         study, evidence = await self._thread("prepare", read_study, parts, job.study_uid)
         if not evidence:
