@@ -5,12 +5,14 @@ from __future__ import annotations
 import difflib
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from telerad import __version__
+from telerad.api.base import ApiModel
 from telerad.api.crd import KINDS
 
 
@@ -107,6 +109,33 @@ def operator(log_format: str, verbose: bool, **options: object) -> None:
     )
 
 
+Config = TypeVar("Config", bound=ApiModel)
+
+
+def _load(model: type[Config], config_file: Path | None, verbose: bool) -> Config:
+    """A runtime component's configuration, with logging set up for it."""
+    import logging  # noqa: PLC0415
+
+    if config_file is None:
+        raise click.UsageError("give --config FILE (or --example-config to print one)")
+    try:
+        config = model.load(config_file)
+    except ValidationError as exc:
+        raise click.ClickException(f"{config_file}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{config_file}: not YAML: {exc}") from None
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return config
+
+
+def _print_example(component: str, config: ApiModel) -> None:
+    text = yaml.safe_dump(config.to_wire(), sort_keys=False)
+    click.echo(f"# telerad {component} configuration for a local run\n" + text, nl=False)
+
+
 @cli.command()
 @click.option(
     "--config",
@@ -148,12 +177,9 @@ def gateway(
       telerad gateway --config gateway.yaml
     """
     import asyncio  # noqa: PLC0415
-    import logging  # noqa: PLC0415
     import os  # noqa: PLC0415
     import shutil  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
-
-    from pydantic import ValidationError  # noqa: PLC0415
 
     from telerad.api.config import GatewayConfig  # noqa: PLC0415
 
@@ -167,22 +193,10 @@ def gateway(
 
         config = build(port, http_port, data_dir)
         token = ensure_token(config)
-        text = yaml.safe_dump(config.to_wire(), sort_keys=False)
-        click.echo("# telerad gateway configuration for a local run\n" + text, nl=False)
+        _print_example("gateway", config)
         click.echo(f"HTTP clients send the bearer token in {token}", err=True)
         return
-    if config_file is None:
-        raise click.UsageError("give --config FILE (or --example-config to print one)")
-    try:
-        config = GatewayConfig.load(config_file)
-    except ValidationError as exc:
-        raise click.ClickException(f"{config_file}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise click.ClickException(f"{config_file}: not YAML: {exc}") from None
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    config = _load(GatewayConfig, config_file, verbose)
     # The receiver processes count into shared files; prometheus_client reads this
     # variable when it is imported, so it is set before anything imports it.
     metrics_dir = tempfile.mkdtemp(prefix="telerad-gateway-metrics-")
@@ -256,7 +270,6 @@ def worker(
       telerad worker --config worker.yaml
     """
     import asyncio  # noqa: PLC0415
-    import logging  # noqa: PLC0415
 
     from telerad.api.config import WorkerConfig  # noqa: PLC0415
     from telerad.runtime.gpu import Gpus  # noqa: PLC0415
@@ -270,21 +283,9 @@ def worker(
             config = build(gateway_url, model, token_file, metrics_port)
         except (base.UnknownModel, ValidationError) as exc:
             raise click.ClickException(str(exc)) from None
-        text = yaml.safe_dump(config.to_wire(), sort_keys=False)
-        click.echo("# telerad worker configuration for a local run\n" + text, nl=False)
+        _print_example("worker", config)
         return
-    if config_file is None:
-        raise click.UsageError("give --config FILE (or --example-config to print one)")
-    try:
-        worker_config = WorkerConfig.load(config_file)
-    except ValidationError as exc:
-        raise click.ClickException(f"{config_file}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise click.ClickException(f"{config_file}: not YAML: {exc}") from None
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    worker_config = _load(WorkerConfig, config_file, verbose)
     gpus = Gpus()
     try:
         device = choose_device(worker_config, gpus)

@@ -11,6 +11,7 @@ from telerad.api.base import SET, ApiModel, Matches, Rule
 from telerad.api.names import MODEL_NAME_MAX, MODEL_SUFFIXES, longest
 from telerad.api.types import (
     DicomUID,
+    HttpUrl,
     LabelValue,
     Modality,
     ObjectMeta,
@@ -120,6 +121,18 @@ class Thresholds(ApiModel):
     """Per-finding thresholds overriding critical, keyed by finding label."""
 
 
+class InferenceServer(ApiModel):
+    """A model server beside the worker that speaks the KServe v2 / Triton HTTP inference
+    protocol; the worker sends it pixels instead of running a plugin itself."""
+
+    url: HttpUrl
+    """Base URL, e.g. http://localhost:8000 (requests go to /v2/models/{model}/infer)."""
+    model: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+    """Model name on the server."""
+    timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 300
+    """Longest wait for one inference."""
+
+
 class AIModelSpec(ApiModel):
     """Desired state of an AI model."""
 
@@ -142,6 +155,9 @@ class AIModelSpec(ApiModel):
     """When a finding is critical."""
     third_party: bool = False
     """The model is run by a third party: only de-identified data reaches it."""
+    inference_server: InferenceServer | None = None
+    """A KServe v2 / Triton server that runs the model (a vendor's container beside the
+    worker); without it the worker runs the plugin itself."""
 
 
 class AIModelStatus(Status):

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from telerad.api.aimodel import IntendedUse, ModelRef, Thresholds
+from telerad.api.aimodel import InferenceServer, IntendedUse, ModelRef, Thresholds
 from telerad.api.base import ApiModel
 from telerad.api.routing import Match
 from telerad.api.site import AllowedCaller, Completion, Destination, Dimse, Notifications
@@ -167,18 +167,6 @@ class GatewayEndpoint(ApiModel):
     on every request, so a rotated Secret is picked up."""
     ca_file: Path | None = None
     """CA bundle that signs the gateway's HTTPS certificate; default: the system's."""
-
-
-class InferenceServer(ApiModel):
-    """A model server beside the worker that speaks the KServe v2 / Triton HTTP inference
-    protocol; the worker sends it pixels instead of running a plugin itself."""
-
-    url: HttpUrl
-    """Base URL, e.g. http://localhost:8000 (requests go to /v2/models/{model}/infer)."""
-    model: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
-    """Model name on the server."""
-    timeout_seconds: float = Field(default=300, gt=0, le=3600)
-    """Longest wait for one inference."""
 
 
 class WorkerConfig(ApiModel):

@@ -17,7 +17,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from telerad import synthetic
-from telerad.api.config import InferenceServer
+from telerad.api.aimodel import InferenceServer
 from telerad.runtime.models import cthead
 from telerad.runtime.models.base import Series
 from telerad.runtime.models.kserve import HEADER_LENGTH

@@ -270,6 +270,7 @@ def test_worker_deployment_requests_gpus_and_tolerates_the_taint() -> None:
         yaml.safe_load(children["ConfigMap"]["data"]["worker.yaml"])
     )
     (gateway,) = config.gateways
+    assert config.inference_server is None
     # The site serves HTTPS and asks for tokens: the worker gets its token and the CA, and
     # only those two keys of the two Secrets.
     assert str(gateway.url) == "https://st-marys-gateway.tenant-a.svc:8080"
@@ -297,6 +298,19 @@ def test_worker_deployment_requests_gpus_and_tolerates_the_taint() -> None:
     assert "nvidia.com/gpu" not in cpu["spec"]["template"]["spec"]["containers"][0][
         "resources"
     ].get("limits", {})
+
+
+def test_a_model_on_an_inference_server_gets_it_in_its_worker_config() -> None:
+    body = owner("ct-head-hyperdensity")
+    body["spec"]["inferenceServer"] = {"url": "http://localhost:8000", "model": "ct"}
+    model = AIModel.from_wire(body)
+    (config_map, *_) = model_builders.children(body, model, {}, SETTINGS)
+    config = WorkerConfig.model_validate(yaml.safe_load(config_map["data"]["worker.yaml"]))
+    assert config.inference_server is not None
+    assert (str(config.inference_server.url), config.inference_server.model) == (
+        "http://localhost:8000",
+        "ct",
+    )
 
 
 def test_desired_replicas_prefers_spec_replicas() -> None:

@@ -58,6 +58,7 @@ def worker_config(model: AIModel, namespace: str, gateways: dict[str, ImagingSit
         model=model.spec.model,
         gateways=[_endpoint(name, site, namespace) for name, site in sorted(gateways.items())],
         third_party=model.spec.third_party,
+        inference_server=model.spec.inference_server,
         thresholds=model.spec.thresholds,
         device="auto" if model.spec.gpu.count else "cpu",
         metrics_port=METRICS_PORT,

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from telerad.api.config import InferenceServer
+from telerad.api.aimodel import InferenceServer
 from telerad.runtime.models.base import (
     Code,
     Detection,

@@ -4,7 +4,9 @@ picked up without a restart)."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -112,23 +114,29 @@ class Gateway:
         body = FailRequest(token=self._token(job), reason=reason[:1024], retryable=retryable)
         return Job.model_validate(await self._call("POST", f"/jobs/{job.id}/fail", body))
 
-    async def fetch(self, job: Job) -> list[bytes]:
-        """The job's study through WADO-RS (de-identified by the gateway when the job
-        says so: the job header tells it which job asks)."""
+    @contextlib.contextmanager
+    def _dicomweb(self, what: str) -> Iterator[None]:
+        """DICOMweb failures as this module's errors; 412 means the lease is gone."""
         try:
-            return await client.retrieve(
-                self._session, self.url, job.study_uid, headers=self.headers(job)
-            )
-        except client.RetrieveError as exc:
+            yield
+        except (client.RetrieveError, client.StowError) as exc:
             if exc.status == LEASE_NOT_HELD:
                 raise LeaseLost(str(exc), exc.status) from None
             raise GatewayError(str(exc), exc.status) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise GatewayError(f"site {self.site}: WADO-RS failed: {exc!r}") from None
+            raise GatewayError(f"site {self.site}: {what} failed: {exc!r}") from None
+
+    async def fetch(self, job: Job) -> list[bytes]:
+        """The job's study through WADO-RS (de-identified by the gateway when the job
+        says so: the job header tells it which job asks)."""
+        with self._dicomweb("WADO-RS"):
+            return await client.retrieve(
+                self._session, self.url, job.study_uid, headers=self.headers(job)
+            )
 
     async def store(self, job: Job, part10: bytes) -> None:
         """STOW-RS the result into the job's study; every instance must be stored."""
-        try:
+        with self._dicomweb("STOW-RS"):
             report = await client.store(
                 self._session,
                 self.url,
@@ -136,12 +144,6 @@ class Gateway:
                 study_uid=job.study_uid,
                 headers=self.headers(job),
             )
-        except client.StowError as exc:
-            if exc.status == LEASE_NOT_HELD:
-                raise LeaseLost(str(exc), exc.status) from None
-            raise GatewayError(str(exc), exc.status) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise GatewayError(f"site {self.site}: STOW-RS failed: {exc!r}") from None
         if report.failed or not report.stored:
             reasons = ", ".join(f"0x{reason:04X}" for _, reason in report.failed)
             raise GatewayError(f"site {self.site}: the result was refused ({reasons})")
