@@ -1,0 +1,1 @@
+"""Autoscaling of AIModel workers on queue depth and GPU utilisation."""
