@@ -386,6 +386,9 @@ def start_worker(tmp_path: Path) -> Iterator[Any]:
         assert gateway.config.tokens_dir is not None
         token = gateway.config.tokens_dir / "local"
         config = worker_example(gateway.url, model, token, free_port())
+        if gateway.config.tls is not None:  # HTTPS: the worker checks it against the CA
+            endpoint = config.gateways[0].model_copy(update={"ca_file": gateway.config.tls.ca_file})
+            config = config.model_copy(update={"gateways": [endpoint]})
         config = config.model_copy(update={"lease_seconds": 5, "poll_seconds": 0.2, **update})
         worker = WorkerProcess(tmp_path, WorkerConfig.model_validate(config.model_dump()))
         started.append(worker)

@@ -31,6 +31,7 @@ from tests.runtime.conftest import (
     GatewayFactory,
     GatewayProcess,
     Sink,
+    TlsMaterial,
     done_jobs,
     results,
     storescu,
@@ -136,6 +137,22 @@ def _walk(items: Any) -> Iterator[Any]:
         yield item
         if "ContentSequence" in item:
             yield from _walk(item.ContentSequence)
+
+
+def test_a_worker_reaches_an_https_gateway_with_its_ca(
+    start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tls: TlsMaterial, tmp_path: Path
+) -> None:
+    gateway = with_alerts(start_gateway, sink, tls=tls.server_files(mutual=False))
+    assert gateway.url.startswith("https://")
+    start_worker(gateway)
+    study = synthetic.ct_series(n_slices=20, size=128, seed=26, hyperdensity=True)
+    files = synthetic.write_series(study, tmp_path / "ct")
+    tls_args = ["+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca)]
+    command = [tool("storescu"), *tls_args, "-aet", "STORESCU", "-aec", gateway.ae_title]
+    command += ["127.0.0.1", str(gateway.port), *map(str, files)]
+    assert subprocess.run(command, capture_output=True, check=False).returncode == 0
+    gateway.wait_for(lambda: len(done_jobs(gateway)) == 1, timeout=60)
+    gateway.wait_for(lambda: len(sink.received) == 1)
 
 
 def test_chest_x_rays_real_and_synthetic(

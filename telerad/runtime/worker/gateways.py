@@ -25,6 +25,10 @@ from telerad.api.jobs import (
 )
 from telerad.runtime.dicomweb import client
 
+# Job calls are small; a gateway that does not answer one in this time is treated as down
+# (the session's own timeout is for moving whole studies).
+API_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+
 
 class GatewayError(Exception):
     """A gateway answered other than the API says it should, or could not be reached."""
@@ -38,15 +42,21 @@ class LeaseLost(GatewayError):
     """The job is no longer leased to this worker (expired and claimed by another)."""
 
 
+def session(endpoint: GatewayEndpoint, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """A session for one gateway: its HTTPS certificate checked against its CA, when the
+    endpoint names one, for the job calls and DICOMweb alike."""
+    context: ssl.SSLContext | bool = True
+    if endpoint.ca_file is not None:
+        context = ssl.create_default_context(cafile=str(endpoint.ca_file))
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=context))
+
+
 class Gateway:
     def __init__(self, endpoint: GatewayEndpoint, session: aiohttp.ClientSession) -> None:
         self.site = endpoint.site
         self.url = str(endpoint.url).rstrip("/")
         self._endpoint = endpoint
         self._session = session
-        self._ssl: ssl.SSLContext | bool = True
-        if endpoint.ca_file is not None:
-            self._ssl = ssl.create_default_context(cafile=str(endpoint.ca_file))
 
     def headers(self, job: Job | None = None) -> dict[str, str]:
         out = {}
@@ -70,7 +80,7 @@ class Gateway:
                 json=body.model_dump(mode="json", by_alias=True) if body else None,
                 params=params or None,
                 headers=self.headers(),
-                ssl=self._ssl,
+                timeout=API_TIMEOUT,
             ) as answer:
                 if answer.status == 204:
                     return None

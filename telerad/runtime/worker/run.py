@@ -33,7 +33,7 @@ from telerad.runtime.gpu import Gpus
 from telerad.runtime.models import base, volume
 from telerad.runtime.models.kserve import InferenceError
 from telerad.runtime.results import sr
-from telerad.runtime.worker.gateways import Gateway, GatewayError, LeaseLost
+from telerad.runtime.worker.gateways import Gateway, GatewayError, LeaseLost, session
 from telerad.runtime.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ class Worker:
         self.metrics = WorkerMetrics(config.model.name, model.device, gpus)
         self.owner = config.owner or f"{socket.gethostname()}/{os.getpid()}"
         self._stopping = asyncio.Event()
-        self._last_loop = time.monotonic()
+        self._alive = time.monotonic()
+        """When the loop last came round, or a running job's lease was last extended."""
 
     # -- the loop ----------------------------------------------------------------
     async def run(self) -> None:
@@ -102,8 +103,11 @@ class Worker:
             loop.add_signal_handler(sig, self._stopping.set)
         runner = await self._serve_metrics()
         try:
-            async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-                gateways = [Gateway(g, session) for g in self.config.gateways]
+            async with contextlib.AsyncExitStack() as stack:
+                gateways = [
+                    Gateway(g, await stack.enter_async_context(session(g, TIMEOUT)))
+                    for g in self.config.gateways
+                ]
                 log.info(
                     "worker %s: model %s %s on %s, %d gateways",
                     self.owner,
@@ -113,7 +117,7 @@ class Worker:
                     len(gateways),
                 )
                 while not self._stopping.is_set():
-                    self._last_loop = time.monotonic()
+                    self._alive = time.monotonic()
                     claimed = await self._claim(gateways)
                     if claimed is None:
                         with contextlib.suppress(TimeoutError):
@@ -196,6 +200,7 @@ class Worker:
             await asyncio.sleep(period)
             try:
                 await gateway.extend(job, self.config.lease_seconds)
+                self._alive = time.monotonic()
             except LeaseLost:
                 work.cancel()
                 return
@@ -254,8 +259,9 @@ class Worker:
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         async def healthz(_: web.Request) -> web.Response:
-            # A job runs in its own task; the loop only has to come round between jobs.
-            stale = time.monotonic() - self._last_loop > self.config.lease_seconds * 60
+            # Alive: the loop comes round between jobs, and the lease is kept during one.
+            limit = 3 * max(self.config.lease_seconds, self.config.poll_seconds, 20)
+            stale = time.monotonic() - self._alive > limit
             return web.Response(status=503 if stale else 200, text="stale" if stale else "ok")
 
         app = web.Application()
