@@ -52,6 +52,32 @@ def tool(name: str) -> str:
     return path
 
 
+def tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_healthy(
+    command: str, config: Path, log: Path, url: str, verify: str | bool
+) -> subprocess.Popen[bytes]:
+    """`telerad COMMAND --config CONFIG`, once its /healthz answers 200 (30 s at most)."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(TELERAD), command, "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{command} exited with {proc.returncode}:\n{tail(log)}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1, verify=verify).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"{command} not healthy after 30 s:\n{tail(log)}")
+
+
 @dataclass
 class GatewayProcess:
     config: GatewayConfig
@@ -89,24 +115,7 @@ class GatewayProcess:
         return self.config.storage.hot_dir
 
     def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(TELERAD), "gateway", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                healthz = httpx.get(f"{self.url}/healthz", timeout=1, verify=self.verify)
-                if healthz.status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"gateway not healthy after 30 s:\n{self.log_tail()}")
+        self.proc = run_healthy("gateway", self.config_path, self.log, self.url, self.verify)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -125,7 +134,7 @@ class GatewayProcess:
         self.proc = None
 
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return tail(self.log, lines)
 
     # -- HTTP -------------------------------------------------------------------
     @property
@@ -337,23 +346,8 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.config.metrics_port}"
 
     def start(self) -> WorkerProcess:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(TELERAD), "worker", "--config", str(self.path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"worker not healthy after 30 s:\n{self.log_tail()}")
+        self.proc = run_healthy("worker", self.path, self.log, self.url, True)
+        return self
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -373,7 +367,7 @@ class WorkerProcess:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
 
     def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+        return tail(self.log)
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ def site(tmp_path: Path) -> Site:
 def store(site: Site, study: str, result_of: int | None = None) -> str:
     ds = pydicom.dcmread(CT)
     ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study])  # one series per study
     ds.SOPInstanceUID = generate_uid()
     ds.BodyPartExamined = "HEAD"  # what the example's stat CT head rule asks for
     outcome = site.ingest.store(
