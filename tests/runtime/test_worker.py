@@ -359,3 +359,20 @@ MULTIPART = 'multipart/related; type="application/dicom"; boundary=telerad-test'
 def multipart_body(part10: bytes) -> bytes:
     head = b"--telerad-test\r\nContent-Type: application/dicom\r\n\r\n"
     return head + part10 + b"\r\n--telerad-test--\r\n"
+
+
+def test_a_third_party_worker_refuses_a_study_that_is_not_de_identified(
+    start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
+) -> None:
+    # The example's head CT rule does not de-identify and its model is not marked
+    # third-party: a worker that is, sent there by mistake, parks the job unread.
+    gateway = with_alerts(start_gateway, sink)
+    start_worker(gateway, third_party=True)
+    study = synthetic.ct_series(n_slices=10, size=64, seed=27)
+    storescu(gateway, synthetic.write_series(study, tmp_path / "ct"))
+    gateway.wait_for(lambda: any(j["state"] == "parked" for j in gateway.get("/jobs")))
+    (job,) = gateway.get("/jobs")
+    assert "de-identified" in job["reason"]
+    audit = "".join(p.read_text() for p in (gateway.hot / "audit").glob("*.jsonl"))
+    fetched = [json.loads(line) for line in audit.splitlines() if '"GET"' in line]
+    assert not any(r["route"] == "/studies/{study}" for r in fetched)
