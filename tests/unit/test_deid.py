@@ -54,7 +54,7 @@ def test_reidentify_maps_every_pseudonym_back(tmp_path: Path) -> None:
     ref.ReferencedSOPInstanceUID = copy.SOPInstanceUID
     result.ReferencedSOPSequence = [ref]
     headers = [pydicom.dcmread(io.BytesIO(encode(ds)), stop_before_pixels=True) for ds in slices]
-    back = pydicom.dcmread(io.BytesIO(deid.reidentify(encode(result), headers, study)))
+    back = pydicom.dcmread(io.BytesIO(deid.reidentifier(headers, study)(encode(result))))
     assert back.StudyInstanceUID == study
     assert back.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == slices[1].SOPInstanceUID
     assert back.PatientName == slices[0].PatientName

@@ -21,7 +21,7 @@ import hmac
 import io
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pydicom
@@ -81,10 +81,11 @@ class Deidentifier:
     def deidentify(self, part10: bytes, study_uid: str) -> bytes:
         return deidentify(part10, self.key(study_uid))
 
-    def reidentify(self, part10: bytes, headers: Sequence[Dataset], study_uid: str) -> bytes:
-        """`headers`: the study's stored instances (pixel data not needed)."""
+    def reidentifier(self, headers: Sequence[Dataset], study_uid: str) -> Callable[[bytes], bytes]:
+        """What restores results of the study's copy; `headers`: the study's stored
+        instances (pixel data not needed). The mapping is made once for all of them."""
         back = pseudonyms(headers, self.key(study_uid))
-        return reidentify(part10, back, headers[0])
+        return lambda part10: reidentify(part10, back, headers[0])
 
 
 def _code(value: tuple[str, str, str]) -> Dataset:

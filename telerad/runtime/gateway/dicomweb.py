@@ -163,7 +163,7 @@ class DicomWeb:
         ]
         if not headers:
             raise _not_found("study")
-        return lambda part10: self.deid.reidentify(part10, headers, study_uid)
+        return self.deid.reidentifier(headers, study_uid)
 
     async def _store_part(  # noqa: PLR0917  (the part, and where it came from)
         self,

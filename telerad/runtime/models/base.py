@@ -113,7 +113,7 @@ Loader = Callable[[Device], Model]
 
 
 class UnknownModel(LookupError):
-    pass
+    """No plugin of that name is installed."""
 
 
 def available() -> list[str]:

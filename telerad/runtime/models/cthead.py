@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime
+from onnx import NodeProto, TensorProto, helper
 
 from telerad.runtime.models.base import (
     Code,
@@ -93,14 +93,13 @@ def candidates(
 def onnx_graph(factor: int, margin: int) -> bytes:
     """`candidates` as an ONNX model (opset 17): image FP32 [slices, rows, columns] in,
     `hu` and `blood` (0/1) FP32 [slices, 1, rows / factor, columns / factor] out."""
-    from onnx import TensorProto, helper  # noqa: PLC0415  (only to build the graph)
 
-    def pool(name: str, source: str, size: int) -> onnx.NodeProto:
+    def pool(name: str, source: str, size: int) -> NodeProto:
         return helper.make_node(
             "MaxPool", [source], [name], kernel_shape=[size, size], pads=[size // 2] * 4
         )
 
-    def constant(name: str, value: float) -> onnx.NodeProto:
+    def constant(name: str, value: float) -> NodeProto:
         return helper.make_node(
             "Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [value])
         )
