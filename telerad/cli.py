@@ -82,6 +82,13 @@ def crds(out_dir: Path, check: bool) -> None:
 @click.option("--image", help="Image of the gateways.")
 @click.option("--monitoring-namespace", help="Namespace allowed to scrape the gateways.")
 @click.option(
+    "--autoscale-interval-seconds", type=float, help="Interval of the autoscaler (0: off)."
+)
+@click.option("--prometheus-url", help="Read the autoscaler's metrics from this Prometheus.")
+@click.option(
+    "--dcgm-url", "dcgm_urls", multiple=True, help="DCGM exporter to scrape (repeatable)."
+)
+@click.option(
     "--log-format", type=click.Choice(["plain", "full", "json"]), default="full", show_default=True
 )
 @click.option("-v", "--verbose", is_flag=True)

@@ -57,3 +57,11 @@ def set_condition(
     if previous is None:
         return [*conditions, updated]
     return [updated if c.type == type_ else c for c in conditions]
+
+
+AUTOSCALING: Final = "Autoscaling"
+"""AIModel: True while the operator's autoscaler sets the worker replicas; False, with
+the reason, while it stands aside (paused, fixed replicas, another autoscaler)."""
+METRICS_UNAVAILABLE: Final = "MetricsUnavailable"
+"""Reason of an AIModel's Degraded condition while the autoscaler holds for lack of
+metrics; the autoscaler alone sets and clears it."""

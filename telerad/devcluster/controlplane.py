@@ -35,6 +35,12 @@ from telerad.devcluster.provisioner import PROVISIONER
 
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
+# kwok gives pods addresses from this loopback range, so a process run here in a pod's
+# place (a gateway, a worker, a metrics stand-in) is reached at the pod's own IP, as
+# Prometheus and the operator's autoscaler reach pods in a real cluster. The cost: the
+# EndpointSlice controller refuses loopback addresses, so Services have no endpoints
+# (there is no kube-proxy here to use them anyway).
+KWOK_POD_CIDR = "127.244.0.1/16"
 STATE_FILE = "state.json"
 COMPONENTS = (
     "etcd",
@@ -266,7 +272,7 @@ class ControlPlane:
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
             "--node-lease-duration-seconds=40",
-            f"--cidr={POD_CIDR}",
+            f"--cidr={KWOK_POD_CIDR}",
             "--node-ip=10.244.0.1",
             f"--server-address=127.0.0.1:{free_port()}",
             env={**os.environ, "HOME": str(kwok_home)},

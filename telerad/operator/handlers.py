@@ -158,6 +158,8 @@ async def on_delete(
     {"ImagingSite": world.sites, "AIModel": world.models, "RoutingPolicy": world.policies}[kind][
         name
     ] = dict(body)
+    if kind == "AIModel" and memo["reconciler"].scaler is not None:
+        memo["reconciler"].scaler.forget(namespace or "", name)
     await _dependents(memo["reconciler"], kind, world, name, _snapshot(namespace, kwargs))
 
 
@@ -199,6 +201,14 @@ async def on_child_event(
         )
 
 
+async def on_autoscale(*, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    try:
+        await memo["reconciler"].autoscale(namespace or "", name, _snapshot(namespace, kwargs))
+    except KubeError as err:
+        # The next tick tries again; a timer that raised would only be retried sooner.
+        log.warning("autoscaler of %s/%s: %s", namespace, name, err)
+
+
 def build(settings: OperatorSettings) -> kopf.OperatorRegistry:
     """A registry with every handler of the operator, configured by ``settings``."""
     registry = kopf.OperatorRegistry()
@@ -215,6 +225,16 @@ def build(settings: OperatorSettings) -> kopf.OperatorRegistry:
             initial_delay=settings.resync_seconds,
             registry=registry,
         )(on_resync)
+    if settings.autoscale_interval_seconds:
+        kopf.timer(
+            names.GROUP,
+            names.VERSION,
+            "aimodels",
+            id="autoscale",
+            interval=settings.autoscale_interval_seconds,
+            initial_delay=settings.autoscale_interval_seconds,
+            registry=registry,
+        )(on_autoscale)
     for api_version, plural in CHILDREN:
         group, _, version = api_version.rpartition("/")
         child = (group, version, plural) if group else (version, plural)

@@ -26,6 +26,7 @@ from telerad.api.base import ApiModel
 from telerad.api.routing import RoutingPolicy
 from telerad.api.site import ImagingSite
 from telerad.api.types import Condition
+from telerad.operator.autoscale.scaler import FIXED, Autoscaler
 from telerad.operator.builders import model as model_builders
 from telerad.operator.builders import routing
 from telerad.operator.builders import site as site_builders
@@ -165,9 +166,12 @@ def _error_summary(err: ValidationError) -> str:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
+    def __init__(
+        self, kube: Kube, settings: OperatorSettings, scaler: Autoscaler | None = None
+    ) -> None:
         self.kube = kube
         self.settings = settings
+        self.scaler = scaler
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._again: set[tuple[str, str, str]] = set()
 
@@ -379,11 +383,19 @@ class Reconciler:
         )
         worker = names.model_child(name)
         deployment = world.children.get(("Deployment", worker))
-        desired, why = model_builders.desired_replicas(model)
+        fixed = model_builders.fixed_replicas(model)
+        desired = (
+            fixed if fixed is not None else (deployment or {}).get("spec", {}).get("replicas", 1)
+        )
         status = (deployment or {}).get("status", {})
         ready_replicas = status.get("readyReplicas", 0)
         ready = desired == 0 or ready_replicas >= 1
-        after = cond.set_condition(conds, cond.DEGRADED, False, "AsExpected", generation=gen)
+        degraded = cond.find(conds, cond.DEGRADED)
+        if degraded is None or degraded.reason != cond.METRICS_UNAVAILABLE:
+            # MetricsUnavailable is the autoscaler's to set and clear.
+            after = cond.set_condition(conds, cond.DEGRADED, False, "AsExpected", generation=gen)
+        else:
+            after = conds
         after = cond.set_condition(
             after,
             cond.PROGRESSING,
@@ -401,20 +413,37 @@ class Reconciler:
             generation=gen,
         )
         selector = ",".join(f"{k}={v}" for k, v in names.selector_labels(name, "worker").items())
-        fields = {
+        fields: Body = {
             "replicas": status.get("replicas", 0),
             "readyReplicas": ready_replicas,
-            "desiredReplicas": desired,
             "selector": selector,
-            "scalingReason": why,
         }
         previous = body.get("status") or {}
-        if previous.get("desiredReplicas") != desired:
-            fields["lastScaleTime"] = (
-                datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
-            )
+        if fixed is not None:
+            fields |= {"desiredReplicas": fixed, "scalingReason": FIXED}
+            if previous.get("desiredReplicas") != fixed:
+                fields["lastScaleTime"] = (
+                    datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+                )
         await self._finish(body, conds, after, fields)
         return Outcome.DONE
+
+    async def autoscale(self, namespace: str, name: str, snapshot: Snapshot) -> None:
+        """One step of the model's autoscaler, under the lock its reconciles take."""
+        if self.scaler is None:
+            return
+        key = ("AIModel", namespace, name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            world = snapshot()
+            body = await self.kube.get(names.API_VERSION, "AIModel", namespace, name)
+            model = _parse(AIModel, body) if body is not None else None
+            if body is None or model is None:
+                return  # gone, or invalid: its reconcile reports that
+            deployment = world.children.get(("Deployment", names.model_child(name)))
+            await self.scaler.tick(body, model, deployment, world.gateways_of_model(name))
+        if key in self._again:  # a reconcile arrived while the scaler held the lock
+            await self.reconcile("AIModel", namespace, name, snapshot)
 
     async def _policy(self, world: World, name: str) -> Outcome:
         loaded = await self._load(RoutingPolicy, world, name)

@@ -29,3 +29,13 @@ class OperatorSettings(BaseSettings):
     """Port of the operator's /metrics (0 disables)."""
     liveness_port: int = Field(default=8081, ge=0, le=65535)
     """Port of the operator's /healthz liveness endpoint (0 disables)."""
+    autoscale_interval_seconds: float = Field(default=10.0, ge=0)
+    """Interval of each AIModel's autoscaling loop (0 turns the autoscaler off)."""
+    prometheus_url: str | None = None
+    """Read the autoscaler's metrics from this Prometheus (PromQL over HTTP) instead of
+    scraping the gateway and worker pods directly."""
+    dcgm_urls: Annotated[list[str], Field(default_factory=list)]
+    """Direct source only: NVIDIA DCGM exporters to scrape for the workers' GPU
+    utilisation (`DCGM_FI_DEV_GPU_UTIL` with pod labels), besides the workers' own gauges."""
+    scrape_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    """Time allowed for each metrics read of the autoscaler."""

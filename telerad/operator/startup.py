@@ -9,6 +9,8 @@ import kopf
 from prometheus_client import start_http_server
 
 from telerad.api.names import GROUP
+from telerad.operator.autoscale.scaler import Autoscaler
+from telerad.operator.autoscale.sources import Direct, Prometheus, Source
 from telerad.operator.k8s import Kube
 from telerad.operator.reconcile import Reconciler
 from telerad.operator.settings import OperatorSettings
@@ -35,6 +37,13 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) 
     # One line per HTTP request drowns everything else.
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     kopf_settings.execution.max_workers = 8
+    logging.getLogger("kopf.objects").addFilter(_quiet_timers)
+
+
+def _quiet_timers(record: logging.LogRecord) -> bool:
+    # A line per object per autoscaler tick says nothing; failures are still logged.
+    message = record.getMessage()
+    return not (message.startswith("Timer '") and message.endswith("' succeeded."))
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
@@ -48,7 +57,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             start_http_server(operator_settings.metrics_port)
         kube = Kube.connect()
         memo["kube"] = kube
-        memo["reconciler"] = Reconciler(kube, operator_settings)
+        memo["reconciler"] = Reconciler(kube, operator_settings, _autoscaler(kube))
 
     @kopf.on.login(registry=registry)
     def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -58,6 +67,19 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
 
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
+        if memo["reconciler"].scaler is not None:
+            await memo["reconciler"].scaler.close()
         await memo["kube"].close()
+
+    def _autoscaler(kube: Kube) -> Autoscaler | None:
+        s = operator_settings
+        if not s.autoscale_interval_seconds:
+            return None
+        source: Source = (
+            Prometheus(s.prometheus_url, s.scrape_timeout_seconds)
+            if s.prometheus_url
+            else Direct(s.scrape_timeout_seconds, s.dcgm_urls)
+        )
+        return Autoscaler(kube, source)
 
     operator_settings = settings

@@ -162,6 +162,7 @@ class Operator:
                     f"--resync-seconds={self.resync_seconds}",
                     f"--metrics-port={self.metrics_port}",
                     f"--liveness-port={liveness}",
+                    "--autoscale-interval-seconds=1",
                     "--log-format=plain",
                 ],
                 env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},

@@ -313,11 +313,21 @@ def test_a_model_on_an_inference_server_gets_it_in_its_worker_config() -> None:
     )
 
 
-def test_desired_replicas_prefers_spec_replicas() -> None:
+def test_worker_replicas_are_applied_only_when_fixed_by_spec_replicas() -> None:
+    """Left out, they are the autoscaler's (scale subresource); an apply that named them
+    would undo its every decision at the next resync."""
     body = owner("chest-xray-triage")
-    assert model_builders.desired_replicas(AIModel.from_wire(body))[0] == 1
+    model = AIModel.from_wire(body)
+    deployment = next(
+        c for c in model_builders.children(body, model, {}, SETTINGS) if c["kind"] == "Deployment"
+    )
+    assert "replicas" not in deployment["spec"]
     body["spec"]["replicas"] = 3
-    assert model_builders.desired_replicas(AIModel.from_wire(body)) == (3, "fixed by spec.replicas")
+    model = AIModel.from_wire(body)
+    deployment = next(
+        c for c in model_builders.children(body, model, {}, SETTINGS) if c["kind"] == "Deployment"
+    )
+    assert deployment["spec"]["replicas"] == 3
 
 
 @pytest.mark.parametrize(

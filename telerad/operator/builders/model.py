@@ -32,13 +32,12 @@ GPU = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 
-def desired_replicas(model: AIModel) -> tuple[int, str]:
-    """Replicas and why. spec.replicas (kubectl scale) wins; otherwise minReplicas, and
-    at least one worker until the queue-driven autoscaler decides otherwise."""
-    if model.spec.replicas is not None:
-        return model.spec.replicas, "fixed by spec.replicas"
-    floor = max(model.spec.scaling.min_replicas, 1)
-    return floor, f"minReplicas floor ({floor}); queue-driven autoscaling is not enabled yet"
+def fixed_replicas(model: AIModel) -> int | None:
+    """The replicas the Deployment is applied with: spec.replicas when a person (kubectl
+    scale) or an autoscaler of the AIModel set it. None leaves them out of the applied
+    object, to the operator's autoscaler (or an HPA of the Deployment) through the scale
+    subresource; a new Deployment starts with one worker."""
+    return model.spec.replicas
 
 
 def _endpoint(name: str, site: ImagingSite, namespace: str) -> GatewayEndpoint:
@@ -162,7 +161,7 @@ def deployment(
         "kind": "Deployment",
         "metadata": metadata(owner, name, COMPONENT),
         "spec": {
-            "replicas": desired_replicas(model)[0],
+            **({"replicas": fixed} if (fixed := fixed_replicas(model)) is not None else {}),
             "selector": {"matchLabels": names.selector_labels(model_name, COMPONENT)},
             "template": {
                 "metadata": {

@@ -7,6 +7,7 @@ object does not already hold every field of it: an unchanged resync sends no wri
 
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
 import time
@@ -18,7 +19,9 @@ from lightkube import ApiError, AsyncClient
 from lightkube.codecs import from_dict
 from lightkube.core.resource_registry import resource_registry
 from lightkube.generic_resource import create_namespaced_resource
-from lightkube.resources.core_v1 import Event
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler
+from lightkube.resources.core_v1 import Event, Pod
 from lightkube.types import PatchType
 from lightkube.utils.quantity import parse_quantity
 
@@ -35,6 +38,8 @@ CUSTOM: dict[str, Any] = {
     kind: create_namespaced_resource(GROUP, VERSION, kind, plural)
     for kind, plural in PLURALS.items()
 }
+SCALED_OBJECT = create_namespaced_resource("keda.sh", "v1alpha1", "ScaledObject", "scaledobjects")
+AUTOSCALER_FIELD_MANAGER = f"{FIELD_MANAGER}-autoscaler"
 
 
 def _resource(api_version: str, kind: str) -> Any:
@@ -182,6 +187,62 @@ class Kube:
 
     async def secret_exists(self, namespace: str, name: str) -> bool:
         return await self.get("v1", "Secret", namespace, name) is not None
+
+    async def secret_key(self, namespace: str, name: str, key: str) -> bytes | None:
+        """One key of a Secret, decoded; None when the Secret or the key is missing."""
+        secret = await self.get("v1", "Secret", namespace, name)
+        value = ((secret or {}).get("data") or {}).get(key)
+        return base64.b64decode(value) if value is not None else None
+
+    async def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        found = await self._list(Pod, namespace, labels=labels)
+        return found if found is not None else []
+
+    async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
+        """Set a Deployment's replicas through its scale subresource, as an autoscaler
+        does, under a field manager of its own (the operator's applies leave them be)."""
+        await self._call(
+            "patch",
+            Deployment.Scale,
+            deployment,
+            {"spec": {"replicas": replicas}},
+            namespace=namespace,
+            patch_type=PatchType.MERGE,
+            field_manager=AUTOSCALER_FIELD_MANAGER,
+        )
+        WRITES.labels("Deployment/scale").inc()
+
+    async def autoscalers(self, namespace: str) -> list[dict[str, Any]]:
+        """HorizontalPodAutoscalers and KEDA ScaledObjects of a namespace (none of the
+        latter where KEDA is not installed)."""
+        found = []
+        for kind, resource in (
+            ("HorizontalPodAutoscaler", HorizontalPodAutoscaler),
+            ("ScaledObject", SCALED_OBJECT),
+        ):
+            found += [{**o, "kind": kind} for o in await self._list(resource, namespace) or []]
+        return found
+
+    async def _list(
+        self, resource: Any, namespace: str, labels: dict[str, str] | None = None
+    ) -> list[dict[str, Any]] | None:
+        """Every object of a kind in a namespace; None when the API server does not
+        serve the kind (a CRD that is not installed)."""
+        try:
+            return [
+                cast(dict[str, Any], o.to_dict())
+                async for o in self._client.list(resource, namespace=namespace, labels=labels)
+            ]
+        except ApiError as err:
+            if err.status.code == 404:
+                return None
+            raise _wrap(err) from err
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code == 404:  # lightkube's list raises it unwrapped
+                return None
+            raise _wrap(err) from err
+        except httpx.HTTPError as err:
+            raise _wrap(err) from err
 
     async def post_event(
         self, owner: dict[str, Any], type_: str, reason: str, message: str
