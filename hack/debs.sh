@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The real DICOM peers the tests and benchmarks run against, from Debian: dcmtk (storescu,
-# storescp, echoscu, findscu), Orthanc with its DICOMweb plugin, dicom3tools (dciodvfy).
+# storescp, echoscu, findscu), Orthanc with its DICOMweb plugin, dicom3tools (dciodvfy),
+# and Prometheus (the autoscaler's Prometheus source; promtool checks the alert rules).
 # A no-op when they are installed already.
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb dicom3tools)
+packages=(dcmtk orthanc orthanc-dicomweb dicom3tools prometheus)
 need=()
-for cmd_pkg in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools; do
+for cmd_pkg in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools prometheus:prometheus; do
   command -v "${cmd_pkg%%:*}" >/dev/null || need+=("${cmd_pkg#*:}")
 done
 [[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need+=(orthanc-dicomweb)

@@ -120,8 +120,12 @@ def current_gateway_pod(cluster: Cluster, ns: str) -> dict[str, Any] | None:
         or f"name: {MODEL}" not in json.loads(config.stdout)["data"]["gateway.yaml"]
     ):
         return None
-    deployment = cluster.kubectl_json("-n", ns, "get", "deployment", f"{SITE}-gateway")
-    want = deployment["spec"]["template"]["metadata"]["annotations"]
+    found = cluster.kubectl(
+        "-n", ns, "get", "deployment", f"{SITE}-gateway", "-o", "json", check=False
+    )
+    if found.returncode != 0:
+        return None
+    want = json.loads(found.stdout)["spec"]["template"]["metadata"]["annotations"]
     for pod in pods(cluster, ns, "gateway", SITE):
         if want.items() <= (pod["metadata"].get("annotations") or {}).items():
             return pod

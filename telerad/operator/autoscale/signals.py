@@ -22,8 +22,9 @@ QUEUE = "telerad_queue_depth"
 NVML = "telerad_gpu_utilization_ratio"
 DCGM = "DCGM_FI_DEV_GPU_UTIL"
 POD = "pod"
-# Scraped without honor_labels, the exporter's own pod label is renamed by Prometheus.
-DCGM_POD_LABELS = (POD, "exported_pod")
+# Scraped without honor_labels, the worker's pod label on a DCGM series is renamed to
+# exported_pod, and `pod` then names the exporter itself: the first wins.
+DCGM_POD_LABELS = ("exported_pod", POD)
 
 
 @dataclass(frozen=True, slots=True)
