@@ -333,5 +333,36 @@ def token(tenant: str) -> None:
     click.echo(new_token(tenant))
 
 
+@cli.command("autoscale-sim")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the arrivals.")
+@click.option(
+    "--cold-start",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds from asking for a worker to its taking jobs.",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=0, max=86400),
+    default=300,
+    show_default=True,
+    help="telerad's scaleDownStabilizationSeconds.",
+)
+def autoscale_sim(seed: int, cold_start: float, window: int) -> None:
+    """Replay a day of a large hospital's studies through telerad's autoscaler, a fixed
+    fleet sized for the peak and KEDA-like defaults; print GPU-hours and waits.
+
+    The last line, `saved_gpu_hours_pct=X p95_stat_wait_s=Y fixed_p95_stat_wait_s=Z`, is
+    for scripts. The assumptions are in telerad/operator/autoscale/simulate.py.
+    """
+    from telerad.operator.autoscale import simulate  # noqa: PLC0415
+
+    results = simulate.run(seed, cold_start, window)
+    for line in simulate.table(results):
+        click.echo(line)
+    click.echo(simulate.summary(results))
+
+
 def main() -> None:
     cli()

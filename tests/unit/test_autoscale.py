@@ -146,3 +146,28 @@ def test_flapping_input_never_flaps_replicas(
 def test_busy_gpus_with_nothing_waiting_add_no_worker() -> None:
     idle_queue = decide(SCALING, seen(gpu=[1.0], replicas=1), Memory(), T0)
     assert idle_queue.replicas == 1 and idle_queue.by["gpu"] == 0
+
+
+def test_busy_workers_are_never_scaled_away() -> None:
+    busy = Observation(
+        queue={Priority.ROUTINE: 0, Priority.STAT: 0, Priority.URGENT: 0},
+        gpu_utilization=[1.0, 1.0, 0.0],
+        replicas=3,
+        running=2,
+    )
+    later = run([busy] * 40)  # far past the window: the idle one goes, the busy two stay
+    assert later[-1].replicas == 2
+    assert "2 in flight: at least 2" in later[-1].reason
+
+
+def test_keep_warm_means_one_idle_worker_beside_the_busy_ones() -> None:
+    scaling = SCALING.model_copy(update={"keep_warm_for_urgent": KeepWarm()})
+    busy = Observation(
+        queue={Priority.ROUTINE: 1, Priority.STAT: 0, Priority.URGENT: 0},
+        gpu_utilization=[1.0],
+        replicas=1,
+        running=1,
+    )
+    (decision,) = run([busy], scaling)
+    assert decision.replicas == 2
+    assert "keep-warm window: one idle, at least 2" in decision.reason

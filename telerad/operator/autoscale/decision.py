@@ -15,7 +15,10 @@ replicas, a one-line reason, and what to remember next time. The rules (DESIGN.m
 - to zero only when every recommendation in that window was zero (the queue has been
   empty that long) and `minReplicas` is 0;
 - a stat or urgent job waiting with no worker: one at once; `keepWarmForUrgent` keeps one
-  in its windows;
+  worker warm in its windows, that is idle and ready: one more than the jobs in flight, so
+  a stat study never waits behind a routine one for a cold start;
+- never fewer than the jobs in flight: scaling away a busy worker only throws its work
+  away (its lease expires and the job runs again);
 - metrics missing or stale: hold (never down, never to zero) and say Degraded.
 """
 
@@ -41,6 +44,8 @@ class Observation:
     """Per running worker, 0-1; None when unknown or stale (an empty list: no workers)."""
     replicas: int
     """Workers the Deployment has now."""
+    running: int = 0
+    """Jobs leased to workers now, summed over the gateways."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,13 +114,16 @@ def decide(scaling: Scaling, seen: Observation, memory: Memory, now: datetime) -
     if current:
         reasons.append(f"GPU {utilisation:.0%} of {scaling.target_gpu_utilization}% -> {by_gpu}")
     floor = scaling.min_replicas
-    if urgent and wanted == 0:
-        floor = max(floor, 1)
+    if seen.running > floor:
+        floor = seen.running
+        reasons.append(f"{seen.running} in flight: at least {seen.running}")
+    if urgent and max(wanted, floor) == 0:
+        floor = 1
         reasons.append("a stat or urgent job waits: at least 1")
     keep = scaling.keep_warm_for_urgent
     if keep is not None and in_windows(keep, now):
-        floor = max(floor, 1)
-        reasons.append("keep-warm window: at least 1")
+        floor = max(floor, seen.running + 1)
+        reasons.append(f"keep-warm window: one idle, at least {seen.running + 1}")
     recommended = min(max(wanted, floor), scaling.max_replicas)
     kept = tuple((t, r) for t, r in memory.recommendations if t > at - window)
     kept = (*kept, (at, recommended))

@@ -209,7 +209,8 @@ class Autoscaler:
                 targets, missing = await self._targets(namespace, name, sites)
                 reading = await self.source.read(targets)
                 if missing:
-                    reading = Reading(None, reading.gpu_utilization, missing + reading.problems)
+                    problems = missing + reading.problems
+                    reading = Reading(None, reading.gpu_utilization, problems)
         except KubeError as err:
             SCALER_ERRORS.labels(namespace, name, "discover").inc()
             log.warning("autoscaler of %s/%s could not list its pods: %s", namespace, name, err)
@@ -220,7 +221,7 @@ class Autoscaler:
             DECISIONS.labels(namespace, name, "aside").inc()
         elif reading is not None:
             memory = self._memory.get(key, Memory())
-            seen = Observation(reading.queue, reading.gpu_utilization, current)
+            seen = Observation(reading.queue, reading.gpu_utilization, current, reading.running)
             decision = decide(model.spec.scaling, seen, memory, now)
             self._memory[key] = decision.memory
             DECISIONS.labels(namespace, name, _outcome(decision, current)).inc()

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from telerad.api.types import Priority
 
 QUEUE = "telerad_queue_depth"
+JOBS = "telerad_gateway_jobs"
 NVML = "telerad_gpu_utilization_ratio"
 DCGM = "DCGM_FI_DEV_GPU_UTIL"
 POD = "pod"
@@ -62,6 +63,15 @@ def queue_depth(
     if gateways is not None:
         return found if gateways <= reported else None
     return found if seen else None
+
+
+def running(samples: Iterable[Sample], model: str) -> int:
+    """Jobs of `model` leased to workers now, summed over the gateways in `samples`."""
+    return sum(
+        int(s.value)
+        for s in samples
+        if s.name == JOBS and s.labels.get("model") == model and s.labels.get("state") == "leased"
+    )
 
 
 def gpu_utilization(samples: Iterable[Sample], pods: set[str] | None = None) -> list[float]:

@@ -51,6 +51,8 @@ class Reading:
     queue: dict[Priority, int] | None
     gpu_utilization: list[float] | None
     problems: list[str] = field(default_factory=list)
+    running: int = 0
+    """Jobs leased to workers (0 when the queue is unknown)."""
     """Why a part is unknown: names and addresses, never study data."""
 
 
@@ -69,15 +71,17 @@ class ReadError(Exception):
 def _reading(
     targets: Targets, samples: list[Sample], queue_problems: list[str], gpu_problems: list[str]
 ) -> Reading:
-    queue = None
+    queue, running = None, 0
     if not queue_problems:
+        running = signals.running(samples, targets.model)
         queue = signals.queue_depth(samples, targets.model, {t.pod for t in targets.gateways})
         if queue is None:
             queue_problems.append("a gateway does not report the model's queue")
     gpu = None
     if not gpu_problems:
         gpu = signals.gpu_utilization(samples, {t.pod for t in targets.workers})
-    return Reading(queue=queue, gpu_utilization=gpu, problems=queue_problems + gpu_problems)
+    problems = queue_problems + gpu_problems
+    return Reading(queue=queue, gpu_utilization=gpu, problems=problems, running=running)
 
 
 class Direct:
@@ -184,7 +188,10 @@ class Prometheus:
     async def read(self, targets: Targets) -> Reading:
         started = time.monotonic()
         ns, model = _quote(targets.namespace), _quote(targets.model)
-        queries = [f'{signals.QUEUE}{{namespace="{ns}",model="{model}"}}']
+        queries = [
+            f'{signals.QUEUE}{{namespace="{ns}",model="{model}"}}',
+            f'{signals.JOBS}{{namespace="{ns}",model="{model}",state="leased"}}',
+        ]
         if targets.workers:
             pods = _quote(_pods(targets.workers))
             queries.append(f'{signals.NVML}{{namespace="{ns}",pod=~"{pods}"}}')
