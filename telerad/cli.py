@@ -338,7 +338,7 @@ def token(tenant: str) -> None:
 @click.option(
     "--cold-start",
     type=click.FloatRange(min=0),
-    default=60.0,
+    default=30.0,
     show_default=True,
     help="Seconds from asking for a worker to its taking jobs.",
 )
@@ -347,7 +347,7 @@ def token(tenant: str) -> None:
     type=click.IntRange(min=0, max=86400),
     default=300,
     show_default=True,
-    help="telerad's scaleDownStabilizationSeconds.",
+    help="telerad's scaleDownStabilizationSeconds for the models that get stat studies.",
 )
 def autoscale_sim(seed: int, cold_start: float, window: int) -> None:
     """Replay a day of a large hospital's studies through telerad's autoscaler, a fixed

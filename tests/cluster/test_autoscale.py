@@ -409,19 +409,20 @@ def held_for(cluster: Cluster, ns: str, want: int, seconds: float) -> None:
 def test_missing_metrics_hold_and_other_autoscalers_are_left_alone(
     cluster: Cluster, operator: Operator, namespace: str, gateway: Gateway
 ) -> None:
-    # The gateway dies before the scaler ever saw a full window of empty queue.
-    gateway.proc.kill()
-    gateway.proc.wait()
-    eventually(
-        lambda: condition(cluster, namespace, "Degraded").get("reason") == "MetricsUnavailable",
-        "Degraded: MetricsUnavailable",
-    )
-    assert "gateway" in condition(cluster, namespace, "Degraded")["message"]
-    assert events(cluster, namespace, "MetricsUnavailable")
-    # minReplicas is 0 and the window long past: an empty queue would scale to zero,
-    # an unknown one holds.
-    held_for(cluster, namespace, 1, WINDOW + 4)
-    assert "holding at 1" in model_status(cluster, namespace)["scalingReason"]
+    with GpuStandIn(cluster, namespace):
+        # The gateway dies before the scaler ever saw a full window of empty queue.
+        gateway.proc.kill()
+        gateway.proc.wait()
+        eventually(
+            lambda: "gateway" in condition(cluster, namespace, "Degraded").get("message", ""),
+            "Degraded for want of the gateway's metrics",
+        )
+        assert condition(cluster, namespace, "Degraded")["reason"] == "MetricsUnavailable"
+        assert events(cluster, namespace, "MetricsUnavailable")
+        # minReplicas is 0 and the window long past: an empty queue would scale to zero,
+        # an unknown one holds.
+        held_for(cluster, namespace, 1, WINDOW + 4)
+        assert "holding at 1" in model_status(cluster, namespace)["scalingReason"]
 
     hpa = {
         "apiVersion": "autoscaling/v2",

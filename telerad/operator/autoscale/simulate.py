@@ -13,10 +13,12 @@ then idle ones, then busy ones, which finish their job first (graceful terminati
 The fleets, per model:
 
 - telerad: `decide` every 10 s on what the gateway and workers report (queue by priority,
-  jobs in flight, GPU busy share): min 0, max 8, 5 jobs per replica, 80 % GPU target,
-  300 s stabilisation; the models that receive stat studies (CT, MR) keep one idle worker
-  warm all day (`keepWarmForUrgent` without windows: an emergency department never
-  closes), the others scale to zero;
+  jobs in flight, GPU busy share): min 0, max 8, 5 jobs per replica, 80 % GPU target.
+  The models that receive stat studies (CT, MR) keep one idle worker warm all day
+  (`keepWarmForUrgent` without windows: an emergency department never closes) with the
+  default 300 s stabilisation. The others scale to zero after a window as long as a cold
+  start: idling longer than it takes to start again costs more than it can save (the
+  break-even rule of keeping versus restarting);
 - fixed, sized for the peak: per model, the workers the peak hour's GPU load needs at the
   same 80 % target, plus one idle for its stat or urgent studies, all day;
 - KEDA-like: a ScaledObject's defaults: the queue polled every 30 s, ceil(queue / 5)
@@ -54,6 +56,10 @@ PROFILE = (
     0.95, 0.95, 1.00, 0.95, 0.85, 0.70, 0.55, 0.45, 0.35, 0.30, 0.25, 0.20,
 )  # fmt: skip
 INTERVAL = 10.0  # the operator's default autoscaler interval
+# Seconds from asking for a worker to its first claim, on a GPU node that has the image:
+# `telerad worker` is ready in about 2 s (measured, CPU), plus the pod's start and its
+# first readiness probe (5 s period); a CUDA context and a larger model take longer.
+COLD_START = 30.0
 KEDA_POLL = 30.0
 KEDA_COOLDOWN = 300.0
 RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
@@ -184,9 +190,12 @@ def _queue(waiting: list[Job]) -> dict[Priority, int]:
     return counts
 
 
-def telerad_scaling(modality: str, window: int) -> Scaling:
-    warm = KeepWarm() if modality in KEEP_WARM else None
-    update = {"keep_warm_for_urgent": warm, "scale_down_stabilization_seconds": window}
+def telerad_scaling(modality: str, window: int, cold_start: float) -> Scaling:
+    """The scaling an operator would give each model (see the module docstring)."""
+    if modality in KEEP_WARM:
+        update = {"keep_warm_for_urgent": KeepWarm(), "scale_down_stabilization_seconds": window}
+    else:
+        update = {"scale_down_stabilization_seconds": math.ceil(cold_start)}
     return TELERAD.model_copy(update=update)
 
 
@@ -254,13 +263,13 @@ def _combined(name: str, outcomes: list[Outcome]) -> Result:
     return Result(name, sum(o.gpu_hours for o in outcomes), waits)
 
 
-def run(seed: int = 1, cold_start: float = 60.0, window: int = 300) -> list[Result]:
+def run(seed: int = 1, cold_start: float = COLD_START, window: int = 300) -> list[Result]:
     """telerad, fixed and KEDA-like over the same day, every model's figures summed."""
     day = arrivals(seed)
     fixed = {m: peak_fleet(m) for m in day}
     per_fleet: dict[str, list[Outcome]] = {"telerad": [], "fixed": [], "keda": []}
     for modality, jobs in day.items():
-        scaler = telerad_scaler(telerad_scaling(modality, window))
+        scaler = telerad_scaler(telerad_scaling(modality, window, cold_start))
         per_fleet["telerad"].append(simulate(jobs, scaler, INTERVAL, cold_start))
         size = fixed[modality]
         per_fleet["fixed"].append(simulate(jobs, lambda *_, n=size: n, 3600, cold_start))
