@@ -364,5 +364,24 @@ def autoscale_sim(seed: int, cold_start: float, window: int) -> None:
     click.echo(simulate.summary(results))
 
 
+@cli.command()
+@click.option(
+    "--bin-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Control-plane binaries (hack/build-k8s.sh prints their directory).",
+)
+@click.option(
+    "--keep",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep logs, configs and data in this directory instead of a temporary one.",
+)
+def demo(bin_dir: Path, keep: Path | None) -> None:
+    """The whole system on this machine, end to end (what `make demo` runs)."""
+    from telerad.devcluster import demo as run_demo  # noqa: PLC0415
+
+    sys.exit(run_demo.run(bin_dir, keep))
+
+
 def main() -> None:
     cli()

@@ -174,6 +174,9 @@ class WorkerConfig(ApiModel):
 
     model: ModelRef
     """Plugin and version to load."""
+    name: DNSLabel | None = None
+    """AIModel whose jobs it claims (gateways queue jobs under the AIModel's name, which
+    need not be the plugin's); default: the plugin's name."""
     gateways: list[GatewayEndpoint] = Field(default_factory=list)
     """Gateways whose routing sends jobs to this model."""
     third_party: bool = False

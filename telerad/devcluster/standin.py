@@ -12,7 +12,7 @@ and is reached the way the pod would be (by the operator's autoscaler, by Promet
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -90,21 +90,27 @@ def materialize(pod: Body, container: str, read: Read, root: Path) -> list[str]:
     return mounts
 
 
-def _moved(value: Any, mounts: list[str], root: Path) -> Any:
+def _moved(value: Any, mounts: list[str], root: Path, hosts: Mapping[str, str]) -> Any:
     if isinstance(value, dict):
-        return {k: _moved(v, mounts, root) for k, v in value.items()}
+        return {k: _moved(v, mounts, root, hosts) for k, v in value.items()}
     if isinstance(value, list):
-        return [_moved(v, mounts, root) for v in value]
+        return [_moved(v, mounts, root, hosts) for v in value]
     if isinstance(value, str) and any(
         value == m or value.startswith(m.rstrip("/") + "/") for m in mounts
     ):
         return str(local(value, root))
+    if isinstance(value, str):
+        for name, address in hosts.items():
+            value = value.replace(f"//{name}:", f"//{address}:")
     return value
 
 
-def prepare(pod: Body, container: str, read: Read, root: Path) -> list[str]:
+def prepare(
+    pod: Body, container: str, read: Read, root: Path, hosts: Mapping[str, str] | None = None
+) -> list[str]:
     """The command line that runs `container` of `pod` here: its volumes written under
-    `root`, and its `--config` file rewritten to those paths and the pod's address."""
+    `root`, and its `--config` file rewritten to those paths, the pod's address, and the
+    addresses `hosts` gives Service names in URLs (the cluster DNS this machine lacks)."""
     mounts = materialize(pod, container, read, root)
     spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
     args = list(spec.get("args", []))
@@ -113,7 +119,7 @@ def prepare(pod: Body, container: str, read: Read, root: Path) -> list[str]:
     at = args.index("--config") + 1
     config_path = local(args[at], root)
     config = yaml.safe_load(config_path.read_text())
-    config = _moved(config, mounts, root)
+    config = _moved(config, mounts, root, hosts or {})
     config["bindAddress"] = pod["status"]["podIP"]
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     args[at] = str(config_path)

@@ -204,9 +204,16 @@ def test_gateway_deployment_is_hardened_and_rolls_on_config_change() -> None:
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["image"] == "registry.invalid/telerad:test"
-    assert {v["name"] for v in pod["volumes"]} == {"config", "tmp", "hot", "warm", "tls", "tokens"}
+    names_ = {v["name"] for v in pod["volumes"]}
+    assert names_ == {"config", "tmp", "hot", "warm", "tls", "tokens", "secret-0"}
     tokens = next(v for v in pod["volumes"] if v["name"] == "tokens")
     assert tokens["secret"] == {"secretName": "st-marys-http-clients"}
+    # The paging webhook's signing key, and only that key of its Secret.
+    paging = next(v for v in pod["volumes"] if v["name"] == "secret-0")
+    assert paging["secret"] == {
+        "secretName": "st-marys-paging",
+        "items": [{"key": "hmac-key", "path": "hmac-key"}],
+    }
     riverside = site_children("riverside-imaging")["Deployment/riverside-imaging-gateway"]
     riverside_pod = riverside["spec"]["template"]["spec"]
     # Only the key a destination names is mounted, where the gateway's config says.

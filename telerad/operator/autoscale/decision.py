@@ -114,6 +114,8 @@ def decide(scaling: Scaling, seen: Observation, memory: Memory, now: datetime) -
     if current:
         reasons.append(f"GPU {utilisation:.0%} of {scaling.target_gpu_utilization}% -> {by_gpu}")
     floor = scaling.min_replicas
+    if floor > wanted:
+        reasons.append(f"minReplicas {floor}")
     if seen.running > floor:
         floor = seen.running
         reasons.append(f"{seen.running} in flight: at least {seen.running}")

@@ -55,6 +55,7 @@ def worker_config(model: AIModel, namespace: str, gateways: dict[str, ImagingSit
     """``gateways``: the sites whose rules route to this model, by name."""
     return WorkerConfig(
         model=model.spec.model,
+        name=model.metadata.name,
         gateways=[_endpoint(name, site, namespace) for name, site in sorted(gateways.items())],
         third_party=model.spec.third_party,
         inference_server=model.spec.inference_server,

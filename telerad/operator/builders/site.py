@@ -65,15 +65,17 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
         destinations=spec.destinations,
         notifications=spec.notifications,
         tokens_dir=TOKENS_DIR if spec.access is not None else None,
-        secrets_dir=SECRETS_DIR if _destination_secrets(site) else None,
+        secrets_dir=SECRETS_DIR if _mounted_secrets(site) else None,
     )
 
 
-def _destination_secrets(site: ImagingSite) -> dict[str, list[str]]:
-    """Secret name -> keys that destinations read, so only those keys are mounted."""
+def _mounted_secrets(site: ImagingSite) -> dict[str, list[str]]:
+    """Secret name -> the keys the gateway reads (destination tokens, webhook signing
+    keys), so only those keys are mounted."""
+    refs = [d.dicomweb.token_secret for d in site.spec.destinations if d.dicomweb]
+    refs += [hook.signing_secret for hook in site.spec.notifications.webhooks]
     found: dict[str, list[str]] = {}
-    for destination in site.spec.destinations:
-        ref = destination.dicomweb.token_secret if destination.dicomweb else None
+    for ref in refs:
         if ref is not None and ref.key not in found.setdefault(ref.name, []):
             found[ref.name].append(ref.key)
     return found
@@ -124,7 +126,7 @@ def deployment(
         volumes.append(
             {"name": "tokens", "secret": {"secretName": site.spec.access.token_secret_name}}
         )
-    for index, (secret, keys) in enumerate(sorted(_destination_secrets(site).items())):
+    for index, (secret, keys) in enumerate(sorted(_mounted_secrets(site).items())):
         volume = f"secret-{index}"
         mounts.append({"name": volume, "mountPath": str(SECRETS_DIR / secret), "readOnly": True})
         items = [{"key": key, "path": key} for key in keys]

@@ -90,7 +90,8 @@ class Worker:
             )
         self.config = config
         self.model = model
-        self.metrics = WorkerMetrics(config.model.name, model.device, gpus)
+        self.queue = config.name or config.model.name
+        self.metrics = WorkerMetrics(self.queue, model.device, gpus)
         self.owner = config.owner or f"{socket.gethostname()}/{os.getpid()}"
         self._stopping = asyncio.Event()
         self._alive = time.monotonic()
@@ -132,7 +133,7 @@ class Worker:
         heads: list[tuple[int, float, Gateway]] = []
         for gateway in gateways:
             try:
-                head = await gateway.head(self.config.model.name)
+                head = await gateway.head(self.queue)
             except GatewayError as exc:
                 log.warning("%s", exc)
                 continue
@@ -140,9 +141,7 @@ class Worker:
                 heads.append((RANK[head.priority], head.created_at.timestamp(), gateway))
         for _, _, gateway in sorted(heads, key=lambda h: h[:2]):
             try:
-                job = await gateway.claim(
-                    self.config.model.name, self.owner, self.config.lease_seconds
-                )
+                job = await gateway.claim(self.queue, self.owner, self.config.lease_seconds)
             except GatewayError as exc:
                 log.warning("%s", exc)
                 continue

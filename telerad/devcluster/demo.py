@@ -1,0 +1,455 @@
+"""`make demo`: the whole system on this machine, end to end, in about a minute.
+
+A local control plane; the CRDs and the operator with its own least-privilege RBAC; the
+samples (manifests/samples); then every site's gateway and every model's worker started
+from the very pods the operator created (their ConfigMaps, Secrets and addresses, by
+telerad.devcluster.standin; on a cluster these are the containers); a CT head with a
+bleed and a chest X-ray sent with dcmtk's storescu; and what a platform team wants to
+see: the resources and their Ready state, the worklist with the AI's priorities, the SR
+stored beside the images, the critical-finding alert a webhook received, and the
+autoscaler's decision. Everything it started is stopped before it returns.
+
+What differs from a cluster, all in `_localize`: the callers' networks become this
+machine's, the DICOM TLS of one sample site is left out (no certificate names a loopback
+pod address), results are not forwarded to the samples' example.org archives, studies
+count as complete after 2 quiet seconds instead of 20, and the paging webhook points at
+the demo's own receiver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from telerad import synthetic
+from telerad.devcluster import standin
+from telerad.devcluster.controlplane import ControlPlane, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+TENANT = "tenant-northwind"
+SYSTEM = "telerad-system"
+LOCAL = ["127.0.0.0/8"]
+T = TypeVar("T")
+
+
+class DemoError(Exception):
+    pass
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def step(text: str) -> None:
+    say(f"\n==> {text}")
+
+
+def eventually(probe: Callable[[], T | None], what: str, timeout: float = 120) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.3)
+
+
+@dataclass
+class Sink:
+    """The paging service: a local webhook receiver that keeps what it is sent."""
+
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    def start(self) -> str:
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.received.append((dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/on-call"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@dataclass
+class Demo:
+    bin_dir: Path
+    work: Path
+    plane: ControlPlane
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    sink: Sink = field(default_factory=Sink)
+    token: str = ""
+
+    # ---------------------------------------------------------------- plumbing
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        done = subprocess.run(
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.plane.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        if check and done.returncode != 0:
+            raise DemoError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def read(self, kind: str, name: str) -> dict[str, Any] | None:
+        found = self.kubectl("-n", TENANT, "get", kind, name, "-o", "json", check=False)
+        return json.loads(found) if found else None
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.plane.kubeconfig
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        log = self.work / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "telerad"), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        self.processes.append((name, proc))
+
+    def healthy(self, name: str, url: str) -> None:
+        proc = dict(self.processes)[name]
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                tail = (self.work / "logs" / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise DemoError(f"{name} exited with {proc.returncode}:\n{tail}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310
+                    return bool(answer.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        eventually(answers, f"{name} at {url}", timeout=60)
+
+    def http(self, url: str, accept: str = "application/json") -> Any:
+        request = urllib.request.Request(  # noqa: S310  (the demo's own loopback gateways)
+            url, headers={"Authorization": f"Bearer {self.token}", "Accept": accept}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
+            return json.loads(answer.read() or b"null")
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.sink.stop()
+        self.plane.stop()
+
+    # ---------------------------------------------------------------- the steps
+
+    def control_plane(self) -> None:
+        step("a local Kubernetes control plane (etcd, kube-apiserver, controllers, kwok nodes)")
+        started = time.monotonic()
+        self.plane.start()
+        say(f"up in {time.monotonic() - started:.1f} s at {self.plane.server}")
+        say(self.kubectl("get", "nodes").rstrip())
+
+    def install(self) -> None:
+        step("CRDs, namespaces, and the operator's least-privilege RBAC")
+        self.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        for namespace in (SYSTEM, TENANT):
+            self.kubectl("create", "namespace", namespace)
+        self.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests" / "rbac"))
+        say(self.kubectl("get", "crd").rstrip())
+
+    def operator(self) -> None:
+        step("the operator, as its ServiceAccount")
+        token = self.kubectl(
+            "-n", SYSTEM, "create", "token", "telerad-operator", "--duration=1h"
+        ).strip()  # fmt: skip
+        admin = yaml.safe_load(self.kubeconfig.read_text())
+        config = self.work / "operator.kubeconfig"
+        config.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": admin["clusters"],
+                    "users": [{"name": "operator", "user": {"token": token}}],
+                    "contexts": [
+                        {
+                            "name": "operator",
+                            "context": {
+                                "cluster": admin["clusters"][0]["name"],
+                                "user": "operator",
+                            },
+                        }
+                    ],
+                    "current-context": "operator",
+                }
+            )
+        )
+        config.chmod(0o600)
+        liveness = free_port()
+        self.start(
+            "operator",
+            [
+                "operator",
+                f"--metrics-port={free_port()}",
+                f"--liveness-port={liveness}",
+                "--autoscale-interval-seconds=2",
+                "--log-format=plain",
+            ],
+            env={"KUBECONFIG": str(config)},
+        )
+        self.healthy("operator", f"http://127.0.0.1:{liveness}/healthz")
+        say("running (log: logs/operator.log)")
+
+    def samples(self, webhook: str) -> None:
+        step("the samples: two sites, two models, one routing policy")
+        self.token = subprocess.run(
+            [str(Path(sys.executable).parent / "telerad"), "token", "--tenant", TENANT],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for site in ("st-marys", "riverside"):
+            self.kubectl(
+                "-n", TENANT, "create", "secret", "generic", f"{site}-http-clients",
+                f"--from-literal=worker={self.token}",
+            )  # fmt: skip
+        self.kubectl(
+            "-n", TENANT, "create", "secret", "generic", "st-marys-paging",
+            f"--from-literal=hmac-key={secrets.token_urlsafe(32)}",
+        )  # fmt: skip
+        documents = list(
+            yaml.safe_load_all(self.kubectl("kustomize", str(ROOT / "manifests/samples")))
+        )
+        local = [_localize(d, webhook) for d in documents]
+        self.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(local))
+        for kind in ("imagingsite", "aimodel"):
+            self.kubectl(
+                "-n", TENANT, "wait", "--for=condition=Ready", kind, "--all", "--timeout=120s"
+            )
+        self.kubectl(
+            "-n", TENANT, "wait", "--for=condition=Accepted", "routingpolicy", "--all",
+            "--timeout=60s",
+        )  # fmt: skip
+        say(self.kubectl("-n", TENANT, "get", "telerad").rstrip())
+
+    def _pod(self, component: str, instance: str) -> dict[str, Any]:
+        """The Running pod of a Deployment that runs its current template."""
+        deployment = self.read("deployment", _child(instance, component))
+
+        def current() -> dict[str, Any] | None:
+            selector = (
+                f"app.kubernetes.io/component={component},app.kubernetes.io/instance={instance}"
+            )
+            listed = self.kubectl("-n", TENANT, "get", "pods", "-o", "json", "-l", selector)
+            pods = json.loads(listed)["items"]
+            want = (deployment or {})["spec"]["template"]["metadata"].get("annotations", {})
+            for pod in pods:
+                status = pod.get("status") or {}
+                have = pod["metadata"].get("annotations") or {}
+                if status.get("podIP") and want.items() <= have.items():
+                    return dict(pod)
+            return None
+
+        return eventually(current, f"the {component} pod of {instance}")
+
+    def runtime(self) -> dict[str, str]:
+        step("each site's gateway and each model's worker, run here in its pod's place")
+        gateways: dict[str, str] = {}
+        hosts: dict[str, str] = {}
+        sites = json.loads(self.kubectl("-n", TENANT, "get", "imagingsite", "-o", "json"))["items"]
+        for site in sites:
+            name = site["metadata"]["name"]
+            pod = self._pod("gateway", name)
+            ip = pod["status"]["podIP"]
+            args = standin.prepare(pod, "gateway", self.read, self.work / "pods" / name)
+            self.start(f"gateway-{name}", args)
+            self.healthy(f"gateway-{name}", f"http://{ip}:8080/healthz")
+            gateways[name] = ip
+            hosts[f"{_child(name, 'gateway')}.{TENANT}.svc"] = ip
+            say(f"gateway {name}: DICOM {ip}:11112, HTTP http://{ip}:8080")
+        models = json.loads(self.kubectl("-n", TENANT, "get", "aimodel", "-o", "json"))["items"]
+        for model in models:
+            name = model["metadata"]["name"]
+            pod = self._pod("worker", name)
+            ip = pod["status"]["podIP"]
+            root = self.work / "pods" / name
+            args = standin.prepare(pod, "worker", self.read, root, hosts)
+            self.start(f"worker-{name}", args)
+            self.healthy(f"worker-{name}", f"http://{ip}:9090/healthz")
+            say(f"worker {name}: model {model['spec']['model']['name']}, metrics http://{ip}:9090")
+        return gateways
+
+    def send(self, gateway: str) -> tuple[str, str]:
+        step(
+            "a CT head with a bleed from the ED scanner, a chest X-ray from X-ray room 2 (storescu)"
+        )
+        storescu = shutil.which("storescu")
+        if storescu is None:
+            raise DemoError("storescu not found: `make demo` installs dcmtk (hack/debs.sh)")
+        ct = list(synthetic.ct_series(n_slices=48, size=256, seed=11, hyperdensity=True))
+        cxr = [synthetic.chest_xray(seed=12, opacity=True)]
+        for caller, datasets, label in (("STM_CT01", ct, "ct"), ("STM_DX02", cxr, "cxr")):
+            files = synthetic.write_series(datasets, self.work / "studies" / label)
+            command = [storescu, "-aet", caller, "-aec", "TELERAD_STM", gateway, "11112"]
+            done = subprocess.run(
+                [*command, *map(str, files)], capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0:
+                raise DemoError(f"storescu failed: {done.stderr.strip()}")
+            say(f"{caller} -> TELERAD_STM: {len(files)} instance(s), accepted")
+        return str(ct[0].StudyInstanceUID), str(cxr[0].StudyInstanceUID)
+
+    def results(self, gateway: str, studies: tuple[str, str]) -> None:
+        base = f"http://{gateway}:8080"
+
+        def both_done() -> list[dict[str, Any]] | None:
+            worklist = self.http(f"{base}/worklist")
+            entries = [e for e in worklist if e["studyUid"] in studies]
+            done = all(e["jobs"] and all(j["state"] == "done" for j in e["jobs"]) for e in entries)
+            return entries if len(entries) == 2 and done else None
+
+        step("the worklist, as the reading radiologist sees it (AI priorities)")
+        entries = eventually(both_done, "both studies read by their models", timeout=180)
+        for entry in entries:
+            jobs = ", ".join(
+                f"{j['model']} {j['state']}{' CRITICAL' if j['critical'] else ''}"
+                for j in entry["jobs"]
+            )
+            say(f"  {str(entry['priority']).upper():8} study {_short(entry['studyUid'])}  {jobs}")
+
+        step("the structured reports stored beside the images (QIDO-RS)")
+        for study in studies:
+            series = (
+                self.http(
+                    f"{base}/studies/{study}/series?Modality=SR", accept="application/dicom+json"
+                )
+                or []
+            )
+            if not series:
+                raise DemoError(f"no SR in study {_short(study)}")
+            for item in series:
+                description = (item.get("0008103E", {}).get("Value") or [""])[0]
+                count = (item.get("00201209", {}).get("Value") or [0])[0]
+                say(f"  study {_short(study)}: SR series '{description}', {count} instance(s)")
+
+        step("the critical-finding alert the on-call webhook received")
+        critical = sum(j["critical"] for e in entries for j in e["jobs"])
+        eventually(lambda: len(self.sink.received) >= critical, "the alerts", timeout=60)
+        for headers, body in self.sink.received:
+            alert = json.loads(body)
+            findings = ", ".join(f"{f['label']} {f['score']:.2f}" for f in alert["findings"])
+            say(
+                f"  {alert['kind']} from {alert['site']}: model {alert['model']}, {findings}; "
+                f"signed {'Telerad-Signature' in headers}, key {headers.get('Idempotency-Key')}"
+            )
+
+    def autoscaler(self) -> None:
+        step("the autoscaler's decisions (AIModel status)")
+        for model in json.loads(self.kubectl("-n", TENANT, "get", "aimodel", "-o", "json"))[
+            "items"
+        ]:
+            status = model.get("status") or {}
+            conditions = {c["type"]: c for c in status.get("conditions", [])}
+            active = conditions.get("Autoscaling", {})
+            say(
+                f"  {model['metadata']['name']}: desired {status.get('desiredReplicas')}, "
+                f"queue {status.get('queueDepth')}, Autoscaling {active.get('status')} "
+                f"({active.get('reason')})"
+            )
+            say(f"    {status.get('scalingReason')}")
+
+
+def _child(instance: str, component: str) -> str:
+    return f"{instance}-{component}"
+
+
+def _short(uid: str) -> str:
+    """A study named without its UID (a stable digest is enough to tell them apart)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:8]
+
+
+def _localize(document: dict[str, Any], webhook: str) -> dict[str, Any]:
+    """The changes a sample needs to run on this machine (see the module docstring)."""
+    document = json.loads(json.dumps(document))
+    spec = document["spec"]
+    if document["kind"] == "ImagingSite":
+        for caller in spec.get("allowedCallers", []):
+            caller["cidrs"] = LOCAL
+        spec.pop("tls", None)
+        spec.get("service", {}).pop("loadBalancerSourceRanges", None)
+        spec.pop("destinations", None)
+        spec["completion"] = {"quietSeconds": 2}
+        for hook in spec.get("notifications", {}).get("webhooks", []):
+            hook["url"] = webhook
+    return document
+
+
+def run(bin_dir: Path, keep: Path | None = None) -> int:
+    work = keep or Path(tempfile.mkdtemp(prefix="telerad-demo-"))
+    plane = ControlPlane(bin_dir=bin_dir, state_dir=work / "cluster")
+    demo = Demo(bin_dir=bin_dir, work=work, plane=plane)
+    started = time.monotonic()
+    try:
+        demo.control_plane()
+        demo.install()
+        demo.operator()
+        webhook = demo.sink.start()
+        demo.samples(webhook)
+        gateways = demo.runtime()
+        studies = demo.send(gateways["st-marys"])
+        demo.results(gateways["st-marys"], studies)
+        demo.autoscaler()
+    except DemoError as err:
+        say(f"\ndemo failed: {err}\nlogs in {work / 'logs'}")
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            demo.stop()
+    say(f"\ndone in {time.monotonic() - started:.0f} s; every process stopped")
+    if keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
