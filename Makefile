@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CLUSTER_DIR ?= .cluster
 
-.PHONY: setup k8s-bins debs lint test test-fast cluster cluster-down cluster-status bench clean demo
+.PHONY: setup k8s-bins debs lint test test-fast cluster cluster-down cluster-status bench clean demo kind-e2e
 
 # Python environment from uv.lock (frozen: CI fails if pyproject.toml and the lock disagree).
 setup: $(VENV)/.synced
@@ -18,7 +18,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 k8s-bins:
 	@hack/build-k8s.sh >/dev/null
 
-# The real DICOM peers (dcmtk, Orthanc, dicom3tools) from Debian (a no-op once installed).
+# The real peers from Debian: dcmtk, Orthanc, dicom3tools, Prometheus (a no-op once installed).
 debs:
 	@hack/debs.sh
 
@@ -58,3 +58,7 @@ clean: cluster-down
 # The whole system on a local control plane, end to end; leaves no process behind.
 demo: setup k8s-bins debs
 	@$(BIN)/telerad demo --bin-dir "$$(hack/build-k8s.sh)"
+
+# The demo's path on kind with the image built from this checkout (needs Docker and kind).
+kind-e2e: setup debs
+	@hack/kind-e2e.sh

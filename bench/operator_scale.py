@@ -137,7 +137,7 @@ def run(bin_dir: Path, n: int) -> dict[str, Any]:
         kc = plane.kubeconfig
         op = None
         try:
-            kubectl(bin_dir, kc, "apply", "--server-side", "-f", str(ROOT / "crds"))
+            kubectl(bin_dir, kc, "apply", "--server-side", "-k", str(ROOT / "crds"))
             kubectl(
                 bin_dir, kc, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"
             )

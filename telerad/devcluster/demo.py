@@ -194,7 +194,7 @@ class Demo:
 
     def install(self) -> None:
         step("CRDs, namespaces, and the operator's least-privilege RBAC")
-        self.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        self.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
         self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         for namespace in (SYSTEM, TENANT):
             self.kubectl("create", "namespace", namespace)

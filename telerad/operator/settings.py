@@ -23,6 +23,8 @@ class OperatorSettings(BaseSettings):
     """Namespaces to serve; empty serves the whole cluster."""
     resync_seconds: float = Field(default=60.0, gt=0)
     """Interval of the periodic full reconcile of every object."""
+    operator_namespace: str = "telerad-system"
+    """Namespace the operator runs in (its autoscaler may scrape the gateways' HTTP port)."""
     monitoring_namespace: str = "monitoring"
     """Namespace whose pods (Prometheus) may scrape the gateways' HTTP port."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)

@@ -131,7 +131,7 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
 
 @pytest.fixture(scope="session")
 def crds(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(ROOT / "crds"))
     for kind in KINDS:
         cluster.kubectl(
             "wait", "--for=condition=Established", f"crd/{kind.plural}.telerad.io", "--timeout=60s"

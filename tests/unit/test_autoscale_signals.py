@@ -74,3 +74,23 @@ def test_gpu_utilisation_from_a_worker_without_gpus_is_empty_not_an_error() -> N
 def test_text_that_is_not_an_exposition_is_an_error() -> None:
     with pytest.raises(ValueError, match="invalid metric name"):
         signals.parse("<html>502 Bad Gateway</html>")
+
+
+def test_gateways_report_how_long_the_oldest_job_of_each_priority_has_waited(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+    for _ in range(2):
+        store(site, generate_uid())
+    queued = time.time() + 3600
+    assert site.flow.complete_due(queued) == 2
+    site.metrics.watch(site.catalog, [], site.flow.models, clock=lambda: queued + 42)
+    samples = signals.parse(generate_latest(site.metrics.exposed).decode())
+    ages = {
+        (s.labels["model"], s.labels["priority"]): s.value
+        for s in samples
+        if s.name == "telerad_queue_oldest_seconds"
+    }
+    assert ages[("ct-head-hyperdensity", "stat")] == pytest.approx(42, abs=1)
+    assert ages[("ct-head-hyperdensity", "routine")] == 0
+    assert ages[("cxr-opacity", "stat")] == 0

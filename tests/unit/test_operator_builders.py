@@ -251,6 +251,12 @@ def test_network_policy_opens_dicom_to_callers_and_http_to_workers() -> None:
     assert http["from"][1]["namespaceSelector"]["matchLabels"] == {
         "kubernetes.io/metadata.name": "monitoring"
     }
+    # The operator's pods only (its autoscaler), not its whole namespace.
+    assert http["from"][2] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "telerad-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "telerad-operator"}},
+    }
+    assert len(http["from"]) == 3
     body = owner("riverside-imaging")
     body["spec"]["allowedCallers"].append({"aeTitle": "ANYWHERE"})
     site = ImagingSite.from_wire(body)

@@ -272,6 +272,13 @@ def network_policy(owner: Manifest, site: ImagingSite, settings: OperatorSetting
                     "matchLabels": {"kubernetes.io/metadata.name": settings.monitoring_namespace}
                 }
             },
+            # The operator's autoscaler reads the queue from the gateways' /metrics.
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": settings.operator_namespace}
+                },
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "telerad-operator"}},
+            },
         ],
     }
     return {

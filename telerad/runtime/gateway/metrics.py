@@ -128,7 +128,13 @@ class GatewayMetrics:
     def lifecycle(self, action: str) -> None:
         self._lifecycle.labels(self.site, action).inc()
 
-    def watch(self, catalog: Catalog, tiers: list[Tier], models: list[str]) -> None:
+    def watch(
+        self,
+        catalog: Catalog,
+        tiers: list[Tier],
+        models: list[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         """Queue depth, job states and free space, read at scrape time (never stale).
         Every routed model reports every priority, zeros included: the autoscaler reads a
         missing series as "unknown", never as an empty queue.
@@ -136,7 +142,7 @@ class GatewayMetrics:
         With several receiver processes (PROMETHEUS_MULTIPROC_DIR set before
         prometheus_client was imported), counters live in files every process writes;
         /metrics then serves their sum instead of this process's own registry."""
-        state = _StateCollector(self.site, catalog, tiers, models, time.time)
+        state = _StateCollector(self.site, catalog, tiers, models, clock)
         shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if shared:
             self.exposed = CollectorRegistry(auto_describe=True)
@@ -162,10 +168,21 @@ class _StateCollector(Collector):
             "Jobs waiting to be claimed.",
             labels=["site", "model", "priority"],
         )
-        waiting = self._zeros | self._catalog.queue_depth(self._clock())
+        now = self._clock()
+        waiting = self._zeros | self._catalog.queue_depth(now)
         for (model, priority), n in sorted(waiting.items()):
             depth.add_metric([self._site, model, str(priority)], n)
         yield depth
+        oldest = GaugeMetricFamily(
+            "telerad_queue_oldest_seconds",
+            "Age of the oldest job waiting to be claimed (0: none waits); the queue's SLO signal.",
+            labels=["site", "model", "priority"],
+        )
+        queued_at = self._catalog.queue_oldest(now)
+        for model, priority in sorted(self._zeros | dict.fromkeys(queued_at, 0)):
+            age = now - queued_at[(model, priority)] if (model, priority) in queued_at else 0.0
+            oldest.add_metric([self._site, model, str(priority)], max(age, 0.0))
+        yield oldest
         states = GaugeMetricFamily(
             "telerad_gateway_jobs", "Jobs by state.", labels=["site", "model", "state"]
         )

@@ -314,6 +314,9 @@ class Catalog(Protocol):
     def queue_depth(self, now: float) -> dict[tuple[str, Priority], int]:
         """Jobs waiting to be claimed, by model and priority."""
 
+    def queue_oldest(self, now: float) -> dict[tuple[str, Priority], float]:
+        """When the oldest waiting job of each model and priority was queued (epoch s)."""
+
     def job_states(self) -> dict[tuple[str, str], int]:
         """Jobs by model and state."""
 

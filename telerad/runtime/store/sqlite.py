@@ -636,6 +636,14 @@ class SQLiteCatalog:
         )
         return {(m, RANK_PRIORITY[p]): n for m, p, n in rows}
 
+    def queue_oldest(self, now: float) -> dict[tuple[str, Priority], float]:
+        rows = self._read(
+            "SELECT model, priority, min(created_at) FROM jobs WHERE state = 'queued' OR"
+            " (state = 'leased' AND lease_expires <= ?) GROUP BY model, priority",
+            (now,),
+        )
+        return {(m, RANK_PRIORITY[p]): float(t) for m, p, t in rows}
+
     def job_states(self) -> dict[tuple[str, str], int]:
         rows = self._read("SELECT model, state, count(*) FROM jobs GROUP BY model, state")
         return {(m, s): n for m, s, n in rows}
