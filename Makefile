@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CLUSTER_DIR ?= .cluster
 
-.PHONY: setup k8s-bins debs lint test test-fast cluster cluster-down cluster-status bench clean demo kind-e2e
+.PHONY: setup k8s-bins debs lint test test-fast cluster cluster-down cluster-status bench clean demo kind-e2e reliability
 
 # Python environment from uv.lock (frozen: CI fails if pyproject.toml and the lock disagree).
 setup: $(VENV)/.synced
@@ -62,3 +62,7 @@ demo: setup k8s-bins debs
 # The demo's path on kind with the image built from this checkout (needs Docker and kind).
 kind-e2e: setup debs
 	@hack/kind-e2e.sh
+
+# RELIABILITY.md's table: every reliability-marked test, RUNS times (default 1).
+reliability: setup k8s-bins debs
+	TELERAD_K8S_BIN="$$(hack/build-k8s.sh)" $(BIN)/python bench/reliability.py --runs $${RUNS:-1}

@@ -111,6 +111,7 @@ class Demo:
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     sink: Sink = field(default_factory=Sink)
     token: str = ""
+    scraped: list[str] = field(default_factory=list)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -297,6 +298,7 @@ class Demo:
         return eventually(current, f"the {component} pod of {instance}")
 
     def runtime(self) -> dict[str, str]:
+        """Start them; the gateways' addresses by site (every /metrics in self.scraped)."""
         step("each site's gateway and each model's worker, run here in its pod's place")
         gateways: dict[str, str] = {}
         hosts: dict[str, str] = {}
@@ -309,6 +311,7 @@ class Demo:
             self.start(f"gateway-{name}", args)
             self.healthy(f"gateway-{name}", f"http://{ip}:8080/healthz")
             gateways[name] = ip
+            self.scraped.append(f"{ip}:8080")
             hosts[f"{_child(name, 'gateway')}.{TENANT}.svc"] = ip
             say(f"gateway {name}: DICOM {ip}:11112, HTTP http://{ip}:8080")
         models = json.loads(self.kubectl("-n", TENANT, "get", "aimodel", "-o", "json"))["items"]
@@ -320,6 +323,7 @@ class Demo:
             args = standin.prepare(pod, "worker", self.read, root, hosts)
             self.start(f"worker-{name}", args)
             self.healthy(f"worker-{name}", f"http://{ip}:9090/healthz")
+            self.scraped.append(f"{ip}:9090")
             say(f"worker {name}: model {model['spec']['model']['name']}, metrics http://{ip}:9090")
         return gateways
 
@@ -387,6 +391,17 @@ class Demo:
                 f"signed {'Telerad-Signature' in headers}, key {headers.get('Idempotency-Key')}"
             )
 
+    def keep_outputs(self, addresses: list[str]) -> None:
+        """What the system said about itself, kept beside the logs (and grepped for patient
+        data by the demo's test): events, status of every object, every /metrics."""
+        out = self.work / "outputs"
+        out.mkdir(exist_ok=True)
+        (out / "events.json").write_text(self.kubectl("get", "events", "-A", "-o", "json"))
+        (out / "telerad.json").write_text(self.kubectl("get", "telerad", "-A", "-o", "json"))
+        for address in addresses:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
+                (out / f"metrics-{address.replace(':', '-')}.txt").write_bytes(answer.read())
+
     def autoscaler(self) -> None:
         step("the autoscaler's decisions (AIModel status)")
         for model in json.loads(self.kubectl("-n", TENANT, "get", "aimodel", "-o", "json"))[
@@ -443,6 +458,7 @@ def run(bin_dir: Path, keep: Path | None = None) -> int:
         studies = demo.send(gateways["st-marys"])
         demo.results(gateways["st-marys"], studies)
         demo.autoscaler()
+        demo.keep_outputs(demo.scraped)
     except DemoError as err:
         say(f"\ndemo failed: {err}\nlogs in {work / 'logs'}")
         return 1

@@ -330,7 +330,13 @@ def test_queue_scales_workers_up_then_down_to_zero_and_urgent_brings_one(
         send(site, "OP_CT02", range(105, 111), tmp_path)
         eventually(lambda: queued(site) == 11, "11 jobs queued")
         scaled_to(cluster, operator, namespace, 4)
-        assert "capped at maxReplicas 4" in model_status(cluster, namespace)["scalingReason"]
+        # Four may already have been reached part-way through the sending; the next
+        # decision sees all 11 and says it is capped.
+        eventually(
+            lambda: "capped at maxReplicas 4" in model_status(cluster, namespace)["scalingReason"],
+            "a decision capped at maxReplicas",
+        )
+        assert model_status(cluster, namespace)["queueDepth"] == 11
 
         # Drained: down only after the window, then to zero (minReplicas 0).
         assert drain(site, gateway.token) == 11
@@ -406,6 +412,7 @@ def held_for(cluster: Cluster, ns: str, want: int, seconds: float) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.reliability("fault", "gateway gone while the autoscaler reads it")
 def test_missing_metrics_hold_and_other_autoscalers_are_left_alone(
     cluster: Cluster, operator: Operator, namespace: str, gateway: Gateway
 ) -> None:

@@ -234,6 +234,7 @@ def test_policy_refused_until_the_model_is_fixed(
     )
 
 
+@pytest.mark.reliability("attack", "one tenant's objects read with another's role")
 def test_tenants_see_nothing_of_each_other(
     cluster: Cluster, operator: Operator, namespace: str
 ) -> None:
@@ -268,6 +269,7 @@ def test_tenants_see_nothing_of_each_other(
         cluster.kubectl("delete", "namespace", other, "--wait=false")
 
 
+@pytest.mark.reliability("fault", "restart of the operator")
 def test_restart_recreates_nothing_and_flips_no_condition(
     cluster: Cluster, operator: Operator, namespace: str
 ) -> None:
@@ -414,6 +416,7 @@ def test_kubectl_scale_sets_worker_replicas(
     )
 
 
+@pytest.mark.reliability("attack", "operator RBAC: writes to Secrets, cluster roles, pods")
 @pytest.mark.parametrize("verb", ["create", "update", "deletecollection"])
 def test_operator_service_account_is_least_privilege(
     cluster: Cluster, operator: Operator, verb: str

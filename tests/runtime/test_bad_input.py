@@ -91,6 +91,7 @@ def catalogued(gateway: GatewayProcess) -> list[tuple[str, str]]:
     return sorted(db.execute("SELECT sop_uid, path FROM instances").fetchall())
 
 
+@pytest.mark.reliability("attack", "malformed data sets over C-STORE")
 def test_broken_data_sets_are_refused_and_nothing_else_changes(
     gateway: GatewayProcess, tmp_path: Path
 ) -> None:
@@ -207,6 +208,7 @@ def _wait_closed(assoc: Association, gateway: GatewayProcess) -> None:
     gateway.wait_for(lambda: not assoc.is_established or assoc.is_aborted, timeout=20)
 
 
+@pytest.mark.reliability("attack", "oversized PDU and aborted transfer")
 def test_oversized_pdu_and_aborted_transfer_leave_nothing_behind(
     gateway: GatewayProcess,
 ) -> None:
@@ -245,6 +247,9 @@ def test_oversized_pdu_and_aborted_transfer_leave_nothing_behind(
     assert len(catalogued(gateway)) == 2
 
 
+@pytest.mark.reliability(
+    "fault", "hot tier without room for a 30 MB data set (free-space watermark)"
+)
 def test_a_data_set_larger_than_the_free_space_is_refused_cleanly(
     start_gateway: GatewayFactory, tmp_path: Path
 ) -> None:

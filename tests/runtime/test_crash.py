@@ -51,6 +51,7 @@ def acknowledged(lines: list[str]) -> list[Path]:
     return done
 
 
+@pytest.mark.reliability("fault", "kill -9 of the gateway during C-STORE")
 @pytest.mark.timeout(300)
 def test_kill_9_mid_study_loses_no_acknowledged_instance(
     gateway: GatewayProcess, tmp_path: Path

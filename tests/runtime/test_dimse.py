@@ -69,6 +69,7 @@ def test_refusals_carry_the_standard_reasons(start_gateway: GatewayFactory) -> N
     assert echo(gateway).returncode == 0
 
 
+@pytest.mark.reliability("attack", "plain DIMSE to a TLS site")
 def test_tls_echo_and_store_and_plain_refused(
     start_gateway: GatewayFactory, tls: TlsMaterial
 ) -> None:
@@ -95,6 +96,7 @@ def test_tls_echo_and_store_and_plain_refused(
         httpx.get(gateway.url.replace("https:", "http:") + "/healthz", timeout=5)
 
 
+@pytest.mark.reliability("attack", "mutual TLS: a client certificate of another CA")
 def test_mutual_tls_refuses_unknown_certificates(
     start_gateway: GatewayFactory, tls: TlsMaterial
 ) -> None:

@@ -74,6 +74,7 @@ def test_the_gateway_serves_this_description(served: GatewayProcess) -> None:
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
+@pytest.mark.reliability("fuzz", "DICOMweb and job API (schemathesis)")
 def test_every_operation_answers_as_described(case: Case, served: GatewayProcess) -> None:
     # A STOW-RS body is DICOM in multipart parts with a boundary, which a schema cannot
     # describe: "valid" generated bodies are not STOW requests, so only their refusal is

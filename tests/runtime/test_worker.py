@@ -183,6 +183,7 @@ def test_chest_x_rays_real_and_synthetic(
         assert report.PatientName == original.PatientName
 
 
+@pytest.mark.reliability("fault", "kill -9 of a worker mid-inference")
 def test_worker_killed_mid_job_the_job_completes_once(
     start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
 ) -> None:
@@ -203,6 +204,7 @@ def test_worker_killed_mid_job_the_job_completes_once(
     assert len(sink.received) == 1
 
 
+@pytest.mark.reliability("fault", "kill -9 of the gateway with a critical alert pending")
 def test_gateway_killed_with_an_alert_pending_delivers_it_once(
     start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
 ) -> None:
@@ -361,6 +363,7 @@ def multipart_body(part10: bytes) -> bytes:
     return head + part10 + b"\r\n--telerad-test--\r\n"
 
 
+@pytest.mark.reliability("attack", "a third-party worker offered an identified study")
 def test_a_third_party_worker_refuses_a_study_that_is_not_de_identified(
     start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
 ) -> None:

@@ -1,0 +1,40 @@
+"""Suite-wide: the `reliability` marker's report.
+
+A test marked `@pytest.mark.reliability("fault" | "attack" | "load" | "fuzz", "what was
+tried")` is a row of RELIABILITY.md. Every such test asserts that nothing acknowledged was
+lost (or nothing refused got in). With TELERAD_RELIABILITY_REPORT=FILE set, each run's
+outcome is appended to FILE as one JSON line; bench/reliability.py runs them and writes
+the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report: pytest.TestReport = yield
+    marker = item.get_closest_marker("reliability")
+    target = os.environ.get("TELERAD_RELIABILITY_REPORT")
+    # One line per test: its call, or its setup when that failed (the call never ran).
+    last = report.when == "call" or (report.when == "setup" and not report.passed)
+    if marker is not None and target and last:
+        kind, tried = marker.args
+        line = {
+            "test": item.nodeid,
+            "kind": kind,
+            "tried": tried,
+            "outcome": report.outcome,
+            "seconds": round(call.duration, 1),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with Path(target).open("a") as out:
+            out.write(json.dumps(line) + "\n")
+    return report
