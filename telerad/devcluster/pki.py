@@ -90,11 +90,15 @@ class CertificateAuthority:
         ips: Sequence[str] = (),
         server: bool = False,
         client: bool = False,
+        expired: bool = False,
     ) -> tuple[bytes, bytes]:
         """Return (certificate PEM, key PEM). For client certs Kubernetes reads CN as the
-        user name and every O as a group."""
+        user name and every O as a group. `expired`: valid only in the past (for tests
+        that must see it refused)."""
         key = _new_key()
         now = datetime.datetime.now(datetime.UTC)
+        if expired:
+            now -= _VALIDITY + datetime.timedelta(days=1)
         attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
         usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []

@@ -216,6 +216,8 @@ class TlsMaterial:
     client_key: Path
     stranger_cert: Path
     stranger_key: Path
+    expired_cert: Path
+    expired_key: Path
 
     def server_files(self, *, mutual: bool) -> TLSFiles:
         return TLSFiles(
@@ -246,6 +248,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
     write("client.pem", cert), write("client.key", key)
     cert, key = stranger_ca.issue("modality", client=True)
     write("stranger.pem", cert), write("stranger.key", key)
+    cert, key = ca.issue("modality", client=True, expired=True)
+    write("expired.pem", cert), write("expired.key", key)
     return TlsMaterial(
         ca=files["ca.pem"],
         server_cert=files["server.pem"],
@@ -254,6 +258,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
         client_key=files["client.key"],
         stranger_cert=files["stranger.pem"],
         stranger_key=files["stranger.key"],
+        expired_cert=files["expired.pem"],
+        expired_key=files["expired.key"],
     )
 
 

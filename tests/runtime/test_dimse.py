@@ -96,7 +96,9 @@ def test_tls_echo_and_store_and_plain_refused(
         httpx.get(gateway.url.replace("https:", "http:") + "/healthz", timeout=5)
 
 
-@pytest.mark.reliability("attack", "mutual TLS: a client certificate of another CA")
+@pytest.mark.reliability(
+    "attack", "mutual TLS: a client certificate expired, of another CA, or none"
+)
 def test_mutual_tls_refuses_unknown_certificates(
     start_gateway: GatewayFactory, tls: TlsMaterial
 ) -> None:
@@ -107,8 +109,10 @@ def test_mutual_tls_refuses_unknown_certificates(
     assert echo(gateway, *stranger).returncode != 0
     anonymous = ("+tla", "+cf", str(tls.ca))
     assert echo(gateway, *anonymous).returncode != 0
+    expired = ("+tls", str(tls.expired_key), str(tls.expired_cert), "+cf", str(tls.ca))
+    assert echo(gateway, *expired).returncode != 0
     gateway.wait_for(
-        lambda: gateway.metric("telerad_gateway_rejections_total", reason="tls-handshake") >= 2
+        lambda: gateway.metric("telerad_gateway_rejections_total", reason="tls-handshake") >= 3
     )
     assert gateway.metric("telerad_gateway_associations_total", result="accepted") == 1
     # Bearer tokens, not client certificates, authenticate HTTP clients (and probes).

@@ -68,12 +68,16 @@ class Orthanc:
             "Plugins": [str(PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers},
         }
-        path = workdir / "orthanc.json"
-        path.write_text(json.dumps(config))
+        self.config = workdir / "orthanc.json"
+        self.config.write_text(json.dumps(config))
         self.log = workdir / "orthanc.log"
-        with self.log.open("wb") as log:
+        self.start()
+
+    def start(self) -> None:
+        """Run Orthanc (again: the same ports and storage), once it answers."""
+        with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [ORTHANC, str(path)],
+                [ORTHANC, str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

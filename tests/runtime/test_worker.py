@@ -19,7 +19,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from telerad import synthetic
-from telerad.api.config import DeliveryPolicy
+from telerad.api.config import Completion, DeliveryPolicy
 from telerad.api.site import (
     Destination,
     DicomPeer,
@@ -262,6 +262,39 @@ def test_results_are_forwarded_to_orthanc(  # noqa: PLR0917  (fixtures)
     copy = pydicom.dcmread(io.BytesIO(theirs[ours.SOPInstanceUID]))
     assert copy.StudyInstanceUID == ours.StudyInstanceUID
     assert copy.ContentSequence == ours.ContentSequence
+
+
+@pytest.mark.reliability(
+    "fault", "destination PACS down for a while (Orthanc stopped, then started)"
+)
+def test_an_export_waits_out_a_dead_destination_and_is_delivered_once(
+    start_gateway: GatewayFactory,
+    start_worker: Any,
+    orthanc_for: OrthancFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    orthanc = orthanc_for(None)
+    orthanc.stop()
+    destination = Destination(name="pacs", dicomweb=DicomWebPeer(url=f"{orthanc.url}/dicom-web"))
+    retry = DeliveryPolicy(backoff_seconds=1, max_backoff_seconds=2)
+    gateway = start_gateway(
+        completion=Completion(quiet_seconds=1), destinations=[destination], delivery=retry
+    )
+    start_worker(gateway)
+    study = list(synthetic.ct_series(n_slices=20, size=128, seed=26, hyperdensity=True))
+    storescu(gateway, synthetic.write_series(study, tmp_path / "ct"))
+
+    def tries(result: str) -> float:
+        return gateway.metric("telerad_gateway_deliveries_total", kind="export", result=result)
+
+    gateway.wait_for(lambda: tries("retry") >= 3, timeout=60)  # the PACS is down: it retries
+    orthanc.start()
+    gateway.wait_for(lambda: tries("delivered") == 1, timeout=60)
+    time.sleep(3)  # a second delivery, if there were one, would have gone by now
+    assert tries("delivered") == 1
+    assert tries("parked") == 0
+    (item,) = results(gateway, str(study[0].StudyInstanceUID))
+    assert list(orthanc.files()) == [uid(item, "00080018")]  # the SR, nothing else
 
 
 def parts(response: httpx.Response) -> list[bytes]:
