@@ -239,9 +239,19 @@ def test_gateway_deployment_is_hardened_and_rolls_on_config_change() -> None:
     )
 
 
+@pytest.mark.reliability(
+    "attack", "gateway NetworkPolicy: exactly the peers DESIGN.md names (rendered; needs a CNI)"
+)
 def test_network_policy_opens_dicom_to_callers_and_http_to_workers() -> None:
-    ingress = site_children("st-marys")["NetworkPolicy/st-marys-gateway"]["spec"]["ingress"]
-    dicom, http = ingress
+    policy = site_children("st-marys")["NetworkPolicy/st-marys-gateway"]["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "st-marys"
+    assert policy["policyTypes"] == ["Ingress"]
+    ingress = policy["ingress"]
+    dicom, http = ingress  # and nothing else: every other port of the pod is closed
+    assert http["ports"] == [{"protocol": "TCP", "port": 8080}]
+    # The workers are the tenant's own: a podSelector without a namespaceSelector only
+    # matches pods of the policy's namespace.
+    assert "namespaceSelector" not in http["from"][0]
     assert dicom["ports"] == [{"protocol": "TCP", "port": 11112}]
     assert sorted(f["ipBlock"]["cidr"] for f in dicom["from"]) == [
         "198.51.100.10/32",

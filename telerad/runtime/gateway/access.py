@@ -135,8 +135,13 @@ class Tokens:
         return Verdict(200, client=client, tenant=tenant) if client else Verdict(401)
 
 
+AUDIT_DIR = "audit"
+"""Default place of the audit log, under the hot tier."""
+
+
 class Audit:
-    """Append-only JSON lines, one file per UTC day, in `directory`."""
+    """Append-only JSON lines, one file per UTC day, in `directory`: every HTTP request,
+    every DICOM association, every delivery attempt."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory

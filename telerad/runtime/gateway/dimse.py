@@ -46,6 +46,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from telerad.api.config import GatewayConfig, TLSFiles
+from telerad.runtime.gateway.access import Audit
 from telerad.runtime.gateway.ingest import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
@@ -125,8 +126,10 @@ class DimseServer:
         metrics: GatewayMetrics,
         *,
         max_associations: int | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self.config = config
+        self.audit = audit
         self.max_associations = max_associations or config.dimse.max_associations
         self.ingest = ingest
         self.metrics = metrics
@@ -215,21 +218,28 @@ class DimseServer:
     def _serve(self, sock: socket.socket, address: str) -> None:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.monotonic()
+        association = Association(self, sock, address)
         try:
             if self.tls is not None:
-                sock = self._handshake(sock, address)
+                association.outcome = "tls-handshake"
+                sock = association.sock = self._handshake(sock, address)
+                association.outcome = "open"
             with self._lock:
                 self._active.add(sock)
-            Association(self, sock, address).run()
+            association.run()
         except PeerGone:
             pass  # the peer left or was cut off; the outcome is counted where it happened
         except Exception:
+            association.outcome = "error"
             log.exception("association from %s failed", address)
         finally:
             with self._lock:
                 self._active.discard(sock)
             with contextlib.suppress(OSError):
                 sock.close()
+            if self.audit is not None:
+                self.audit.write(association.record(time.monotonic() - started))
 
     def _handshake(self, sock: socket.socket, address: str) -> socket.socket:
         assert self.tls is not None  # noqa: S101
@@ -273,12 +283,30 @@ class Association:
         self.limit = ASSOCIATE_RQ_LIMIT
         self.command: list[bytes] = []
         self.message: _Message | None = None
+        self.outcome = "open"
+        """How it ended, for the audit log: released, aborted, rejected:<reason>, ..."""
+        self.stored = 0
+        self.refused = 0
+
+    def record(self, seconds: float) -> dict[str, object]:
+        """The audit record of the association: who, from where, how it ended, how many
+        instances were stored and refused. Never a UID or anything from a data set."""
+        return {
+            "event": "association",
+            "remote": self.address,
+            "calling": self.calling or None,
+            "result": self.outcome,
+            "stored": self.stored,
+            "refused": self.refused,
+            "ms": round(seconds * 1000, 1),
+        }
 
     # -- reading ---------------------------------------------------------------
     def read_pdu(self) -> tuple[int, memoryview]:
         header = self._read(6)
         kind, _, length = struct.unpack(">BBI", header)
         if length > self.limit:
+            self.outcome = "oversized-pdu"
             self.server.metrics.rejection("oversized-pdu")
             log.warning(
                 "PDU of %d bytes from %s, over our maximum %d", length, self.address, self.limit
@@ -314,11 +342,13 @@ class Association:
         self.sock.settimeout(REQUEST_TIMEOUT_S)
         kind, body = self.read_pdu()
         if kind != ASSOCIATE_RQ:
+            self.outcome = "unexpected-pdu"
             self.send(_abort(ABORT_UNEXPECTED_PDU))
             return
         if not self.negotiate(bytes(body)):
             return
         self.server.metrics.association("accepted")
+        self.outcome = "aborted"  # until released
         self.sock.settimeout(IDLE_TIMEOUT_S)
         try:
             self.serve()
@@ -332,6 +362,7 @@ class Association:
             request.decode(_pdu(ASSOCIATE_RQ, body))
             primitive = request.to_primitive()
         except Exception:  # anything the decoder trips on is the peer's
+            self.outcome = "malformed-pdu"
             self.server.metrics.rejection("malformed-pdu")
             self.send(_abort(ABORT_INVALID_PARAMETER))
             return False
@@ -373,6 +404,7 @@ class Association:
 
     def reject(self, reason: str, rsd: tuple[int, int, int]) -> bool:
         log.warning("association from %s (%s) rejected: %s", self.calling, self.address, reason)
+        self.outcome = f"rejected:{reason}"
         self.server.metrics.rejection(reason)
         self.server.metrics.association("rejected")
         self.send(_reject(*rsd))
@@ -389,6 +421,7 @@ class Association:
             if kind == RELEASE_RQ:
                 self.send(_pdu(RELEASE_RP, bytes(4)))
                 self.server.metrics.association("released")
+                self.outcome = "released"
                 return
             if kind == ABORT:
                 self.server.metrics.association("aborted")
@@ -442,6 +475,7 @@ class Association:
 
     def protocol_error(self, what: str) -> NoReturn:
         log.warning("protocol error from %s: %s", self.address, what)
+        self.outcome = "protocol-error"
         self.server.metrics.rejection("protocol-error")
         self.send(_abort(ABORT_INVALID_PARAMETER))
         raise PeerGone
@@ -471,6 +505,11 @@ class Association:
                 self.calling,
             )
         )
+        # Success and the warnings (0xBxxx) store the instance; anything else refuses it.
+        if outcome.status == Status.SUCCESS or outcome.status >> 12 == 0xB:
+            self.stored += 1
+        else:
+            self.refused += 1
         reply(
             command_field=0x8001,
             status=outcome.status,

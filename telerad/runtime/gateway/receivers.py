@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from telerad.api.config import GatewayConfig
+from telerad.runtime.gateway.access import AUDIT_DIR, Audit
 from telerad.runtime.gateway.dimse import DimseServer
 from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
@@ -78,6 +79,8 @@ class Receiver:
             ingest,
             metrics,
             max_associations=-(-config.dimse.max_associations // count),
+            # Each receiver appends to the day's file through its own O_APPEND descriptor.
+            audit=Audit(config.audit_dir or config.storage.hot_dir / AUDIT_DIR),
         )
         return cls(hot, tiers, catalog, metrics, ingest, dimse)
 

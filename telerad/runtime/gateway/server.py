@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from telerad.api.config import GatewayConfig
-from telerad.runtime.gateway.access import Audit, Tokens
+from telerad.runtime.gateway.access import AUDIT_DIR, Audit, Tokens
 from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.dicomweb import DicomWeb
 from telerad.runtime.gateway.dimse import DimseServer, tls_context
@@ -56,7 +56,7 @@ class Gateway:
         tiers = [t for t in (self.hot, self.warm) if t is not None]
         self.metrics.watch(self.catalog, tiers, self.flow.models)
         self.tokens = Tokens(config.namespace, config.tokens_dir)
-        self.audit = Audit(config.audit_dir or storage.hot_dir / "audit")
+        self.audit = Audit(config.audit_dir or storage.hot_dir / AUDIT_DIR)
         self._runner: web.AppRunner | None = None
         self.outbox: Outbox | None = None
         self._tasks: list[asyncio.Task[None]] = []
