@@ -286,14 +286,7 @@ class Demo:
                 f"app.kubernetes.io/component={component},app.kubernetes.io/instance={instance}"
             )
             listed = self.kubectl("-n", TENANT, "get", "pods", "-o", "json", "-l", selector)
-            pods = json.loads(listed)["items"]
-            want = (deployment or {})["spec"]["template"]["metadata"].get("annotations", {})
-            for pod in pods:
-                status = pod.get("status") or {}
-                have = pod["metadata"].get("annotations") or {}
-                if status.get("podIP") and want.items() <= have.items():
-                    return dict(pod)
-            return None
+            return standin.current_pod(json.loads(listed)["items"], deployment or {})
 
         return eventually(current, f"the {component} pod of {instance}")
 

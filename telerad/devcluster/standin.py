@@ -68,6 +68,17 @@ def _volume_files(volume: Body, read: Read) -> dict[str, bytes] | None:
     )
 
 
+def current_pod(pods: list[Body], deployment: Body) -> Body | None:
+    """A pod that has its address and runs the Deployment's current template (the
+    template's annotations, its config hash among them): the one to stand in for."""
+    want = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    for pod in pods:
+        have = pod["metadata"].get("annotations") or {}
+        if (pod.get("status") or {}).get("podIP") and want.items() <= have.items():
+            return pod
+    return None
+
+
 def local(path: str, root: Path) -> Path:
     return root / PurePosixPath(path).relative_to("/")
 

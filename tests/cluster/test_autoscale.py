@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,7 +31,7 @@ from telerad.devcluster import standin
 from telerad.operator.autoscale import signals
 from tests.cluster.conftest import Cluster, Operator
 from tests.cluster.test_controlplane import eventually
-from tests.runtime.conftest import TELERAD, env_nodelay, tail, tool
+from tests.runtime.conftest import TELERAD, env_nodelay, serve_metrics, tail, tool
 
 MODEL = "ct-head"
 WORKERS = f"{MODEL}-worker"
@@ -125,11 +125,7 @@ def current_gateway_pod(cluster: Cluster, ns: str) -> dict[str, Any] | None:
     )
     if found.returncode != 0:
         return None
-    want = json.loads(found.stdout)["spec"]["template"]["metadata"]["annotations"]
-    for pod in pods(cluster, ns, "gateway", SITE):
-        if want.items() <= (pod["metadata"].get("annotations") or {}).items():
-            return pod
-    return None
+    return standin.current_pod(pods(cluster, ns, "gateway", SITE), json.loads(found.stdout))
 
 
 class GpuStandIn:
@@ -154,35 +150,19 @@ class GpuStandIn:
             server.shutdown()
             server.server_close()
 
-    def exposition(self) -> bytes:
+    def exposition(self) -> str:
         return (
             "# TYPE telerad_gpu_available gauge\ntelerad_gpu_available 1\n"
             "# TYPE telerad_gpu_utilization_ratio gauge\n"
             f'telerad_gpu_utilization_ratio{{gpu="0"}} {self.utilization}\n'
-        ).encode()
+        )
 
     def _follow(self) -> None:
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = stand_in.exposition()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: object) -> None:
-                pass
-
         while not self._stop.wait(0.2):
             for pod in pods(self.cluster, self.ns, "worker", MODEL):
                 ip = pod["status"]["podIP"]
                 if ip not in self.servers:
-                    server = ThreadingHTTPServer((ip, 9090), Handler)
-                    threading.Thread(target=server.serve_forever, daemon=True).start()
-                    self.servers[ip] = server
+                    self.servers[ip] = serve_metrics(self.exposition, ip, 9090)
 
 
 @dataclass
@@ -330,13 +310,16 @@ def test_queue_scales_workers_up_then_down_to_zero_and_urgent_brings_one(
         send(site, "OP_CT02", range(105, 111), tmp_path)
         eventually(lambda: queued(site) == 11, "11 jobs queued")
         scaled_to(cluster, operator, namespace, 4)
-        # Four may already have been reached part-way through the sending; the next
-        # decision sees all 11 and says it is capped.
-        eventually(
-            lambda: "capped at maxReplicas 4" in model_status(cluster, namespace)["scalingReason"],
-            "a decision capped at maxReplicas",
-        )
-        assert model_status(cluster, namespace)["queueDepth"] == 11
+
+        # Four may already have been reached part-way through the sending; a decision that
+        # sees all 11 says it is capped.
+        def capped_at_11() -> bool:
+            status = model_status(cluster, namespace)
+            return (
+                status["queueDepth"] == 11 and "capped at maxReplicas 4" in status["scalingReason"]
+            )
+
+        eventually(capped_at_11, "a decision on all 11 jobs, capped at maxReplicas")
 
         # Drained: down only after the window, then to zero (minReplicas 0).
         assert drain(site, gateway.token) == 11

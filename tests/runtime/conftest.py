@@ -52,6 +52,29 @@ def tool(name: str) -> str:
     return path
 
 
+def serve_metrics(
+    text: Callable[[], str], host: str = "127.0.0.1", port: int = 0
+) -> ThreadingHTTPServer:
+    """An endpoint serving `text()` as Prometheus text at any path: recorded series standing
+    in for what cannot run here (GPUs, DCGM exporters). Shut it down when done."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = text().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 

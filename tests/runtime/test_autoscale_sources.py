@@ -14,10 +14,8 @@ import asyncio
 import datetime
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx2 as httpx
@@ -30,7 +28,7 @@ from telerad.api.config import Completion
 from telerad.api.types import Priority
 from telerad.operator.autoscale.decision import Decision, Memory, Observation, decide
 from telerad.operator.autoscale.sources import Direct, Prometheus, Reading, Target, Targets
-from tests.runtime.conftest import GatewayFactory, free_port, storescu, tail
+from tests.runtime.conftest import GatewayFactory, free_port, serve_metrics, storescu, tail
 
 NS = "tenant-a"
 MODEL = "ct-head-hyperdensity"
@@ -55,33 +53,13 @@ RECORDED_DCGM = (  # dcgm-exporter's series with Kubernetes pod labels (recorded
 SCALING = Scaling(min_replicas=0, max_replicas=8, target_queue_depth_per_replica=1)
 
 
-def serve(text: str) -> tuple[str, ThreadingHTTPServer]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = text.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"127.0.0.1:{server.server_address[1]}", server
-
-
 @pytest.fixture
 def stand_ins() -> Iterator[dict[str, str]]:
     """host:port of each recorded endpoint, by role."""
-    served = {
-        "nvml": serve(RECORDED_NVML),
-        "no-nvml": serve(RECORDED_NO_NVML),
-        "dcgm": serve(RECORDED_DCGM),
-    }
-    yield {role: address for role, (address, _) in served.items()}
-    for _, server in served.values():
+    texts = {"nvml": RECORDED_NVML, "no-nvml": RECORDED_NO_NVML, "dcgm": RECORDED_DCGM}
+    served = {role: serve_metrics(lambda t=text: t) for role, text in texts.items()}
+    yield {role: f"127.0.0.1:{s.server_address[1]}" for role, s in served.items()}
+    for server in served.values():
         server.shutdown()
         server.server_close()
 
