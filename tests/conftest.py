@@ -21,11 +21,11 @@ import pytest
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     report: pytest.TestReport = yield
-    marker = item.get_closest_marker("reliability")
     target = os.environ.get("TELERAD_RELIABILITY_REPORT")
-    # One line per test: its call, or its setup when that failed (the call never ran).
+    # One line per marker of a test (a test may prove more than one row): its call, or
+    # its setup when that failed (the call never ran).
     last = report.when == "call" or (report.when == "setup" and not report.passed)
-    if marker is not None and target and last:
+    for marker in item.iter_markers("reliability") if target and last else ():
         kind, tried = marker.args
         line = {
             "test": item.nodeid,

@@ -45,6 +45,9 @@ from telerad.devcluster.controlplane import ControlPlane, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TENANT = "tenant-northwind"
+TELERAD = Path(sys.executable).parent / "telerad"
+# What a pod's image would hold: this environment and the Python it was made from.
+IMAGE = [Path(sys.prefix), Path(sys.base_prefix)]
 SYSTEM = "telerad-system"
 LOCAL = ["127.0.0.0/8"]
 T = TypeVar("T")
@@ -109,6 +112,7 @@ class Demo:
     work: Path
     plane: ControlPlane
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    unconfined: dict[str, str] = field(default_factory=dict)
     sink: Sink = field(default_factory=Sink)
     token: str = ""
     scraped: list[str] = field(default_factory=list)
@@ -136,12 +140,18 @@ class Demo:
     def kubeconfig(self) -> Path:
         return self.plane.kubeconfig
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         log = self.work / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "telerad"), *args],
+                [*(prefix or []), str(TELERAD), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
@@ -248,7 +258,7 @@ class Demo:
     def samples(self, webhook: str) -> None:
         step("the samples: two sites, two models, one routing policy")
         self.token = subprocess.run(
-            [str(Path(sys.executable).parent / "telerad"), "token", "--tenant", TENANT],
+            [str(TELERAD), "token", "--tenant", TENANT],
             capture_output=True,
             text=True,
             check=True,
@@ -300,25 +310,52 @@ class Demo:
             name = site["metadata"]["name"]
             pod = self._pod("gateway", name)
             ip = pod["status"]["podIP"]
-            args = standin.prepare(pod, "gateway", self.read, self.work / "pods" / name)
-            self.start(f"gateway-{name}", args)
+            self.run_pod(f"gateway-{name}", pod, "gateway", self.work / "pods" / name)
             self.healthy(f"gateway-{name}", f"http://{ip}:8080/healthz")
             gateways[name] = ip
             self.scraped.append(f"{ip}:8080")
             hosts[f"{_child(name, 'gateway')}.{TENANT}.svc"] = ip
-            say(f"gateway {name}: DICOM {ip}:11112, HTTP http://{ip}:8080")
+            confined = self.confined(f"gateway-{name}")
+            say(f"gateway {name}: DICOM {ip}:11112, HTTP http://{ip}:8080; {confined}")
         models = json.loads(self.kubectl("-n", TENANT, "get", "aimodel", "-o", "json"))["items"]
         for model in models:
             name = model["metadata"]["name"]
             pod = self._pod("worker", name)
             ip = pod["status"]["podIP"]
-            root = self.work / "pods" / name
-            args = standin.prepare(pod, "worker", self.read, root, hosts)
-            self.start(f"worker-{name}", args)
+            self.run_pod(f"worker-{name}", pod, "worker", self.work / "pods" / name, hosts)
             self.healthy(f"worker-{name}", f"http://{ip}:9090/healthz")
             self.scraped.append(f"{ip}:9090")
-            say(f"worker {name}: model {model['spec']['model']['name']}, metrics http://{ip}:9090")
+            say(
+                f"worker {name}: model {model['spec']['model']['name']}, "
+                f"metrics http://{ip}:9090; {self.confined(f'worker-{name}')}"
+            )
         return gateways
+
+    def run_pod(
+        self,
+        name: str,
+        pod: dict[str, Any],
+        container: str,
+        root: Path,
+        hosts: dict[str, str] | None = None,
+    ) -> None:
+        """Start a pod's container here, confined as its security context asks where this
+        machine allows it (as root), and plainly otherwise."""
+        args = standin.prepare(pod, container, self.read, root, hosts)
+        try:
+            confinement = standin.confine(pod, container, root, IMAGE)
+        except standin.StandInError as err:
+            self.unconfined[name] = str(err)
+            self.start(name, args)
+            return
+        self.start(name, args, confinement.env, confinement.prefix)
+
+    def confined(self, name: str) -> str:
+        """What the running process `name` really is, read from /proc."""
+        if name in self.unconfined:
+            return f"not confined ({self.unconfined[name]})"
+        uid, read_only = standin.confined_as(dict(self.processes)[name].pid)
+        return f"user {uid}, root file system {'read-only' if read_only else 'WRITABLE'}"
 
     def send(self, gateway: str) -> tuple[str, str]:
         step(
@@ -438,6 +475,8 @@ def _localize(document: dict[str, Any], webhook: str) -> dict[str, Any]:
 
 def run(bin_dir: Path, keep: Path | None = None) -> int:
     work = keep or Path(tempfile.mkdtemp(prefix="telerad-demo-"))
+    if keep is None:
+        work.chmod(0o755)  # the pods' users must reach their volumes in it
     plane = ControlPlane(bin_dir=bin_dir, state_dir=work / "cluster")
     demo = Demo(bin_dir=bin_dir, work=work, plane=plane)
     started = time.monotonic()

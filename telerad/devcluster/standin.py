@@ -7,12 +7,22 @@ root, makes its emptyDir and claim mounts as directories, and rewrites the conta
 config file so that every path in it points under that root and the process listens on
 the pod's own address. The process then starts from exactly what the operator rendered,
 and is reached the way the pod would be (by the operator's autoscaler, by Prometheus).
+
+`confine` does a container runtime's part of the pod's security context, when this runs as
+root: the process runs as the pod's user and group, without capabilities or new
+privileges, in a mount namespace whose root file system is read-only and where only the
+pod's writable volumes can be written. So a process that needs root, or writes outside
+its volumes, fails here as it would in the cluster.
 """
 
 from __future__ import annotations
 
 import base64
+import os
+import shlex
+import stat
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -135,3 +145,118 @@ def prepare(
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     args[at] = str(config_path)
     return args
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """How to run a container's process as its runtime would: prefix its command line with
+    `prefix` and add `env` to its environment."""
+
+    prefix: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _blocked(path: Path, uid: int, gids: set[int]) -> Path | None:
+    """The first directory on the way to `path` that `uid` (with `gids`) cannot walk
+    through; None when it can reach it."""
+    for directory in [*reversed(path.parents), path]:
+        st = directory.stat()
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return directory
+    return None
+
+
+def _reveal(path: Path, blocked: Path, staging: Path) -> list[str]:
+    """Shell steps that let the user reach `path` behind the private directory `blocked`
+    (a Python under /root, say) as it would in an image: `blocked` is covered by a small
+    read-only tmpfs that holds only the way to `path`, with `path` itself bound there."""
+    q = shlex.quote
+    return [
+        f"mount --bind {q(str(path))} {q(str(staging))}",
+        f"mount -t tmpfs -o mode=0755,size=64k tmpfs {q(str(blocked))}",
+        f"mkdir -p {q(str(path))}",
+        f"mount --move {q(str(staging))} {q(str(path))}",
+        f"mount -o remount,ro {q(str(blocked))}",
+    ]
+
+
+def _volumes(spec: Body, root: Path) -> tuple[list[str], dict[str, str]]:
+    """Shell steps that mount each volume of a container where it is written, read-only
+    where the pod says so; and the environment that points temporary files at its /tmp."""
+    script, env = [], {}
+    for mount in spec.get("volumeMounts", []):
+        path = shlex.quote(str(local(mount["mountPath"], root)))
+        script.append(f"mount --bind {path} {path}")
+        if mount.get("readOnly"):
+            script.append(f"mount -o remount,bind,ro {path}")
+        elif mount["mountPath"] == "/tmp":  # noqa: S108  (the pod's own /tmp, an emptyDir)
+            env["TMPDIR"] = str(local(mount["mountPath"], root))
+    return script, env
+
+
+def confine(pod: Body, container: str, root: Path, software: list[Path]) -> Confinement:
+    """The confinement of `container` of `pod`, whose volumes `prepare` wrote under `root`;
+    `software` are the directories its image would hold (the program, its interpreter).
+    Needs root (a mount namespace, a change of user): StandInError says why it cannot be
+    done."""
+    spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
+    pod_context = pod["spec"].get("securityContext") or {}
+    context = {**pod_context, **(spec.get("securityContext") or {})}
+    uid = context.get("runAsUser")
+    if uid is None:
+        raise StandInError(f"container {container!r} names no runAsUser to run as")
+    if context.get("runAsNonRoot") and uid == 0:
+        raise StandInError(f"container {container!r} runs as root but asks runAsNonRoot")
+    gid = context.get("runAsGroup", uid)
+    fs_group = pod_context.get("fsGroup")
+    groups = {gid} | ({fs_group} if fs_group is not None else set())
+    if os.geteuid() != 0:
+        raise StandInError("confining a process needs root (a mount namespace, setpriv)")
+    if _blocked(root, uid, groups) is not None:
+        raise StandInError(f"user {uid} cannot reach the pod's volumes in {root}")
+    # The kubelet gives the pod's volumes to its fsGroup; here the user simply owns them.
+    for directory, _, names in os.walk(root):
+        for name in [directory, *(os.path.join(directory, n) for n in names)]:
+            os.chown(name, uid, fs_group if fs_group is not None else gid)
+
+    script = []
+    for index, path in enumerate(software):
+        blocked = _blocked(path, uid, groups)
+        if blocked is not None:
+            staging = root / f".image-{index}"
+            staging.mkdir(exist_ok=True)
+            script += _reveal(path, blocked, staging)
+    volumes, env = _volumes(spec, root)
+    script += volumes
+    if context.get("readOnlyRootFilesystem"):
+        script.append("mount -o remount,bind,ro /")
+    drop = context.get("capabilities", {}).get("drop", [])
+    privileges = ["--bounding-set=-all", "--inh-caps=-all"] if "ALL" in drop else []
+    if context.get("allowPrivilegeEscalation") is False:
+        privileges.append("--no-new-privs")
+    supplementary = ",".join(str(g) for g in sorted(groups))
+    prefix = [
+        "unshare", "--mount", "--propagation", "private", "--",
+        "sh", "-ec", "; ".join([*script, 'exec "$@"']), "confine",
+        "setpriv", f"--reuid={uid}", f"--regid={gid}", f"--groups={supplementary}",
+        *privileges, "--",
+    ]  # fmt: skip
+    return Confinement(prefix, env)
+
+
+def confined_as(pid: int) -> tuple[int, bool]:
+    """(effective user, whether its root file system is read-only) of a running process,
+    from /proc: what the confinement of it really is."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[2])
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == "/":
+            return uid, "ro" in fields[5].split(",")
+    return uid, False

@@ -3,8 +3,12 @@ what the whole system says about itself carries no patient data."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -36,11 +40,23 @@ def holding(root: Path, values: set[str]) -> dict[str, set[str]]:
     return hits
 
 
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """The demo's directory, where the pods' user can reach their volumes (pytest's own
+    temporary directories are private to root)."""
+    work = Path(tempfile.mkdtemp(prefix="telerad-demo-test-"))
+    work.chmod(0o755)
+    yield work
+    shutil.rmtree(work, ignore_errors=True)
+
+
 @pytest.mark.reliability(
     "attack", "patient names, IDs, accession numbers in logs, events, status, metrics"
 )
-def test_the_demo_shows_the_whole_system_and_leaves_nothing_running(tmp_path: Path) -> None:
-    work = tmp_path / "demo"
+@pytest.mark.reliability(
+    "attack", "gateways and workers as their pods' user, root file system read-only"
+)
+def test_the_demo_shows_the_whole_system_and_leaves_nothing_running(work: Path) -> None:
     telerad = str(Path(sys.executable).parent / "telerad")
     done = subprocess.run(
         [telerad, "demo", f"--bin-dir={k8s_bin_dir()}", f"--keep={work}"],
@@ -58,6 +74,13 @@ def test_the_demo_shows_the_whole_system_and_leaves_nothing_running(tmp_path: Pa
     assert out.count("critical-finding from st-marys") == 2
     assert "signed True" in out
     assert out.count("Autoscaling True (Active)") == 2
+    # Each gateway and worker ran as its pod's security context says, which a process
+    # that needs root or writes outside its volumes does not survive (read from /proc).
+    confined = "user 10001, root file system read-only"
+    if os.geteuid() == 0:
+        assert out.count(confined) == 4, out
+    else:
+        assert out.count("not confined (confining a process needs root") == 4, out
     # Every process it started is gone: their logs are closed and no pid is alive.
     alive = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True, check=False)
     assert alive.stdout == "", alive.stdout

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import pydicom
 import pytest
 import yaml
 from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -79,18 +81,22 @@ def tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def run_healthy(
-    command: str, config: Path, log: Path, url: str, verify: str | bool
-) -> subprocess.Popen[bytes]:
-    """`telerad COMMAND --config CONFIG`, once its /healthz answers 200 (30 s at most)."""
+def launch(command: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`telerad COMMAND --config CONFIG`, its output appended to `log`."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [str(TELERAD), command, "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
         )
+
+
+def await_healthy(
+    proc: subprocess.Popen[bytes], log: Path, url: str, verify: str | bool
+) -> subprocess.Popen[bytes]:
+    """`proc` once its /healthz answers 200 (30 s at most)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"{command} exited with {proc.returncode}:\n{tail(log)}")
+            pytest.fail(f"{proc.args!r} exited with {proc.returncode}:\n{tail(log)}")
         try:
             if httpx.get(f"{url}/healthz", timeout=1, verify=verify).status_code == 200:
                 return proc
@@ -98,7 +104,13 @@ def run_healthy(
             pass
         time.sleep(0.1)
     proc.kill()
-    pytest.fail(f"{command} not healthy after 30 s:\n{tail(log)}")
+    pytest.fail(f"{proc.args!r} not healthy after 30 s:\n{tail(log)}")
+
+
+def run_healthy(
+    command: str, config: Path, log: Path, url: str, verify: str | bool
+) -> subprocess.Popen[bytes]:
+    return await_healthy(launch(command, config, log), log, url, verify)
 
 
 @dataclass
@@ -138,7 +150,16 @@ class GatewayProcess:
         return self.config.storage.hot_dir
 
     def start(self) -> None:
-        self.proc = run_healthy("gateway", self.config_path, self.log, self.url, self.verify)
+        self.launch()
+        self.await_healthy()
+
+    def launch(self) -> None:
+        """Start the process without waiting for it: what it does first can be watched."""
+        self.proc = launch("gateway", self.config_path, self.log)
+
+    def await_healthy(self) -> None:
+        assert self.proc is not None
+        await_healthy(self.proc, self.log, self.url, self.verify)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -298,6 +319,57 @@ def dataset_bytes(path: Path) -> tuple[str, bytes]:
 def stored_files(hot: Path) -> dict[str, Path]:
     """SOP Instance UID (first version) -> stored file."""
     return {p.name.removesuffix(".dcm"): p for p in (hot / "studies").rglob("*.dcm")}
+
+
+def stow(
+    gateway: GatewayProcess, bodies: list[bytes], path: str = "/studies", **kw: str
+) -> httpx.Response:
+    """STOW-RS these encoded data sets in one multipart request."""
+    boundary = "telerad-test-boundary-5f1c"
+    content = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + body + b"\r\n"
+            for body in bodies
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    content_type = kw.get(
+        "content_type", f'multipart/related; type="application/dicom"; boundary={boundary}'
+    )
+    return httpx.post(
+        f"{gateway.url}{path}",
+        content=content,
+        headers={**gateway.auth, "Content-Type": content_type},
+        timeout=30,
+    )
+
+
+def catalog(gateway: GatewayProcess) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{gateway.hot / 'catalog.sqlite'}?mode=ro", uri=True)
+
+
+def sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def assert_kept(gateway: GatewayProcess, acknowledged: list[Path]) -> dict[str, str]:
+    """Every acknowledged file is catalogued once and kept byte for byte (the data set;
+    the file meta is the gateway's own); returns SOP Instance UID -> catalogued path."""
+    rows = catalog(gateway).execute("SELECT sop_uid, tier, path FROM instances").fetchall()
+    assert len(rows) == len({sop for sop, _, _ in rows}), "an instance catalogued twice"
+    tiers = {"hot": gateway.hot, "warm": gateway.config.storage.warm_dir}
+    catalogued = {sop: path for sop, _, path in rows}
+    for path in acknowledged:
+        sop = sop_uid(path)
+        assert sop in catalogued, f"{path.name} acknowledged but not catalogued"
+        tier = next(t for s, t, _ in rows if s == sop)
+        kept = tiers[tier] / catalogued[sop]
+        assert dataset_bytes(kept)[1] == dataset_bytes(path)[1], f"{path.name} differs"
+    return catalogued
+
+
+def temporaries(*roots: Path) -> list[Path]:
+    return [p for root in roots for p in root.rglob("*.tmp")]
 
 
 def env_nodelay() -> dict[str, str]:

@@ -28,7 +28,7 @@ from requests.exceptions import HTTPError
 from telerad import synthetic
 from telerad.runtime.gateway.access import new_token
 from telerad.runtime.gateway.example import example_config
-from tests.runtime.conftest import TELERAD, GatewayProcess, free_port, send_datasets
+from tests.runtime.conftest import TELERAD, GatewayProcess, free_port, send_datasets, stow
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -172,28 +172,6 @@ def test_metadata_bulk_data_and_frames(gateway: GatewayProcess, study: list[Data
         headers=gateway.auth,
     )
     assert out_of_range.status_code == 404
-
-
-def stow(
-    gateway: GatewayProcess, bodies: list[bytes], path: str = "/studies", **kw: str
-) -> httpx.Response:
-    boundary = "telerad-test-boundary-5f1c"
-    content = (
-        b"".join(
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + body + b"\r\n"
-            for body in bodies
-        )
-        + f"--{boundary}--\r\n".encode()
-    )
-    content_type = kw.get(
-        "content_type", f'multipart/related; type="application/dicom"; boundary={boundary}'
-    )
-    return httpx.post(
-        f"{gateway.url}{path}",
-        content=content,
-        headers={**gateway.auth, "Content-Type": content_type},
-        timeout=30,
-    )
 
 
 def test_stow_reports_what_it_refused_and_keeps_what_it_took(

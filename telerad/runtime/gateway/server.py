@@ -49,7 +49,8 @@ class Gateway:
         self.dimse = self.receiver.dimse
         self.pool = Pool(config, count - 1)
         self.warm = Tier(WARM, storage.warm_dir) if storage.warm_dir else None
-        swept = self.hot.sweep_temporaries()
+        # A crash mid-store leaves temporaries in the hot tier; one mid-move, in the warm.
+        swept = sum(t.sweep_temporaries() for t in (self.hot, self.warm) if t is not None)
         if swept:
             log.info("removed %d unacknowledged partial files left by a crash", swept)
         self.flow = Flow(config, self.catalog, self.hot, self.warm, self.metrics)
