@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import sys
@@ -108,6 +109,8 @@ class ControlPlane:
     etcd_data_dir: Path | None = None
     processes: list[Process] = field(default_factory=list)
     server: str = ""
+    context: ssl.SSLContext | None = field(default=None, repr=False)
+    """TLS to the API server as its admin, once it runs."""
 
     @property
     def kubeconfig(self) -> Path:
@@ -196,7 +199,7 @@ class ControlPlane:
             # The advertise address is loopback, which Endpoints validation refuses.
             "--endpoint-reconciler-type=none",
         )
-        ctx = self.ssl_context(pki)
+        ctx = self.context = self.ssl_context(pki)
         self._wait(
             apiserver,
             "kube-apiserver /readyz",
@@ -302,6 +305,23 @@ class ControlPlane:
                 _answers_ok, f"{self.server}/api/v1/namespaces/default/serviceaccounts/default", ctx
             ),
             deadline,
+        )
+
+    def restart(self, name: str, down: float = 0.0, timeout: float = 60.0) -> None:
+        """Crash one component (SIGKILL to its process group), leave it down `down`
+        seconds, and start it again with the same command line and data; return once the
+        API server is ready again. Any other component that died meanwhile is an error."""
+        proc = next((p for p in self.processes if p.name == name), None)
+        if proc is None or proc.popen is None or self.context is None:
+            raise ControlPlaneError(f"no running component named {name!r}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.popen.wait()
+        time.sleep(down)
+        proc.start()
+        self.write_state()
+        ready = partial(_answers_ok, f"{self.server}/readyz", self.context)
+        self._wait(
+            proc, f"the API server ready after restarting {name}", ready, time.monotonic() + timeout
         )
 
     def stop(self) -> None:

@@ -292,6 +292,49 @@ def test_restart_recreates_nothing_and_flips_no_condition(
     assert operator.writes_in(namespace, restarted) == []
 
 
+@pytest.mark.reliability("fault", "kube-apiserver killed (-9) and down 5 s while the operator runs")
+@pytest.mark.reliability("fault", "etcd killed (-9) and down 5 s while the operator runs")
+@pytest.mark.timeout(300)
+def test_the_operator_rides_out_an_api_server_and_an_etcd_crash(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    """After each crash the operator, still the same process, picks up a change made once
+    the API is back, recreates nothing, and every object stays Ready."""
+    if cluster.plane is None:
+        pytest.skip("crashing components needs the local control plane")
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)
+    settle(operator)
+    before = snapshot(cluster, namespace)
+    crashed = now()
+    for quiet, component in enumerate(("kube-apiserver", "etcd"), start=41):
+        cluster.plane.restart(component, down=5)
+        cluster.kubectl(
+            "-n", namespace, "patch", "imagingsite", "riverside-imaging", "--type=merge",
+            "-p", json.dumps({"spec": {"completion": {"quietSeconds": quiet}}}),
+        )  # fmt: skip
+        eventually(
+            lambda q=quiet: (
+                f"quietSeconds: {q}"  # type: ignore[misc]
+                in get(cluster, namespace, "configmap", "riverside-imaging-gateway")["data"][
+                    "gateway.yaml"
+                ]
+            ),
+            f"the change after the {component} crash to reach the gateway's ConfigMap",
+            timeout=90,
+        )
+    assert operator.proc is not None and operator.proc.poll() is None, operator.tail()
+    wait_ready(cluster, namespace)
+    after = snapshot(cluster, namespace)
+    assert after.keys() == before.keys()
+    assert all(after[k][0] == before[k][0] for k in before), "an object was recreated"
+    # Events are created, as ever; nothing else is.
+    writes = operator.writes_in(namespace, crashed)
+    created = [ref for verb, ref in writes if verb == "create" and ref["resource"] != "events"]
+    assert created == []
+    assert {verb for verb, _ in writes} <= {"create", "patch"}
+
+
 def test_deletion_leaves_no_orphans(cluster: Cluster, operator: Operator, namespace: str) -> None:
     apply_samples(cluster, namespace)
     wait_ready(cluster, namespace)
