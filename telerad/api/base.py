@@ -87,8 +87,18 @@ class ApiModel(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> Self:
-        """Read a YAML file (a config the operator rendered, or one written by hand)."""
-        return cls.from_wire(yaml.safe_load(path.read_text()))
+        """Read a YAML file (a config the operator rendered, or one written by hand).
+        Raises yaml.YAMLError for a file that is not YAML, ValidationError for one that
+        is not this model."""
+        try:
+            # Bytes, so that YAML's reader decodes them: text that is not UTF-8 is then a
+            # YAMLError too, not a UnicodeDecodeError the caller does not expect.
+            data = yaml.safe_load(path.read_bytes())
+        except RecursionError:
+            # PyYAML composes nested nodes recursively: a few thousand brackets exhaust
+            # the stack.
+            raise yaml.YAMLError("nested too deeply") from None
+        return cls.from_wire(data)
 
     def to_wire(self) -> dict[str, Any]:
         """The object as the API server stores it: camelCase, defaults filled, unset

@@ -22,9 +22,23 @@ class Decision:
 
 @lru_cache(maxsize=256)
 def _wildcard(pattern: str) -> re.Pattern[str]:
-    """DICOM wildcard matching (PS3.4 C.2.2.2.4): * any run, ? one character."""
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile("".join(parts), re.IGNORECASE | re.DOTALL)
+    """DICOM wildcard matching (PS3.4 C.2.2.2.4): * any run, ? one character.
+
+    Every run of text between two stars is taken at its first occurrence, in an atomic
+    group: the leftmost place never leaves less for the rest of the pattern, and without
+    the group the engine would try every other place too, which grows as the description
+    length to the power of the number of stars (`*a*a*a*a*a*a*a*a*a*a*b` took 25 s on a
+    40-character description; 32 stars never finish)."""
+
+    def text(run: str) -> str:
+        return "".join("." if c == "?" else re.escape(c) for c in run)
+
+    head, *rest = pattern.split("*")
+    if not rest:
+        return re.compile(text(head), re.IGNORECASE | re.DOTALL)
+    *middle, tail = rest
+    regex = text(head) + "".join(f"(?>.*?{text(run)})" for run in middle) + ".*" + text(tail)
+    return re.compile(regex, re.IGNORECASE | re.DOTALL)
 
 
 def matches(match: Match, study: StudySummary) -> bool:
