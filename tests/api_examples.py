@@ -37,8 +37,8 @@ class Example:
 def samples() -> list[Example]:
     found = []
     for path in sorted(SAMPLES.glob("*.yaml")):
-        obj = yaml.safe_load(path.read_text())
-        if obj.get("kind") in MODELS:
+        obj = next(yaml.safe_load_all(path.read_text()))
+        if obj.get("kind") in MODELS:  # not the namespace's grant (a Role and its binding)
             found.append(Example(path, obj))
     return found
 

@@ -460,8 +460,8 @@ def _short(uid: str) -> str:
 def _localize(document: dict[str, Any], webhook: str) -> dict[str, Any]:
     """The changes a sample needs to run on this machine (see the module docstring)."""
     document = json.loads(json.dumps(document))
-    spec = document["spec"]
     if document["kind"] == "ImagingSite":
+        spec = document["spec"]
         for caller in spec.get("allowedCallers", []):
             caller["cidrs"] = LOCAL
         spec.pop("tls", None)

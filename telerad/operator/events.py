@@ -16,6 +16,8 @@ class Reason(StrEnum):
     """The spec cannot be reconciled; nothing was changed."""
     MISSING_SECRET = "MissingSecret"  # noqa: S105  (a reason, not a secret)
     """A Secret the spec names does not exist."""
+    SECRET_NOT_GRANTED = "SecretNotGranted"  # noqa: S105  (a reason, not a secret)
+    """The namespace does not let the operator read a Secret the spec names."""
     REFUSED = "Refused"
     """A RoutingPolicy was not accepted."""
     ACCEPTED = "Accepted"

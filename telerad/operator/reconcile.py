@@ -31,7 +31,7 @@ from telerad.operator.builders import model as model_builders
 from telerad.operator.builders import routing
 from telerad.operator.builders import site as site_builders
 from telerad.operator.events import Reason
-from telerad.operator.k8s import Kube
+from telerad.operator.k8s import Forbidden, Kube
 from telerad.operator.metrics import RECONCILE_SECONDS, RECONCILES
 from telerad.operator.settings import OperatorSettings
 
@@ -332,9 +332,20 @@ class Reconciler:
             body, world, site_builders.children(body, site, world.rules_for(name), self.settings)
         )
 
-        problems = []
-        if site.spec.tls and not await self.kube.secret_exists(ns, site.spec.tls.secret_name):
-            problems.append(f"TLS Secret {site.spec.tls.secret_name!r} does not exist")
+        problems: list[str] = []
+        reason = Reason.MISSING_SECRET
+        if site.spec.tls:
+            secret = site.spec.tls.secret_name
+            try:
+                if not await self.kube.secret_exists(ns, secret):
+                    problems.append(f"TLS Secret {secret!r} does not exist")
+            except Forbidden:
+                # The operator reads only the Secrets a namespace grants it by name.
+                problems.append(
+                    f"the operator may not read TLS Secret {secret!r}: grant it get on that "
+                    "Secret by name (manifests/samples/operator-secrets.yaml)"
+                )
+                reason = Reason.SECRET_NOT_GRANTED
         gateway = names.site_child(name, "gateway")
         deployment = world.children.get(("Deployment", gateway))
         available = _available(deployment)
@@ -342,7 +353,7 @@ class Reconciler:
             conds,
             cond.DEGRADED,
             bool(problems),
-            "MissingSecret" if problems else "AsExpected",
+            reason if problems else "AsExpected",
             "; ".join(problems),
             generation=gen,
         )
@@ -365,9 +376,7 @@ class Reconciler:
         )
         endpoint = f"{site.spec.ae_title}@{gateway}.{ns}.svc:{site.spec.port}"
         warning = "; ".join(problems) or None
-        await self._finish(
-            body, conds, after, {"endpoint": endpoint}, Reason.MISSING_SECRET, warning=warning
-        )
+        await self._finish(body, conds, after, {"endpoint": endpoint}, reason, warning=warning)
         return Outcome.DONE
 
     async def _model(self, world: World, name: str) -> Outcome:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.api_examples import SAMPLES as SAMPLES_DIR
 from tests.api_examples import samples
 from tests.cluster.conftest import Cluster, Operator
 from tests.cluster.test_controlplane import eventually
@@ -19,9 +20,15 @@ SAMPLES = samples()
 SITES = ("st-marys", "riverside-imaging")
 MODELS = ("ct-head-hyperdensity", "chest-xray-triage")
 IMAGE_PATH = "/spec/template/spec/containers/0/image"
+GRANT = SAMPLES_DIR / "operator-secrets.yaml"
+OPERATOR_SA = "system:serviceaccount:telerad-system:telerad-operator"
 
 
-def apply_samples(cluster: Cluster, ns: str, *, tls_secret: bool = True) -> None:
+def apply_samples(
+    cluster: Cluster, ns: str, *, tls_secret: bool = True, grant: bool = True
+) -> None:
+    if grant:  # the sample namespace's grant: the operator may read its TLS Secret
+        cluster.kubectl("-n", ns, "apply", "--server-side", "-f", str(GRANT))
     if tls_secret:
         cluster.kubectl(
             "-n", ns, "create", "secret", "generic", "st-marys-dicom-tls",
@@ -459,25 +466,53 @@ def test_kubectl_scale_sets_worker_replicas(
     )
 
 
+def can(cluster: Cluster, *args: str) -> bool:
+    """Whether the operator's ServiceAccount may (the API server's own answer)."""
+    proc = cluster.kubectl("auth", "can-i", *args, f"--as={OPERATOR_SA}", check=False)
+    return proc.stdout.strip() == "yes"
+
+
 @pytest.mark.reliability("attack", "operator RBAC: writes to Secrets, cluster roles, pods")
 @pytest.mark.parametrize("verb", ["create", "update", "deletecollection"])
 def test_operator_service_account_is_least_privilege(
     cluster: Cluster, operator: Operator, verb: str
 ) -> None:
-    def can(*args: str) -> bool:
-        proc = cluster.kubectl(
-            "auth",
-            "can-i",
-            *args,
-            "--as=system:serviceaccount:telerad-system:telerad-operator",
-            check=False,
-        )
-        return proc.stdout.strip() == "yes"
+    assert can(cluster, "patch", "deployments", "-n", "any")
+    assert not can(cluster, verb, "secrets", "-n", "any")
+    assert not can(cluster, verb, "clusterroles")
+    assert not can(cluster, "create", "pods", "-n", "any")
 
-    assert can("patch", "deployments", "-n", "any")
-    assert not can(verb, "secrets", "-n", "any")
-    assert not can(verb, "clusterroles")
-    assert not can("create", "pods", "-n", "any")
+
+@pytest.mark.reliability(
+    "attack", "operator RBAC: reading Secrets not granted by name (other names, list, watch)"
+)
+def test_the_operator_reads_only_the_secrets_a_namespace_grants_by_name(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    """Without the namespace's grant, st-marys says which Secret to grant and the operator
+    reads nothing; with it, the operator may get that one Secret and no other."""
+    apply_samples(cluster, namespace, grant=False)
+    tls_name = "st-marys-dicom-tls"
+    for where in (namespace, "kube-system", "telerad-system"):
+        assert not can(cluster, "get", "secrets", "-n", where)
+        assert not can(cluster, "list", "secrets", "-n", where)
+        assert not can(cluster, "watch", "secrets", "-n", where)
+    assert not can(cluster, "get", f"secret/{tls_name}", "-n", namespace)
+
+    def degraded() -> dict[str, Any]:
+        status = get(cluster, namespace, "imagingsite", "st-marys").get("status") or {}
+        return {c["type"]: c for c in status.get("conditions", [])}.get("Degraded", {})
+
+    eventually(lambda: degraded().get("reason") == "SecretNotGranted", "SecretNotGranted")
+    assert tls_name in degraded()["message"]
+    assert "operator-secrets.yaml" in degraded()["message"]
+
+    cluster.kubectl("-n", namespace, "apply", "--server-side", "-f", str(GRANT))
+    assert can(cluster, "get", f"secret/{tls_name}", "-n", namespace)
+    assert not can(cluster, "get", "secret/st-marys-http-clients", "-n", namespace)
+    assert not can(cluster, "list", "secrets", "-n", namespace)
+    wait_ready(cluster, namespace)
+    assert degraded()["status"] == "False"
 
 
 def test_invalid_stored_object_is_degraded_without_retry_storm(

@@ -22,7 +22,7 @@ from telerad.api.types import Condition, ConditionStatus
 from telerad.operator.autoscale.decision import Decision, Memory, Observation, decide
 from telerad.operator.autoscale.sources import Reading, Source, Target, Targets
 from telerad.operator.events import Reason
-from telerad.operator.k8s import Kube, KubeError
+from telerad.operator.k8s import Forbidden, Kube, KubeError
 from telerad.operator.metrics import DECISIONS, DESIRED_REPLICAS, SCALER_ERRORS
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,13 @@ class Autoscaler:
                 missing.append(f"gateway of site {site_name} has no ready pod")
             ca = server = None
             if site.spec.tls is not None:
-                ca = await self.kube.secret_key(namespace, site.spec.tls.secret_name, "ca.crt")
+                secret = site.spec.tls.secret_name
+                try:
+                    ca = await self.kube.secret_key(namespace, secret, "ca.crt")
+                except Forbidden:
+                    # Without its CA the gateway's HTTPS cannot be checked: not read at all.
+                    missing.append(f"site {site_name}: the operator may not read {secret!r}")
+                    continue
                 server = f"{names.site_child(site_name, 'gateway')}.{namespace}.svc"
             gateways += [target(p, "http", ca, server) for p in pods]
         workers = [

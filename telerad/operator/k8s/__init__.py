@@ -1,5 +1,5 @@
 """The only place that talks to the API server."""
 
-from telerad.operator.k8s.client import Kube, KubeError, contains
+from telerad.operator.k8s.client import Forbidden, Kube, KubeError, contains
 
-__all__ = ["Kube", "KubeError", "contains"]
+__all__ = ["Forbidden", "Kube", "KubeError", "contains"]

@@ -50,9 +50,14 @@ class KubeError(Exception):
     """The API server failed or could not be reached; worth retrying."""
 
 
+class Forbidden(KubeError):
+    """The operator's RBAC does not allow the request; retried too, as a grant may come."""
+
+
 def _wrap(err: Exception) -> KubeError:
     if isinstance(err, ApiError):
-        return KubeError(f"API server answered {err.status.code}: {err.status.message}")
+        error = Forbidden if err.status.code == 403 else KubeError
+        return error(f"API server answered {err.status.code}: {err.status.message}")
     return KubeError(f"API server unreachable: {err}")
 
 
