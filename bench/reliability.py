@@ -52,7 +52,8 @@ def table(lines: list[dict[str, str]]) -> list[str]:
         passed = sum(r["outcome"] == "passed" for r in results)
         outcome = "survived" if passed == len(results) else f"FAILED {len(results) - passed}"
         lost = "nothing" if passed == len(results) else "see the failing run"
-        out.append(f"| {kind} | {tried} | {len(results)} | {outcome} | {lost} | `{test}` |")
+        cases = sum(int(r.get("cases", 1)) for r in results)
+        out.append(f"| {kind} | {tried} | {cases} | {outcome} | {lost} | `{test}` |")
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,9 +33,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             "kind": kind,
             "tried": tried,
             "outcome": report.outcome,
+            "cases": _cases(item),
             "seconds": round(call.duration, 1),
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         with Path(target).open("a") as out:
             out.write(json.dumps(line) + "\n")
     return report
+
+
+def _cases(item: pytest.Item) -> int:
+    """The cases one run tried: the examples a fuzz test recorded (`fuzz_examples`), or
+    those Hypothesis passed in every phase (from the statistics its pytest plugin keeps on
+    the item), else one."""
+    recorded = dict(getattr(item, "user_properties", [])).get("fuzz_examples")
+    if isinstance(recorded, int):
+        return recorded
+    stats = getattr(item, "hypothesis_statistics", "")
+    return sum(int(n) for n in re.findall(r"(\d+) passing", stats)) or 1

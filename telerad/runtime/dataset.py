@@ -259,11 +259,7 @@ def _known_sequence(tag: int) -> bool:
 
 def _header(found: dict[int, tuple[str, bytes]], *, little: bool) -> Header:
     charset = found.get(0x00080005)
-    encodings = (
-        convert_encodings([v.strip() for v in _text(charset[1]).split("\\")])
-        if charset
-        else ["iso8859"]
-    )
+    encodings = _encodings(*charset) if charset else ["iso8859"]
     values: dict[str, str] = {}
     for tag, (vr, raw) in found.items():
         name = TAGS[tag]
@@ -284,6 +280,20 @@ def _header(found: dict[int, tuple[str, bytes]], *, little: bool) -> Header:
             raise InvalidDataset(f"{name_of(name)} is not a valid UID")
         uids[name] = value
     return Header(values=values, **uids)
+
+
+def _encodings(vr: str, charset: bytes) -> list[str]:
+    """Python codecs for a Specific Character Set, or `InvalidDataset` where pydicom
+    could not read the stored file: pydicom falls back to the default for a term it does
+    not know, but its codec lookup raises on one holding a NUL, and a value of another VR
+    (a number) makes its reader raise."""
+    invalid = InvalidDataset("SpecificCharacterSet (0008,0005) is not valid")
+    if vr not in ("", "CS"):
+        raise invalid
+    try:
+        return convert_encodings([v.strip() for v in _text(charset).split("\\")])
+    except ValueError:
+        raise invalid from None
 
 
 def _text(raw: bytes) -> str:

@@ -1,8 +1,9 @@
-"""Load: 20 associations (dcmtk's storescu) sending CT heads at once, STOW-RS clients beside
-them, and workers claiming the jobs those studies make, for TELERAD_LOAD_SECONDS (20 in the suite; the
-2-minute run is recorded in RELIABILITY.md). Nothing may fail, every acknowledged instance
-must be catalogued once, every study must get its one job, done, and the gateway's memory
-must stay flat: its peak in the second half no more than a quarter above the first half's.
+"""Load: 20 associations (dcmtk's storescu) sending CT heads at once, STOW-RS clients
+beside them, and workers claiming the jobs those studies make, for TELERAD_LOAD_SECONDS
+(20 in the suite; the 2-minute run is recorded in RELIABILITY.md). Nothing may fail, every
+acknowledged instance must be catalogued once, every study must get its one job, done, and
+the gateway's memory must stay flat: its peak in the second half no more than a quarter
+above the first half's.
 
 With TELERAD_LOAD_REPORT=FILE the run's figures (instances, studies, jobs, peak RSS by
 half) are written to FILE as JSON."""

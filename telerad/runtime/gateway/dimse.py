@@ -360,8 +360,12 @@ class Association:
         request = A_ASSOCIATE_RQ()
         try:
             request.decode(_pdu(ASSOCIATE_RQ, body))
-            primitive = request.to_primitive()
+            primitive: A_ASSOCIATE | None = request.to_primitive()
         except Exception:  # anything the decoder trips on is the peer's
+            primitive = None
+        # The decoder lets a request without an Application Context item through, and
+        # encoding our answer to it then fails: it is as malformed as the rest.
+        if primitive is None or primitive.application_context_name is None:
             self.outcome = "malformed-pdu"
             self.server.metrics.rejection("malformed-pdu")
             self.send(_abort(ABORT_INVALID_PARAMETER))
