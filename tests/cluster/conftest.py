@@ -189,6 +189,12 @@ class Operator:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL, as a node failure or the OOM killer would: no cleanup of any kind."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
     def tail(self, chars: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 

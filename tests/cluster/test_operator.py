@@ -342,6 +342,42 @@ def test_the_operator_rides_out_an_api_server_and_an_etcd_crash(
     assert {verb for verb, _ in writes} <= {"create", "patch"}
 
 
+@pytest.mark.reliability("fault", "kill -9 of the operator in the middle of a reconcile")
+def test_kill_9_mid_reconcile_converges_without_duplicates(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    """Killed once it has written some of the samples' children and not all, the restarted
+    operator finishes the job: every child exists once, owned by its object, and nothing
+    it had written is deleted or recreated."""
+    children = "deploy,svc,cm,pvc,netpol,sa"
+
+    def written() -> list[Any]:
+        items = cluster.kubectl_json("-n", namespace, "get", children)["items"]
+        return [i for i in items if i["metadata"].get("ownerReferences")]
+
+    apply_samples(cluster, namespace)
+    with cluster.http() as http:  # kill at its first ConfigMap, polled as fast as it goes
+        deadline = time.monotonic() + 30
+        while not any(
+            i["metadata"].get("ownerReferences")
+            for i in http.get(f"/api/v1/namespaces/{namespace}/configmaps").json()["items"]
+        ):
+            assert time.monotonic() < deadline, operator.tail()
+    operator.kill()
+    before = {f"{i['kind']}/{i['metadata']['name']}": i["metadata"]["uid"] for i in written()}
+    restarted = now()
+    operator.start()
+    wait_ready(cluster, namespace)
+    settle(operator)
+    after = written()
+    names = [f"{i['kind']}/{i['metadata']['name']}" for i in after]
+    assert len(names) == len(set(names))
+    assert len(after) > len(before), "the kill must land before every child was written"
+    uids = {f"{i['kind']}/{i['metadata']['name']}": i["metadata"]["uid"] for i in after}
+    assert all(uids[name] == uid for name, uid in before.items()), "a child was recreated"
+    assert "delete" not in {verb for verb, _ in operator.writes_in(namespace, restarted)}
+
+
 def test_deletion_leaves_no_orphans(cluster: Cluster, operator: Operator, namespace: str) -> None:
     apply_samples(cluster, namespace)
     wait_ready(cluster, namespace)
