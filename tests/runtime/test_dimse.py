@@ -9,8 +9,11 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from telerad.api.site import AllowedCaller
+from telerad.api.site import AllowedCaller, Dimse
 
 from .conftest import GatewayFactory, GatewayProcess, TlsMaterial, env_nodelay, tool
 
@@ -67,6 +70,40 @@ def test_refusals_carry_the_standard_reasons(start_gateway: GatewayFactory) -> N
     assert gateway.metric("telerad_gateway_rejections_total", reason="unknown-caller") == 2
     assert gateway.metric("telerad_gateway_rejections_total", reason="wrong-called-ae") == 1
     assert echo(gateway).returncode == 0
+
+
+def test_the_association_limit_is_the_sites_across_every_receiver_process(
+    start_gateway: GatewayFactory,
+) -> None:
+    """Three receiver processes, a limit of four: four callers get in whichever process
+    accepts them, the fifth is refused as busy (transient), and once one releases there is
+    room again."""
+    gateway = start_gateway(receivers=3, dimse=Dimse(max_associations=4))
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+
+    def associate() -> Association:
+        return ae.associate("127.0.0.1", gateway.port, ae_title=gateway.ae_title)
+
+    held = [associate() for _ in range(4)]
+    try:
+        assert all(a.is_established for a in held)
+        refused = associate()
+        assert refused.is_rejected
+        busy = "too-many-associations"
+        assert gateway.metric("telerad_gateway_rejections_total", reason=busy) == 1
+        held.pop().release()
+        again = associate()
+        assert again.is_established
+        held.append(again)
+    finally:
+        for association in held:
+            association.release()
+    # Every slot is given back: four at once fit again.
+    held = [associate() for _ in range(4)]
+    assert all(a.is_established for a in held)
+    for association in held:
+        association.release()
 
 
 @pytest.mark.reliability("attack", "plain DIMSE to a TLS site")

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import multiprocessing
 import socket
 import ssl
 import struct
@@ -32,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -116,6 +117,35 @@ def _reject(result: int, source: int, reason: int) -> bytes:
     return _pdu(ASSOCIATE_RJ, bytes((0, result, source, reason)))
 
 
+class Slots:
+    """Associations in progress in every receiver process of a gateway, held to the site's
+    one limit. Each process counts its own in a shared array: connections go to whichever
+    process accepts first, so a share of the limit per process refused callers while
+    others had room, and a process that dies takes its count with it when it is replaced.
+    """
+
+    def __init__(self, counts: Any, index: int, limit: int) -> None:
+        self._counts = counts  # a multiprocessing Array("i"), one entry per receiver
+        self._index = index
+        self.limit = limit
+
+    @classmethod
+    def alone(cls, limit: int) -> Slots:
+        """For a receiver that is the only one."""
+        return cls(multiprocessing.get_context("spawn").Array("i", 1), 0, limit)
+
+    def take(self) -> bool:
+        with self._counts.get_lock():
+            if sum(self._counts) >= self.limit:
+                return False
+            self._counts[self._index] += 1
+            return True
+
+    def give(self) -> None:
+        with self._counts.get_lock():
+            self._counts[self._index] -= 1
+
+
 class DimseServer:
     """C-ECHO and C-STORE on the site's port."""
 
@@ -125,12 +155,12 @@ class DimseServer:
         ingest: Ingest,
         metrics: GatewayMetrics,
         *,
-        max_associations: int | None = None,
+        slots: Slots | None = None,
         audit: Audit | None = None,
     ) -> None:
         self.config = config
         self.audit = audit
-        self.max_associations = max_associations or config.dimse.max_associations
+        self.slots = slots or Slots.alone(config.dimse.max_associations)
         self.ingest = ingest
         self.metrics = metrics
         self.callers = [
@@ -234,6 +264,8 @@ class DimseServer:
             association.outcome = "error"
             log.exception("association from %s failed", address)
         finally:
+            if association.slotted:
+                self.slots.give()
             with self._lock:
                 self._active.discard(sock)
             with contextlib.suppress(OSError):
@@ -287,6 +319,8 @@ class Association:
         """How it ended, for the audit log: released, aborted, rejected:<reason>, ..."""
         self.stored = 0
         self.refused = 0
+        self.slotted = False
+        """Whether it holds one of the gateway's association slots (given back at its end)."""
 
     def record(self, seconds: float) -> dict[str, object]:
         """The audit record of the association: who, from where, how it ended, how many
@@ -377,8 +411,9 @@ class Association:
             return self.reject("unknown-caller", REJECT_CALLING)
         if called != server.config.ae_title.strip():
             return self.reject("wrong-called-ae", REJECT_CALLED)
-        if server.active_associations() > server.max_associations:
+        if not server.slots.take():
             return self.reject("too-many-associations", REJECT_BUSY)
+        self.slotted = True
         results, _ = negotiate_unrestricted(
             primitive.presentation_context_definition_list, server.supported
         )

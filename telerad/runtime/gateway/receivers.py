@@ -26,7 +26,7 @@ from typing import Any
 
 from telerad.api.config import GatewayConfig
 from telerad.runtime.gateway.access import AUDIT_DIR, Audit
-from telerad.runtime.gateway.dimse import DimseServer
+from telerad.runtime.gateway.dimse import DimseServer, Slots
 from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.store.catalog import HOT, WARM
@@ -66,8 +66,8 @@ class Receiver:
     dimse: DimseServer
 
     @classmethod
-    def build(cls, config: GatewayConfig, metrics: GatewayMetrics, count: int) -> Receiver:
-        """One of `count` receivers: the association limit is shared out between them."""
+    def build(cls, config: GatewayConfig, metrics: GatewayMetrics, slots: Slots) -> Receiver:
+        """One of the gateway's receivers, holding its associations to the shared `slots`."""
         hot = Tier(HOT, config.storage.hot_dir)
         tiers = {HOT: hot}
         if config.storage.warm_dir is not None:
@@ -78,7 +78,7 @@ class Receiver:
             config,
             ingest,
             metrics,
-            max_associations=-(-config.dimse.max_associations // count),
+            slots=slots,
             # Each receiver appends to the day's file through its own O_APPEND descriptor.
             audit=Audit(config.audit_dir or config.storage.hot_dir / AUDIT_DIR),
         )
@@ -90,12 +90,11 @@ class _Spec:
     """What a child receiver is told (pickled to it)."""
 
     config: dict[str, Any]
-    count: int
     log_level: int
     parent: int
 
 
-def _child(spec: _Spec, listener: socket.socket, ready: Event) -> None:
+def _child(spec: _Spec, listener: socket.socket, slots: Slots, ready: Event) -> None:
     """A receiver process: serve until the gateway stops it (SIGTERM) or dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
@@ -105,7 +104,7 @@ def _child(spec: _Spec, listener: socket.socket, ready: Event) -> None:
         level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
     config = GatewayConfig.model_validate(spec.config)
-    receiver = Receiver.build(config, GatewayMetrics(config.site), spec.count)
+    receiver = Receiver.build(config, GatewayMetrics(config.site), slots)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     receiver.dimse.start(listener)
@@ -116,25 +115,30 @@ def _child(spec: _Spec, listener: socket.socket, ready: Event) -> None:
 
 
 class Pool:
-    """The child receivers of a gateway."""
+    """The child receivers of a gateway, and the association slots all its receivers share
+    (index 0 is the gateway's own)."""
 
     def __init__(self, config: GatewayConfig, children: int) -> None:
         self._spec = _Spec(
             config=config.model_dump(mode="json"),
-            count=children + 1,
             log_level=logging.getLogger().getEffectiveLevel(),
             parent=os.getpid(),
         )
         self._context = multiprocessing.get_context("spawn")
+        self._counts = self._context.Array("i", children + 1)
+        self._limit = config.dimse.max_associations
         self._children: list[BaseProcess] = []
         self._count = children
         self._listener: socket.socket | None = None
         self._stopping = False
 
+    def slots(self, index: int) -> Slots:
+        return Slots(self._counts, index, self._limit)
+
     def start(self, listener: socket.socket) -> None:
         """Start the children and wait until each one accepts on `listener`."""
         self._listener = listener
-        started = [self._spawn() for _ in range(self._count)]
+        started = [self._spawn(i) for i in range(self._count)]
         self._children = [process for process, _ in started]
         for process, ready in started:
             if not ready.wait(START_TIMEOUT_S):
@@ -142,11 +146,14 @@ class Pool:
                     f"receiver process {process.pid} did not start (exit code {process.exitcode})"
                 )
 
-    def _spawn(self) -> tuple[BaseProcess, Event]:
+    def _spawn(self, child: int) -> tuple[BaseProcess, Event]:
+        # A child that died took its associations with it: its count starts afresh.
+        with self._counts.get_lock():
+            self._counts[child + 1] = 0
         ready = self._context.Event()
         process = self._context.Process(
             target=_child,
-            args=(self._spec, self._listener, ready),
+            args=(self._spec, self._listener, self.slots(child + 1), ready),
             name="telerad-receiver",
             daemon=True,
         )
@@ -167,7 +174,7 @@ class Pool:
                     process.pid,
                     process.exitcode,
                 )
-                self._children[i], _ = self._spawn()
+                self._children[i], _ = self._spawn(i)
 
     def stop(self, grace_s: float) -> None:
         self._stopping = True

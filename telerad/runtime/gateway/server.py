@@ -40,14 +40,14 @@ class Gateway:
         self.config = config
         storage = config.storage
         count = config.receivers or default_count()
-        self.receiver = Receiver.build(config, GatewayMetrics(config.site), count)
+        self.pool = Pool(config, count - 1)
+        self.receiver = Receiver.build(config, GatewayMetrics(config.site), self.pool.slots(0))
         self.hot, self.catalog, self.metrics = (
             self.receiver.hot,
             self.receiver.catalog,
             self.receiver.metrics,
         )
         self.dimse = self.receiver.dimse
-        self.pool = Pool(config, count - 1)
         self.warm = Tier(WARM, storage.warm_dir) if storage.warm_dir else None
         # A crash mid-store leaves temporaries in the hot tier; one mid-move, in the warm.
         swept = sum(t.sweep_temporaries() for t in (self.hot, self.warm) if t is not None)
