@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from telerad.devcluster import standin
 from telerad.devcluster.nodes import GPU_RESOURCE, fake_nodes, node_is_schedulable
 from telerad.devcluster.pki import Pki, write_kubeconfig
 from telerad.devcluster.process import ControlPlaneError, Process
@@ -111,3 +115,63 @@ def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert not Path(f"/proc/{grandchild}").exists() or (
         Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     )
+
+
+def pod_with(context: dict[str, object], container: dict[str, object]) -> dict[str, object]:
+    return {
+        "spec": {
+            "securityContext": context,
+            "containers": [{"name": "gateway", "securityContext": container}],
+        }
+    }
+
+
+def test_confinement_refuses_what_the_pod_does_not_say(tmp_path: Path) -> None:
+    """A container that names no user, or runs as root while asking runAsNonRoot, is not
+    run as anything at all."""
+    with pytest.raises(standin.StandInError, match="names no runAsUser"):
+        standin.confine(pod_with({}, {}), "gateway", tmp_path, [])
+    root = pod_with({"runAsNonRoot": True, "runAsUser": 0}, {})
+    with pytest.raises(standin.StandInError, match="runAsNonRoot"):
+        standin.confine(root, "gateway", tmp_path, [])
+
+
+def test_confinement_shows_the_pods_user_its_software_behind_a_private_directory() -> None:
+    """The interpreter of a virtual environment may sit under a directory only its owner
+    can enter (a Python under /root): the confinement lets the pod's user reach exactly it,
+    as an image would, and binds every volume, read-only where the pod says so."""
+    if os.geteuid() != 0:
+        pytest.skip("confining needs root (CI runs as root)")
+    # Not pytest's tmp_path: that is private to root, and the pod's user must reach this.
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        private = base / "private"
+        software = private / "python"
+        software.mkdir(parents=True)
+        private.chmod(0o700)
+        root = base / "pod"
+        (root / "etc" / "telerad").mkdir(parents=True)
+        (root / "tmp").mkdir()
+        pod = pod_with(
+            {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001},
+            {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+             "capabilities": {"drop": ["ALL"]}},
+        )  # fmt: skip
+        containers = pod["spec"]["containers"]  # type: ignore[index]
+        containers[0]["volumeMounts"] = [
+            {"name": "config", "mountPath": "/etc/telerad", "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108  (the pod's emptyDir)
+        ]
+        confinement = standin.confine(pod, "gateway", root, [software])
+        script = confinement.prefix[confinement.prefix.index("-ec") + 1]
+        assert f"mount --move {root}/.image-0 {software}" in script
+        assert f"mount -o remount,bind,ro {root}/etc/telerad" in script
+        pod_tmp = root / "tmp"
+        assert script.index("remount,bind,ro /;") > script.index(f"mount --bind {pod_tmp}")
+        assert confinement.env == {"TMPDIR": str(pod_tmp)}
+        assert "--reuid=10001" in confinement.prefix
+        assert "--no-new-privs" in confinement.prefix
+        assert (root / "etc" / "telerad").stat().st_uid == 10001
+    finally:
+        shutil.rmtree(base)
