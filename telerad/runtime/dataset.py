@@ -257,12 +257,20 @@ def _known_sequence(tag: int) -> bool:
         return False
 
 
+_IDENTITY: Final = ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid")
+"""The UIDs that say which instance a data set is, and where it is stored."""
+
+
 def _header(found: dict[int, tuple[str, bytes]], *, little: bool) -> Header:
     charset = found.get(0x00080005)
     encodings = _encodings(*charset) if charset else ["iso8859"]
     values: dict[str, str] = {}
     for tag, (vr, raw) in found.items():
         name = TAGS[tag]
+        if name in _IDENTITY and vr not in ("", "UI", "UN"):
+            # Stored as bytes, it would name another instance to every reader that goes
+            # by its VR (pydicom reads an AT as tags).
+            raise InvalidDataset(f"{name_of(name)} has VR {vr}, not UI")
         kind = vr or dictionary_VR(tag)
         if kind == "US":
             # Binary; a value of the wrong length is left out rather than guessed at.
@@ -272,7 +280,7 @@ def _header(found: dict[int, tuple[str, bytes]], *, little: bool) -> Header:
         text = decode_bytes(raw, encodings, {0x5C, 0x3D, 0x5E}) if kind in _TEXT_VRS else _text(raw)
         values[name] = text.rstrip("\x00 ").lstrip(" ")
     uids = {}
-    for name in ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid"):
+    for name in _IDENTITY:
         value = values.pop(name, "")
         if not value:
             raise InvalidDataset(f"{name_of(name)} is missing")

@@ -119,3 +119,23 @@ def test_good_uids(uid: str) -> None:
 )
 def test_bad_uids(uid: str) -> None:
     assert not valid_uid(uid)
+
+
+@pytest.mark.parametrize(("vr", "refused"), [(b"AT", True), (b"US", True), (b"UN", False)])
+def test_an_identity_uid_under_another_vr_is_refused(vr: bytes, refused: bool) -> None:
+    """Found by the DIMSE fuzzer: a SOP Instance UID sent as AT was stored, and pydicom
+    then read it as a list of tags, another instance than the one catalogued. UN is what
+    a sender that does not know the VR writes; readers take the dictionary's."""
+    ds = pydicom.dcmread(CT)
+    tag = b"\x08\x00\x18\x00"
+    at = BODY.index(tag + b"UI")
+    mutated = BODY[:at] + tag + vr + BODY[at + 6 :]
+    if vr == b"UN":  # a long VR: two reserved bytes, then a 4-byte length
+        length = int.from_bytes(BODY[at + 6 : at + 8], "little")
+        mutated = BODY[:at] + tag + vr + b"\0\0" + length.to_bytes(4, "little")
+        mutated += BODY[at + 8 :]
+    if refused:
+        with pytest.raises(InvalidDataset, match=r"SOPInstanceUID \(0008,0018\) has VR"):
+            parse(mutated, EXPLICIT_LE)
+    else:
+        assert parse(mutated, EXPLICIT_LE).sop_instance_uid == ds.SOPInstanceUID
