@@ -400,10 +400,7 @@ class Association:
         # The decoder lets a request without an Application Context item through, and
         # encoding our answer to it then fails: it is as malformed as the rest.
         if primitive is None or primitive.application_context_name is None:
-            self.outcome = "malformed-pdu"
-            self.server.metrics.rejection("malformed-pdu")
-            self.send(_abort(ABORT_INVALID_PARAMETER))
-            return False
+            return self.malformed()
         self.calling = str(primitive.calling_ae_title).strip()
         called = str(primitive.called_ae_title).strip()
         server = self.server
@@ -414,8 +411,22 @@ class Association:
         if not server.slots.take():
             return self.reject("too-many-associations", REJECT_BUSY)
         self.slotted = True
+        try:
+            answer = self.accept(primitive)
+        except Exception:
+            # So does a presentation context without an abstract syntax, which
+            # pynetdicom's negotiation trips on: malformed too.
+            return self.malformed()
+        self.send(answer)
+        self.limit = server.config.dimse.max_pdu_length
+        return True
+
+    def accept(self, request: A_ASSOCIATE) -> bytes:
+        """The A-ASSOCIATE-AC for a request: every storage context it proposes, with the
+        transfer syntax it prefers; the contexts accepted are kept."""
+        server = self.server
         results, _ = negotiate_unrestricted(
-            primitive.presentation_context_definition_list, server.supported
+            request.presentation_context_definition_list, server.supported
         )
         self.contexts = {
             int(cx.context_id): str(cx.transfer_syntax[0])
@@ -423,9 +434,9 @@ class Association:
             if cx.result == 0 and cx.context_id is not None
         }
         accept = A_ASSOCIATE()
-        accept.application_context_name = primitive.application_context_name
-        accept.calling_ae_title = primitive.calling_ae_title
-        accept.called_ae_title = primitive.called_ae_title
+        accept.application_context_name = request.application_context_name
+        accept.calling_ae_title = request.calling_ae_title
+        accept.called_ae_title = request.called_ae_title
         accept.result = 0x00
         accept.presentation_context_definition_results_list = results
         max_length = MaximumLengthNotification()
@@ -437,9 +448,13 @@ class Association:
         accept.user_information = [max_length, implementation, version]
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(accept)
-        self.send(pdu.encode())
-        self.limit = server.config.dimse.max_pdu_length
-        return True
+        return bytes(pdu.encode())
+
+    def malformed(self) -> bool:
+        self.outcome = "malformed-pdu"
+        self.server.metrics.rejection("malformed-pdu")
+        self.send(_abort(ABORT_INVALID_PARAMETER))
+        return False
 
     def reject(self, reason: str, rsd: tuple[int, int, int]) -> bool:
         log.warning("association from %s (%s) rejected: %s", self.calling, self.address, reason)
