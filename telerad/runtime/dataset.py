@@ -295,13 +295,12 @@ def _encodings(vr: str, charset: bytes) -> list[str]:
     could not read the stored file: pydicom falls back to the default for a term it does
     not know, but its codec lookup raises on one holding a NUL, and a value of another VR
     (a number) makes its reader raise."""
-    invalid = InvalidDataset("SpecificCharacterSet (0008,0005) is not valid")
-    if vr not in ("", "CS"):
-        raise invalid
+    if vr not in ("", "CS", "UN"):  # readers take the dictionary's VR for UN
+        raise InvalidDataset(f"SpecificCharacterSet (0008,0005) has VR {vr}, not CS")
     try:
         return convert_encodings([v.strip() for v in _text(charset).split("\\")])
     except ValueError:
-        raise invalid from None
+        raise InvalidDataset("SpecificCharacterSet (0008,0005) is not valid") from None
 
 
 def _text(raw: bytes) -> str:
