@@ -590,13 +590,21 @@ class Association:
             _element(0x0900, struct.pack("<H", status)),
         ]
         if comment:
-            elements.append(_element(0x0902, _even(comment.encode("ascii", "replace"), b" ")))
+            elements.append(_element(0x0902, _even(error_comment(comment), b" ")))
         if sop_instance is not None:
             elements.append(_element(0x1000, _even(sop_instance.encode(), b"\0")))
         body = b"".join(elements)
         encoded = _element(0x0000, struct.pack("<I", len(body))) + body
         pdv = struct.pack(">IBB", len(encoded) + 2, context_id, 0x03) + encoded
         self.send(_pdu(P_DATA, pdv))
+
+
+def error_comment(text: str) -> bytes:
+    """`text` as an Error Comment (0000,0902) may hold it: one LO value, so ASCII without
+    backslashes (a value separator: a quoted byte would split it in two) or control
+    characters, and at most 64 characters."""
+    printable = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
+    return printable[:64].rstrip().encode("ascii")
 
 
 def _command(data: bytes) -> dict[int, bytes]:
