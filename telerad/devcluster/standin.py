@@ -172,17 +172,20 @@ def _blocked(path: Path, uid: int, gids: set[int]) -> Path | None:
     return None
 
 
-def _reveal(path: Path, blocked: Path, staging: Path) -> list[str]:
-    """Shell steps that let the user reach `path` behind the private directory `blocked`
-    (a Python under /root, say) as it would in an image: `blocked` is covered by a small
-    read-only tmpfs that holds only the way to `path`, with `path` itself bound there."""
+def _reveal(hidden: list[tuple[Path, Path, Path]]) -> list[str]:
+    """Shell steps that let the user reach each `path` behind its private directory
+    `blocked` (a Python under /root, say), given as (path, blocked, staging), as it would
+    in an image: every `path` is bound aside to its `staging` first; each `blocked` is then
+    covered, once, by a small read-only tmpfs holding only the way to its paths, with the
+    paths moved back in."""
     q = shlex.quote
+    covers = sorted({blocked for _, blocked, _ in hidden})
     return [
-        f"mount --bind {q(str(path))} {q(str(staging))}",
-        f"mount -t tmpfs -o mode=0755,size=64k tmpfs {q(str(blocked))}",
-        f"mkdir -p {q(str(path))}",
-        f"mount --move {q(str(staging))} {q(str(path))}",
-        f"mount -o remount,ro {q(str(blocked))}",
+        *(f"mount --bind {q(str(path))} {q(str(staging))}" for path, _, staging in hidden),
+        *(f"mount -t tmpfs -o mode=0755,size=64k tmpfs {q(str(b))}" for b in covers),
+        *(f"mkdir -p {q(str(path))}" for path, _, _ in hidden),
+        *(f"mount --move {q(str(staging))} {q(str(path))}" for path, _, staging in hidden),
+        *(f"mount -o remount,ro {q(str(b))}" for b in covers),
     ]
 
 
@@ -225,15 +228,15 @@ def confine(pod: Body, container: str, root: Path, software: list[Path]) -> Conf
         for name in [directory, *(os.path.join(directory, n) for n in names)]:
             os.chown(name, uid, fs_group if fs_group is not None else gid)
 
-    script = []
+    hidden = []
     for index, path in enumerate(software):
         blocked = _blocked(path, uid, groups)
         if blocked is not None:
             staging = root / f".image-{index}"
             staging.mkdir(exist_ok=True)
-            script += _reveal(path, blocked, staging)
+            hidden.append((path, blocked, staging))
     volumes, env = _volumes(spec, root)
-    script += volumes
+    script = _reveal(hidden) + volumes
     if context.get("readOnlyRootFilesystem"):
         script.append("mount -o remount,bind,ro /")
     drop = context.get("capabilities", {}).get("drop", [])

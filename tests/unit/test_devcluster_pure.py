@@ -137,9 +137,10 @@ def test_confinement_refuses_what_the_pod_does_not_say(tmp_path: Path) -> None:
 
 
 def test_confinement_shows_the_pods_user_its_software_behind_a_private_directory() -> None:
-    """The interpreter of a virtual environment may sit under a directory only its owner
-    can enter (a Python under /root): the confinement lets the pod's user reach exactly it,
-    as an image would, and binds every volume, read-only where the pod says so."""
+    """The interpreter and the virtual environment may sit under a directory only its
+    owner can enter (a Python under /root): the confinement lets the pod's user reach
+    exactly them, as an image would, and binds every volume, read-only where the pod says
+    so."""
     if os.geteuid() != 0:
         pytest.skip("confining needs root (CI runs as root)")
     # Not pytest's tmp_path: that is private to root, and the pod's user must reach this.
@@ -149,6 +150,8 @@ def test_confinement_shows_the_pods_user_its_software_behind_a_private_directory
         private = base / "private"
         software = private / "python"
         software.mkdir(parents=True)
+        venv = private / "venv"  # a second one behind the same directory
+        venv.mkdir()
         private.chmod(0o700)
         root = base / "pod"
         (root / "etc" / "telerad").mkdir(parents=True)
@@ -163,9 +166,13 @@ def test_confinement_shows_the_pods_user_its_software_behind_a_private_directory
             {"name": "config", "mountPath": "/etc/telerad", "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108  (the pod's emptyDir)
         ]
-        confinement = standin.confine(pod, "gateway", root, [software])
+        confinement = standin.confine(pod, "gateway", root, [software, venv])
         script = confinement.prefix[confinement.prefix.index("-ec") + 1]
         assert f"mount --move {root}/.image-0 {software}" in script
+        assert f"mount --move {root}/.image-1 {venv}" in script
+        # Covered once: a second tmpfs over the same directory would hide the first path.
+        assert script.count(f"tmpfs {private}") == 1
+        assert script.index(f"tmpfs {private}") > script.index(f"{venv} {root}/.image-1")
         assert f"mount -o remount,bind,ro {root}/etc/telerad" in script
         pod_tmp = root / "tmp"
         assert script.index("remount,bind,ro /;") > script.index(f"mount --bind {pod_tmp}")

@@ -25,7 +25,6 @@ import contextlib
 import functools
 import ipaddress
 import logging
-import multiprocessing
 import socket
 import ssl
 import struct
@@ -129,11 +128,6 @@ class Slots:
         self._index = index
         self.limit = limit
 
-    @classmethod
-    def alone(cls, limit: int) -> Slots:
-        """For a receiver that is the only one."""
-        return cls(multiprocessing.get_context("spawn").Array("i", 1), 0, limit)
-
     def take(self) -> bool:
         with self._counts.get_lock():
             if sum(self._counts) >= self.limit:
@@ -155,12 +149,12 @@ class DimseServer:
         ingest: Ingest,
         metrics: GatewayMetrics,
         *,
-        slots: Slots | None = None,
+        slots: Slots,
         audit: Audit | None = None,
     ) -> None:
         self.config = config
         self.audit = audit
-        self.slots = slots or Slots.alone(config.dimse.max_associations)
+        self.slots = slots
         self.ingest = ingest
         self.metrics = metrics
         self.callers = [
