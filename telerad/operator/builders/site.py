@@ -134,10 +134,11 @@ def deployment(
     selector = names.selector_labels(site_name, COMPONENT)
     # With TLS the HTTP port speaks only HTTPS, so the probes must too.
     scheme = "HTTPS" if site.spec.tls is not None else "HTTP"
-    probe = {
-        "httpGet": {"path": "/healthz", "port": "http", "scheme": scheme},
-        "periodSeconds": 10,
-    }
+
+    def probe(path: str, period: int) -> Manifest:
+        get = {"path": path, "port": "http", "scheme": scheme}
+        return {"httpGet": get, "periodSeconds": period}
+
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -166,11 +167,9 @@ def deployment(
                                 {"name": "dicom", "containerPort": DICOM_PORT, "protocol": "TCP"},
                                 {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                             ],
-                            "readinessProbe": {
-                                "httpGet": {"path": "/readyz", "port": "http"},
-                                "periodSeconds": 5,
-                            },
-                            "livenessProbe": probe,
+                            # Ready: accepting associations (not while draining).
+                            "readinessProbe": probe("/readyz", 5),
+                            "livenessProbe": probe("/healthz", 10),
                             "resources": resources(site.spec.resources),
                             "securityContext": CONTAINER_SECURITY,
                             "volumeMounts": mounts,

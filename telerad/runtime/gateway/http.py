@@ -1,10 +1,10 @@
 """The gateway's HTTP port: DICOMweb, the job API for workers, the worklist, the OpenAPI
-description, health and metrics.
+description, health, readiness and metrics.
 
 Handlers only translate: bodies are parsed into the `telerad.api.jobs` models (a bad body
 is a 400 naming the field), work happens in `Flow` on a worker thread (SQLite commits
 fsync), and every error is an RFC 9457 problem document. Every request but health,
-metrics and the OpenAPI description needs a bearer token of the site's tenant, and is
+readiness, metrics and the OpenAPI description needs a bearer token of the site's tenant, and is
 written to the audit log whatever its outcome.
 """
 
@@ -44,7 +44,8 @@ from telerad.runtime.store.catalog import LeaseLost, UnknownJob
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC = frozenset({"/healthz", "/metrics", "/openapi.json"})
+# The kubelet's probes and Prometheus present no token.
+PUBLIC = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 # Path parameters that are UIDs: the audit log keeps only their hashes.
 _UID_PARAMS = ("study", "series", "instance")
 
@@ -226,6 +227,7 @@ def build_app(
     flow: Flow,
     metrics: GatewayMetrics,
     health: Callable[[], dict[str, Any]],
+    readiness: Callable[[], dict[str, Any]],
     tokens: Tokens,
     audit: Audit,
     dicomweb: DicomWeb,
@@ -249,6 +251,11 @@ def build_app(
     async def healthz(request: web.Request) -> web.Response:
         report = await run(health)
         return web.json_response(report, status=200 if report["ok"] else 503)
+
+    @routes.get("/readyz")
+    async def readyz(request: web.Request) -> web.Response:
+        report = readiness()
+        return web.json_response(report, status=200 if report["ready"] else 503)
 
     @routes.get("/metrics")
     async def scrape(request: web.Request) -> web.Response:

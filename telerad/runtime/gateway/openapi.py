@@ -145,6 +145,15 @@ JOB = _path("job", "Job id.", {"type": "integer", "minimum": 1, "maximum": 10**1
 MAX_PAGE = 1000
 MAX_OFFSET = (1 << 31) - 1
 AUTH_PROBLEMS = (401, 403)
+_READINESS: Schema = {
+    "type": "object",
+    "required": ["ready", "listening", "draining"],
+    "properties": {
+        "ready": {"type": "boolean", "description": "Listening and not draining."},
+        "listening": {"type": "boolean", "description": "Every DICOM receiver accepts."},
+        "draining": {"type": "boolean", "description": "Stopping (SIGTERM received)."},
+    },
+}
 
 
 def _matching_value(vr: str) -> Schema:
@@ -446,6 +455,18 @@ def document() -> Schema:
                 "responses": {
                     "200": _json({"type": "object"}, "Healthy."),
                     "503": _json({"type": "object"}, "A check failed; the body says which."),
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": _json(_READINESS, "Accepting associations."),
+                    "503": _json(
+                        _READINESS, "Not accepting associations: draining, or not listening."
+                    ),
                 },
             }
         },

@@ -62,6 +62,18 @@ class Gateway:
         self.outbox: Outbox | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self.draining = False
+        """Stopping: no new associations, running ones finishing (SIGTERM received)."""
+
+    def readiness(self) -> dict[str, Any]:
+        """Whether the gateway accepts associations: /readyz, the pod's readiness probe,
+        so a draining or half-started gateway is taken out of its Service."""
+        listening = self.dimse.listening and self.pool.alive()
+        return {
+            "ready": listening and not self.draining,
+            "listening": listening,
+            "draining": self.draining,
+        }
 
     def health(self) -> dict[str, Any]:
         free = self.hot.free_bytes()
@@ -93,6 +105,7 @@ class Gateway:
             " (TLS)" if self.config.tls else "",
         )
         await self._stopping.wait()
+        self.draining = True
         log.info("stopping: no new associations, %ss for running ones", STOP_GRACE_S)
         await self.stop()
 
@@ -108,6 +121,7 @@ class Gateway:
             flow=self.flow,
             metrics=self.metrics,
             health=self.health,
+            readiness=self.readiness,
             tokens=self.tokens,
             audit=self.audit,
             dicomweb=DicomWeb(
