@@ -340,7 +340,12 @@ class Demo:
         hosts: dict[str, str] | None = None,
     ) -> None:
         """Start a pod's container here, confined as its security context asks where this
-        machine allows it (as root), and plainly otherwise."""
+        machine allows it (as root), and plainly otherwise; first make sure its ports are
+        free, or say which process holds them."""
+        try:
+            standin.check_ports(pod, container)
+        except standin.StandInError as err:
+            raise DemoError(f"cannot run {name}: {err}") from None
         args = standin.prepare(pod, container, self.read, root, hosts)
         try:
             confinement = standin.confine(pod, container, root, IMAGE)

@@ -18,8 +18,11 @@ its volumes, fails here as it would in the cluster.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import os
 import shlex
+import socket
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +34,9 @@ import yaml
 Body = dict[str, Any]
 Read = Callable[[str, str], Body | None]
 """(kind, name) -> the object from the API server, or None when it does not exist."""
+
+
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 
 class StandInError(Exception):
@@ -145,6 +151,69 @@ def prepare(
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     args[at] = str(config_path)
     return args
+
+
+def check_ports(pod: Body, container: str, proc: Path = Path("/proc")) -> None:
+    """Refuse, naming the port and the process, to stand in for a pod whose ports are
+    taken. The pod's process shares this machine's network and binds only the pod's own
+    address, so a host process on 127.0.0.1 does not stand in its way; but one listening
+    on every address (0.0.0.0 or ::, as Prometheus does on 9090) holds that port on the
+    pod's address too, and only a network namespace of its own would avoid that."""
+    address = pod["status"]["podIP"]
+    spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
+    for port in spec.get("ports", []):
+        if port.get("protocol", "TCP") != "TCP":
+            continue
+        number = int(port["containerPort"])
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As the pod's servers bind: a connection in TIME_WAIT is no obstacle.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, number))
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise
+                name = pod["metadata"]["name"]
+                raise StandInError(
+                    f"port {number} of pod {name} ({address}:{number}) is taken on this "
+                    f"machine by {_listener(address, number, proc)}; a listener on every "
+                    f"address holds the port on the pod's address too: stop it, or bind it "
+                    f"to 127.0.0.1 only"
+                ) from None
+
+
+def _listener(address: str, port: int, proc: Path) -> str:
+    """Which process listens on `port` of `address` or of every address, from /proc."""
+    wildcards = {"0.0.0.0", "::"}  # noqa: S104  (what is looked for, not bound)
+    inodes: dict[str, str] = {}
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with contextlib.suppress(OSError):
+            for line in (proc / "net" / table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                host, _, hex_port = local.partition(":")
+                if state != _LISTEN or int(hex_port, 16) != port:
+                    continue
+                raw = bytes.fromhex(host)
+                # The kernel prints each 32-bit word of the address in host byte order.
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                shown = socket.inet_ntop(family, words)
+                if shown in wildcards or shown == address:
+                    inodes[f"socket:[{inode}]"] = shown
+    for fd_dir in proc.glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target in inodes:
+                        pid = fd_dir.parent.name
+                        command = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                        return (
+                            f"process {pid} ({command.decode(errors='replace').strip()}), "
+                            f"listening on {inodes[target]}:{port}"
+                        )
+    return "a process this user cannot see"
 
 
 @dataclass(frozen=True)
