@@ -519,6 +519,24 @@ def test_operator_service_account_is_least_privilege(
     assert not can(cluster, "create", "pods", "-n", "any")
 
 
+def test_the_operator_starts_without_forbidden_resource_scans(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    """kopf watches CRDs to notice kinds installed after it started; as its ServiceAccount
+    it used to get 403 on every start (nine retries, then "escalating")."""
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)  # up and serving: its startup scans are behind it
+    assert can(cluster, "watch", "customresourcedefinitions")
+    assert not can(cluster, "patch", "customresourcedefinitions")
+    scans = [
+        line
+        for line in operator.log.read_text(errors="replace").splitlines()
+        if "customresourcedefinitions" in line
+        and ("403" in line or "Forbidden" in line or "escalating" in line)
+    ]
+    assert scans == []
+
+
 @pytest.mark.reliability(
     "attack", "operator RBAC: reading Secrets not granted by name (other names, list, watch)"
 )
