@@ -91,10 +91,12 @@ class CertificateAuthority:
         server: bool = False,
         client: bool = False,
         expired: bool = False,
+        valid_for: datetime.timedelta = _VALIDITY,
     ) -> tuple[bytes, bytes]:
         """Return (certificate PEM, key PEM). For client certs Kubernetes reads CN as the
         user name and every O as a group. `expired`: valid only in the past (for tests
-        that must see it refused)."""
+        that must see it refused); `valid_for`: how long from now (a certificate close to
+        its expiry)."""
         key = _new_key()
         now = datetime.datetime.now(datetime.UTC)
         if expired:
@@ -110,7 +112,7 @@ class CertificateAuthority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _CLOCK_SKEW)
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_after(now + valid_for)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)

@@ -18,6 +18,12 @@ class Reason(StrEnum):
     """A Secret the spec names does not exist."""
     SECRET_NOT_GRANTED = "SecretNotGranted"  # noqa: S105  (a reason, not a secret)
     """The namespace does not let the operator read a Secret the spec names."""
+    CERTIFICATE_EXPIRING = "CertificateExpiring"
+    """The site certificate in the TLS Secret expires within 14 days (still served)."""
+    CERTIFICATE_EXPIRED = "CertificateExpired"
+    """The site certificate in the TLS Secret has expired: peers refuse it."""
+    CERTIFICATE_INVALID = "CertificateInvalid"
+    """The TLS Secret's tls.crt holds no PEM certificate: the gateway cannot start."""
     REFUSED = "Refused"
     """A RoutingPolicy was not accepted."""
     ACCEPTED = "Accepted"

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from telerad.api import certificates, names
 from telerad.api import conditions as cond
-from telerad.api import names
 from telerad.api.aimodel import AIModel
 from telerad.api.base import ApiModel
 from telerad.api.routing import RoutingPolicy
@@ -157,6 +157,15 @@ def _rolled_out(deployment: Body | None) -> bool:
         and status.get("updatedReplicas", 0) == want
         and status.get("replicas", 0) == want
     )
+
+
+@dataclass(frozen=True)
+class _SiteProblem:
+    """Why a site is Degraded, and whether that alone keeps it from being Ready."""
+
+    reason: Reason
+    message: str
+    blocks_ready: bool = True
 
 
 def _error_summary(err: ValidationError) -> str:
@@ -332,29 +341,16 @@ class Reconciler:
             body, world, site_builders.children(body, site, world.rules_for(name), self.settings)
         )
 
-        problems: list[str] = []
-        reason = Reason.MISSING_SECRET
-        if site.spec.tls:
-            secret = site.spec.tls.secret_name
-            try:
-                if not await self.kube.secret_exists(ns, secret):
-                    problems.append(f"TLS Secret {secret!r} does not exist")
-            except Forbidden:
-                # The operator reads only the Secrets a namespace grants it by name.
-                problems.append(
-                    f"the operator may not read TLS Secret {secret!r}: grant it get on that "
-                    "Secret by name (manifests/samples/operator-secrets.yaml)"
-                )
-                reason = Reason.SECRET_NOT_GRANTED
+        problem = await self._tls_problem(ns, site.spec.tls.secret_name) if site.spec.tls else None
         gateway = names.site_child(name, "gateway")
         deployment = world.children.get(("Deployment", gateway))
         available = _available(deployment)
         after = cond.set_condition(
             conds,
             cond.DEGRADED,
-            bool(problems),
-            reason if problems else "AsExpected",
-            "; ".join(problems),
+            problem is not None,
+            problem.reason if problem else "AsExpected",
+            problem.message if problem else "",
             generation=gen,
         )
         after = cond.set_condition(
@@ -365,19 +361,61 @@ class Reconciler:
             f"gateway Deployment {gateway}",
             generation=gen,
         )
-        ready = available and not problems
+        blocked = problem is not None and problem.blocks_ready
+        ready = available and not blocked
         after = cond.set_condition(
             after,
             cond.READY,
             ready,
-            "GatewayAvailable" if ready else ("Degraded" if problems else "GatewayUnavailable"),
+            "GatewayAvailable" if ready else ("Degraded" if blocked else "GatewayUnavailable"),
             f"gateway Deployment {gateway} is {'available' if available else 'not available yet'}",
             generation=gen,
         )
         endpoint = f"{site.spec.ae_title}@{gateway}.{ns}.svc:{site.spec.port}"
-        warning = "; ".join(problems) or None
-        await self._finish(body, conds, after, {"endpoint": endpoint}, reason, warning=warning)
+        await self._finish(
+            body,
+            conds,
+            after,
+            {"endpoint": endpoint},
+            problem.reason if problem else None,
+            warning=problem.message if problem else None,
+        )
         return Outcome.DONE
+
+    async def _tls_problem(self, namespace: str, secret: str) -> _SiteProblem | None:
+        """What is wrong with the site's TLS Secret, if anything: missing, not granted, no
+        certificate in it, or a certificate that has expired or expires within 14 days."""
+        try:
+            data = await self.kube.secret(namespace, secret)
+        except Forbidden:
+            # The operator reads only the Secrets a namespace grants it by name.
+            return _SiteProblem(
+                Reason.SECRET_NOT_GRANTED,
+                f"the operator may not read TLS Secret {secret!r}: grant it get on that "
+                "Secret by name (manifests/samples/operator-secrets.yaml)",
+            )
+        if data is None:
+            return _SiteProblem(Reason.MISSING_SECRET, f"TLS Secret {secret!r} does not exist")
+        try:
+            expires = certificates.not_after(data.get("tls.crt", b""))
+        except ValueError:
+            # Ready follows the gateway: it cannot start with this, so never becomes available.
+            return _SiteProblem(
+                Reason.CERTIFICATE_INVALID,
+                f"TLS Secret {secret!r}: tls.crt holds no PEM certificate",
+                blocks_ready=False,
+            )
+        now = datetime.datetime.now(datetime.UTC)
+        state = certificates.assess(expires, now)
+        if state is certificates.Expiry.VALID:
+            return None
+        described = f"TLS Secret {secret!r}: {certificates.describe(expires, now)}"
+        if state is certificates.Expiry.EXPIRED:
+            return _SiteProblem(Reason.CERTIFICATE_EXPIRED, f"{described}; renew it")
+        # Still served and still trusted: the site works, and someone must renew in time.
+        return _SiteProblem(
+            Reason.CERTIFICATE_EXPIRING, f"{described}; renew it before then", blocks_ready=False
+        )
 
     async def _model(self, world: World, name: str) -> Outcome:
         loaded = await self._load(AIModel, world, name)

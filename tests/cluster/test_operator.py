@@ -3,6 +3,7 @@ its ServiceAccount's RBAC, kwok nodes with and without GPUs."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime
 import json
@@ -10,7 +11,9 @@ import time
 from typing import Any
 
 import pytest
+from cryptography import x509
 
+from telerad.devcluster.pki import CertificateAuthority
 from tests.api_examples import SAMPLES as SAMPLES_DIR
 from tests.api_examples import samples
 from tests.cluster.conftest import Cluster, Operator
@@ -24,14 +27,36 @@ GRANT = SAMPLES_DIR / "operator-secrets.yaml"
 OPERATOR_SA = "system:serviceaccount:telerad-system:telerad-operator"
 
 
+TLS_SECRET = "st-marys-dicom-tls"  # noqa: S105  (a Secret's name)
+_CA = CertificateAuthority("telerad-test-ca")
+
+
+def put_tls_secret(cluster: Cluster, ns: str, **validity: Any) -> datetime.datetime:
+    """Create or replace st-marys' TLS Secret with a certificate issued with `validity`
+    (CertificateAuthority.issue's); returns when it expires."""
+    cert, key = _CA.issue("st-marys-gateway", server=True, **validity)
+    data = {"tls.crt": cert, "tls.key": key, "ca.crt": _CA.cert_pem}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": TLS_SECRET},
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }
+    cluster.kubectl(
+        "-n", ns, "apply", "--server-side", "--force-conflicts", "-f", "-",
+        input=json.dumps(secret),
+    )  # fmt: skip
+    return x509.load_pem_x509_certificate(cert).not_valid_after_utc
+
+
 def apply_samples(
     cluster: Cluster, ns: str, *, tls_secret: bool = True, grant: bool = True
 ) -> None:
     if grant:  # the sample namespace's grant: the operator may read its TLS Secret
         cluster.kubectl("-n", ns, "apply", "--server-side", "-f", str(GRANT))
-    if tls_secret:
+    if tls_secret:  # a placeholder: kwok runs no gateway (Degraded CertificateInvalid only)
         cluster.kubectl(
-            "-n", ns, "create", "secret", "generic", "st-marys-dicom-tls",
+            "-n", ns, "create", "secret", "generic", TLS_SECRET,
             "--from-literal=tls.crt=-", "--from-literal=tls.key=-", "--from-literal=ca.crt=-",
         )  # fmt: skip
     for example in SAMPLES:
@@ -462,15 +487,56 @@ def test_missing_tls_secret_degrades_until_created(
         "-n", namespace, "get", "events", "--field-selector", "involvedObject.name=st-marys"
     )
     assert any(e["reason"] == "MissingSecret" for e in events["items"])
-    cluster.kubectl(
-        "-n", namespace, "create", "secret", "generic", "st-marys-dicom-tls",
-        "--from-literal=tls.crt=-",
-    )  # fmt: skip
+    put_tls_secret(cluster, namespace)
     eventually(
         lambda: conditions()["Ready"]["status"] == "True",
         "Ready once the Secret exists",
         timeout=30,
     )
+    assert conditions()["Degraded"]["status"] == "False"
+
+
+def test_a_site_certificate_near_or_past_expiry_degrades_the_site(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    """Expiring within 14 days: Degraded, still Ready (it is served and trusted). Expired:
+    Degraded and not Ready (peers refuse it). Renewed: neither. Events and conditions give
+    the Secret's name and the date, nothing else."""
+    apply_samples(cluster, namespace)
+    wait_ready(cluster, namespace)
+
+    def conditions() -> dict[str, Any]:
+        status = get(cluster, namespace, "imagingsite", "st-marys").get("status") or {}
+        return {c["type"]: c for c in status.get("conditions", [])}
+
+    # The placeholder: no certificate at all (a real gateway would not start with it).
+    eventually(
+        lambda: conditions()["Degraded"]["reason"] == "CertificateInvalid", "CertificateInvalid"
+    )
+    assert "tls.crt holds no PEM certificate" in conditions()["Degraded"]["message"]
+    expires = put_tls_secret(cluster, namespace, valid_for=datetime.timedelta(days=3))
+    eventually(
+        lambda: conditions()["Degraded"]["reason"] == "CertificateExpiring", "CertificateExpiring"
+    )
+    degraded = conditions()["Degraded"]
+    assert degraded["status"] == "True"
+    expected = f"{TLS_SECRET!r}: the certificate expires on {expires:%Y-%m-%d %H:%M} UTC"
+    assert expected in degraded["message"]
+    assert conditions()["Ready"]["status"] == "True"
+    events = cluster.kubectl_json(
+        "-n", namespace, "get", "events", "--field-selector", "involvedObject.name=st-marys"
+    )
+    assert any(e["reason"] == "CertificateExpiring" for e in events["items"])
+
+    put_tls_secret(cluster, namespace, expired=True)
+    eventually(
+        lambda: conditions()["Degraded"]["reason"] == "CertificateExpired", "CertificateExpired"
+    )
+    assert "the certificate expired on" in conditions()["Degraded"]["message"]
+    assert conditions()["Ready"]["status"] == "False"
+
+    put_tls_secret(cluster, namespace)
+    eventually(lambda: conditions()["Ready"]["status"] == "True", "Ready once renewed")
     assert conditions()["Degraded"]["status"] == "False"
 
 
@@ -569,6 +635,7 @@ def test_the_operator_reads_only_the_secrets_a_namespace_grants_by_name(
     assert tls_name in degraded()["message"]
     assert "operator-secrets.yaml" in degraded()["message"]
 
+    put_tls_secret(cluster, namespace)  # a real one: the placeholder is CertificateInvalid
     cluster.kubectl("-n", namespace, "apply", "--server-side", "-f", str(GRANT))
     assert can(cluster, "get", f"secret/{tls_name}", "-n", namespace)
     assert not can(cluster, "get", "secret/st-marys-http-clients", "-n", namespace)

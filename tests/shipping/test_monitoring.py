@@ -40,6 +40,8 @@ def test_alert_rules_pass_promtool_check_and_unit_tests(tmp_path: Path) -> None:
         "TeleradWorkerFailures",
         "TeleradDiskFillingUp",
         "TeleradAutoscalerDegraded",
+        "TeleradCertificateExpiring",
+        "TeleradCertificateExpired",
     } <= alerts
     shutil.copy(ROOT / "tests" / "shipping" / "rules_test.yaml", tmp_path)
     tested = promtool("test", "rules", "rules_test.yaml", cwd=tmp_path)

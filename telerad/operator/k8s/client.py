@@ -190,14 +190,16 @@ class Kube:
             raise _wrap(err) from err
         WRITES.labels(f"{kind}/status").inc()
 
-    async def secret_exists(self, namespace: str, name: str) -> bool:
-        return await self.get("v1", "Secret", namespace, name) is not None
+    async def secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """A Secret's data, decoded; None when the Secret does not exist."""
+        secret = await self.get("v1", "Secret", namespace, name)
+        if secret is None:
+            return None
+        return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
 
     async def secret_key(self, namespace: str, name: str, key: str) -> bytes | None:
         """One key of a Secret, decoded; None when the Secret or the key is missing."""
-        secret = await self.get("v1", "Secret", namespace, name)
-        value = ((secret or {}).get("data") or {}).get(key)
-        return base64.b64decode(value) if value is not None else None
+        return (await self.secret(namespace, name) or {}).get(key)
 
     async def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         found = await self._list(Pod, namespace, labels=labels)

@@ -134,15 +134,20 @@ class GatewayMetrics:
         tiers: list[Tier],
         models: list[str],
         clock: Callable[[], float] = time.time,
+        *,
+        certificate_expires: float | None = None,
     ) -> None:
-        """Queue depth, job states and free space, read at scrape time (never stale).
+        """Queue depth, job states and free space, read at scrape time (never stale), and
+        the expiry (Unix time) of the site certificate the gateway serves, when it has one.
         Every routed model reports every priority, zeros included: the autoscaler reads a
         missing series as "unknown", never as an empty queue.
 
         With several receiver processes (PROMETHEUS_MULTIPROC_DIR set before
         prometheus_client was imported), counters live in files every process writes;
         /metrics then serves their sum instead of this process's own registry."""
-        state = _StateCollector(self.site, catalog, tiers, models, clock)
+        state = _StateCollector(
+            self.site, catalog, tiers, models, clock, certificate_expires=certificate_expires
+        )
         shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if shared:
             self.exposed = CollectorRegistry(auto_describe=True)
@@ -158,8 +163,11 @@ class _StateCollector(Collector):
         tiers: list[Tier],
         models: list[str],
         clock: Callable[[], float],
+        *,
+        certificate_expires: float | None,
     ) -> None:
         self._site, self._catalog, self._tiers, self._clock = site, catalog, tiers, clock
+        self._certificate_expires = certificate_expires
         self._zeros = {(m, p): 0 for m in models for p in Priority}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -203,3 +211,11 @@ class _StateCollector(Collector):
         for tier in self._tiers:
             free.add_metric([self._site, tier.name], tier.free_bytes())
         yield free
+        if self._certificate_expires is not None:
+            expiry = GaugeMetricFamily(
+                "telerad_gateway_certificate_expiry_timestamp_seconds",
+                "When the site certificate the gateway serves (DICOM TLS, HTTPS) expires.",
+                labels=["site"],
+            )
+            expiry.add_metric([self._site], self._certificate_expires)
+            yield expiry

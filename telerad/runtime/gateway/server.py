@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import signal
 import time
@@ -12,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from telerad.api import certificates
 from telerad.api.config import GatewayConfig
 from telerad.runtime.gateway.access import AUDIT_DIR, Audit, Tokens
 from telerad.runtime.gateway.deid import Deidentifier
@@ -55,7 +57,13 @@ class Gateway:
             log.info("removed %d unacknowledged partial files left by a crash", swept)
         self.flow = Flow(config, self.catalog, self.hot, self.warm, self.metrics)
         tiers = [t for t in (self.hot, self.warm) if t is not None]
-        self.metrics.watch(self.catalog, tiers, self.flow.models)
+        expires = _certificate_expiry(config)
+        self.metrics.watch(
+            self.catalog,
+            tiers,
+            self.flow.models,
+            certificate_expires=expires.timestamp() if expires is not None else None,
+        )
         self.tokens = Tokens(config.namespace, config.tokens_dir)
         self.audit = Audit(config.audit_dir or storage.hot_dir / AUDIT_DIR)
         self._runner: web.AppRunner | None = None
@@ -195,6 +203,23 @@ class Gateway:
                 # A failed pass is retried on the next tick; the loop itself must survive.
                 log.exception("%s failed", getattr(step, "__name__", step))
             await asyncio.sleep(interval)
+
+
+def _certificate_expiry(config: GatewayConfig) -> datetime.datetime | None:
+    """The expiry of the certificate this process serves (read once: the TLS contexts
+    are made at start, so a renewed Secret takes effect on restart), with a warning when
+    it is expired or close to it."""
+    if config.tls is None:
+        return None
+    expires = certificates.not_after(config.tls.cert_file.read_bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    if certificates.assess(expires, now) is not certificates.Expiry.VALID:
+        log.warning(
+            "site certificate %s: %s; renew the site's TLS Secret, then restart the gateway",
+            config.tls.cert_file,
+            certificates.describe(expires, now),
+        )
+    return expires
 
 
 def _catalog_ok(catalog: SQLiteCatalog) -> bool:
