@@ -97,8 +97,9 @@ def metadata(part10: bytes, instance_url: str) -> dict[str, Any]:
         referred[link] = elem
         return link
 
-    # pydicom compares its threshold with the base64 length, which no threshold turns into
-    # the raw one: every binary value is offered as a reference and small ones put back.
+    # pydicom takes its threshold as a base64 length (1024 refers a value over 768 bytes)
+    # and no threshold means 1024 raw bytes: every binary value is offered as a reference,
+    # and those of 1 KiB or less are put back inline.
     body: dict[str, Any] = ds.to_json_dict(0, uri)
     _inline_small(body, referred)
     pixels = ds.get(PIXEL_DATA)
