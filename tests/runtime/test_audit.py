@@ -9,13 +9,22 @@ import json
 import subprocess
 from typing import Any
 
+import httpx2 as httpx
 import pydicom
 import pytest
 
 from telerad import synthetic
 from telerad.api.site import Destination, DicomWebPeer
+from telerad.runtime.gateway.access import MAX_KEY_CHARS, MAX_QUERY_KEYS
 from telerad.runtime.gateway.example import LOCAL_CLIENT
-from tests.runtime.conftest import GatewayFactory, GatewayProcess, send_datasets, tool
+from tests.runtime.conftest import (
+    GatewayFactory,
+    GatewayProcess,
+    Sink,
+    send_datasets,
+    tool,
+    with_alerts,
+)
 from tests.runtime.test_dicomweb import stow
 from tests.runtime.test_orthanc_dicomweb import OrthancFactory, orthanc_for  # noqa: F401
 
@@ -95,3 +104,75 @@ def test_every_association_request_and_export_is_audited_once(
     gateway.get("/studies")
     after = "".join(p.read_text() for p in (gateway.hot / "audit").glob("*.jsonl"))
     assert after.startswith(before) and len(after) > len(before)
+
+
+def test_audit_records_body_sizes_and_bounded_escaped_query_keys(
+    gateway: GatewayProcess,
+) -> None:
+    """Issue 25 item 13: bytes are the body's size for JSON answers too; a query key name
+    is the client's text, so it is cut short and escaped; values are never written."""
+    assert send_datasets(gateway, list(synthetic.ct_series(n_slices=2, size=16, seed=43))) == [0, 0]
+    url = f"{gateway.url}/studies"
+    searched = httpx.get(url, headers=gateway.auth, timeout=10)
+    assert searched.status_code == 200 and len(searched.content) > 100
+    missing = httpx.get(f"{url}/1.2.3/metadata", headers=gateway.auth, timeout=10)
+    assert missing.status_code == 404
+    # Kept under aiohttp's 8190-byte request line: a longer one is refused before any
+    # handler runs (and never reaches the log). The worklist takes no such parameters.
+    hostile = "X\n{}\x00\u2028" * 300  # 6.6 KB percent-encoded
+    worklist = f"{gateway.url}/worklist"
+    keyed = httpx.get(
+        worklist,
+        params=[(hostile, "value-is-phi-1234"), ("PatientID", "phi-5678")],
+        headers=gateway.auth,
+        timeout=10,
+    )
+    assert keyed.status_code == 400
+    many = [(f"k{i:03}", "v") for i in range(100)]
+    assert httpx.get(worklist, params=many, headers=gateway.auth, timeout=10).status_code == 400
+
+    (search,) = [r for r in records(gateway) if r.get("route") == "/studies"]
+    assert search["bytes"] == len(searched.content)
+    (missed,) = [r for r in records(gateway) if r.get("route") == "/studies/{study}/metadata"]
+    assert missed["bytes"] == len(missing.content) > 0
+    log = [r for r in records(gateway) if r.get("route") == "/worklist"]
+    assert [r["status"] for r in log] == [400, 400]
+    keys = log[0]["queryKeys"]
+    assert keys[0] == "PatientID"
+    assert len(keys[1]) <= MAX_KEY_CHARS + 3 and keys[1].endswith("...")
+    assert keys[1].startswith("X\\n{}\\x00\\u2028X\\n")
+    assert log[1]["queryKeys"] == [f"k{i:03}" for i in range(MAX_QUERY_KEYS)]
+    assert log[1]["queryKeysOmitted"] == 100 - MAX_QUERY_KEYS
+    text = "".join(p.read_text() for p in (gateway.hot / "audit").glob("*.jsonl"))
+    assert "phi-1234" not in text and "phi-5678" not in text
+    assert all(len(line) < 4096 for line in text.splitlines())
+
+
+def test_critical_alert_says_where_the_study_and_worklist_are(
+    start_gateway: GatewayFactory, sink: Sink
+) -> None:
+    """Issue 25 item 13: the webhook's `study` and `worklist` were null (no publicUrl is
+    configured by the operator); they are URLs on the gateway a receiver can fetch."""
+    gateway = with_alerts(start_gateway, sink)
+    head = list(synthetic.ct_series(n_slices=2, size=16, seed=44))
+    study = str(head[0].StudyInstanceUID)
+    assert send_datasets(gateway, head) == [0, 0]
+    gateway.wait_for(lambda: len(gateway.get("/jobs")) == 1)
+    claimed = gateway.post(
+        "/jobs/claim", {"model": "ct-head-hyperdensity", "owner": "w", "leaseSeconds": 60}
+    )
+    assert claimed.status_code == 200, claimed.text
+    job = claimed.json()
+    finding = {"label": "hyperdensity", "score": 0.99, "critical": True}
+    done = gateway.post(
+        f"/jobs/{job['id']}/complete", {"token": job["lease"]["token"], "findings": [finding]}
+    )
+    assert done.status_code == 200, done.text
+    gateway.wait_for(lambda: len(sink.received) == 1)
+    _, alert = sink.received[0]
+    assert alert["study"] == f"{gateway.url}/studies/{study}"
+    assert alert["worklist"] == f"{gateway.url}/worklist"
+    series = httpx.get(f"{alert['study']}/series", headers=gateway.auth, timeout=10)
+    assert series.status_code == 200 and len(series.json()) == 1
+    listed = httpx.get(alert["worklist"], headers=gateway.auth, timeout=10).json()
+    assert listed[0]["studyUid"] == study and listed[0]["priority"] == "stat"

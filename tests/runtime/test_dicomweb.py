@@ -23,6 +23,7 @@ import yaml
 from dicomweb_client import DICOMwebClient
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from requests.exceptions import HTTPError
 
 from telerad import synthetic
@@ -332,3 +333,154 @@ def test_a_bad_token_file_stops_the_gateway_with_a_clear_error(tmp_path: Path) -
     assert run.returncode == 1
     assert "token 'viewer'" in run.stderr and "telerad token --tenant" in run.stderr
     assert "password123" not in run.stderr + run.stdout
+
+
+# -- value lists, unknown parameters, Specific Character Set (issue 25 items 9 and 16) ----
+def _search(gateway: GatewayProcess, path: str, params: list[tuple[str, str]]) -> httpx.Response:
+    return httpx.get(f"{gateway.url}{path}", params=params, headers=gateway.auth, timeout=10)
+
+
+def _studies(response: httpx.Response) -> set[str]:
+    assert response.status_code == 200, response.text
+    return {s["0020000D"]["Value"][0] for s in response.json()}
+
+
+def test_value_lists_and_unknown_parameters_follow_ps3_18(gateway: GatewayProcess) -> None:
+    ct = list(synthetic.ct_series(n_slices=2, size=32, seed=21))
+    mr = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
+    xray = synthetic.chest_xray(seed=22, size=(32, 32))
+    del xray.SpecificCharacterSet  # one study whose data has none
+    assert send_datasets(gateway, [*ct, xray]) == [0, 0, 0]
+    assert stow(gateway, [encoded(mr)]).status_code == 200
+    ct_uid, mr_uid, xr_uid = (str(d.StudyInstanceUID) for d in (ct[0], mr, xray))
+
+    # A value list matches any of its values, with `,` (PS3.18) or `\` (PS3.4).
+    for modalities in ("CT,MR", "CT\\MR", "MR,C?"):
+        answer = _search(gateway, "/studies", [("ModalitiesInStudy", modalities)])
+        assert _studies(answer) == {ct_uid, mr_uid}, modalities
+        assert "Warning" not in answer.headers
+    both = [("StudyInstanceUID", ct_uid), ("StudyInstanceUID", xr_uid)]
+    assert _studies(_search(gateway, "/studies", both)) == {ct_uid, xr_uid}
+    (series,) = _search(gateway, "/series", [("Modality", "DX,SR")]).json()
+    assert series["0020000D"]["Value"] == [xr_uid]
+
+    # Unknown parameters and unsupported options are ignored, each with a Warning.
+    answer = _search(
+        gateway,
+        "/studies",
+        [("ModalitiesInStudy", "CT\\MR"), ("multiplevaluematching", "true"), ("_", "1")],
+    )
+    assert _studies(answer) == {ct_uid, mr_uid}
+    warnings = answer.headers.get_list("Warning")
+    assert (
+        '299 telerad "The multiplevaluematching parameter is not supported.'
+        ' Multiple Value Matching has not been performed."' in warnings
+    )
+    assert '299 telerad "_ is not a query parameter here; ignored"' in warnings
+    # What is known but malformed, or cannot be matched, is still refused.
+    for bad in (
+        [("multiplevaluematching", "maybe")],
+        [("StudyDate", "20240101,20240102")],
+        [("PatientWeight", "70")],
+    ):
+        refused = _search(gateway, "/studies", bad)
+        assert refused.status_code == 400, bad
+        assert bad[0][0] in refused.json()["detail"]
+
+    # Specific Character Set, at every level, where the stored instance has one.
+    for path in ("/studies", "/series", "/instances"):
+        found = {r["0020000D"]["Value"][0]: r for r in _search(gateway, path, []).json()}
+        assert found[ct_uid]["00080005"] == {"vr": "CS", "Value": ["ISO_IR 100"]}, path
+        assert found[mr_uid]["00080005"] == {"vr": "CS", "Value": [mr.SpecificCharacterSet]}
+        assert "00080005" not in found[xr_uid], path
+
+
+def test_bulk_data_uri_only_for_values_over_1_kib(gateway: GatewayProcess) -> None:
+    """The documented threshold counts the value's bytes, not its base64 text."""
+    ds = next(synthetic.ct_series(n_slices=1, size=16, seed=23))
+    ds.add_new(0x00281201, "OW", bytes(range(256)) * 3 + bytes(26))  # 794 bytes
+    ds.add_new(0x00281202, "OW", bytes(1024))
+    ds.add_new(0x00281203, "OW", bytes(1026))
+    assert send_datasets(gateway, [ds]) == [0]
+    meta = client(gateway).retrieve_instance_metadata(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+    assert (
+        Dataset.from_json({"00281201": meta["00281201"]})[0x00281201].value == ds[0x00281201].value
+    )
+    assert "InlineBinary" in meta["00281202"]
+    uri = meta["00281203"]["BulkDataURI"]
+    assert client(gateway).retrieve_bulkdata(uri) == [bytes(1026)]
+
+
+# -- compressed frames (issue 25 item 14) --------------------------------------------------
+COMPRESSED = {
+    # file: (transfer syntax, the image media type of PS3.18 table 8.7.3-5)
+    "SC_jpeg_no_color_transform.dcm": ("1.2.840.10008.1.2.4.50", "image/jpeg"),
+    "SC_rgb_jpeg_gdcm.dcm": ("1.2.840.10008.1.2.4.70", "image/jpeg"),
+    "emri_small_jpeg_2k_lossless.dcm": ("1.2.840.10008.1.2.4.90", "image/jp2"),
+    "JPEG2000.dcm": ("1.2.840.10008.1.2.4.91", "image/jp2"),
+    "emri_small_jpeg_ls_lossless.dcm": ("1.2.840.10008.1.2.4.80", "image/jls"),
+    "JPEGLSNearLossless_08.dcm": ("1.2.840.10008.1.2.4.81", "image/jls"),
+    "emri_small_RLE.dcm": ("1.2.840.10008.1.2.5", "image/dicom-rle"),
+    "SC_rgb_rle_2frame.dcm": ("1.2.840.10008.1.2.5", "image/dicom-rle"),
+}
+# What OHIF (dicomweb-client JS) sends for frames.
+OHIF_FRAMES = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+
+
+def compressed_study() -> list[Dataset]:
+    """The compressed samples of pydicom-data as one study, each its own instance (the
+    emri_small variants share their UIDs)."""
+    out = []
+    study = pydicom.uid.generate_uid()
+    for name in COMPRESSED:
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        out.append(ds)
+    return out
+
+
+def test_compressed_frames_are_served_as_stored(gateway: GatewayProcess) -> None:
+    study = compressed_study()
+    stored = stow(gateway, [encoded(ds) for ds in study])
+    assert stored.status_code == 200, stored.text
+    web = client(gateway)
+    for name, ds in zip(COMPRESSED, study, strict=True):
+        syntax, image_type = COMPRESSED[name]
+        assert ds.file_meta.TransferSyntaxUID == syntax
+        count = int(ds.get("NumberOfFrames") or 1)
+        numbers = [count, 1] if count > 1 else [1]
+        expected = [get_frame(ds.PixelData, n - 1, number_of_frames=count) for n in numbers]
+        uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        for media_types in ((("application/octet-stream", "*"),), ((image_type, syntax),)):
+            frames = web.retrieve_instance_frames(*uids, numbers, media_types=media_types)
+            assert frames == expected, (name, media_types)
+
+        url = f"{gateway.url}/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}"
+        raw = httpx.get(
+            f"{url}/frames/{','.join(map(str, numbers))}",
+            headers={**gateway.auth, "Accept": OHIF_FRAMES},
+            timeout=10,
+        )
+        assert raw.status_code == 200, (name, raw.text)
+        got = parts(raw)
+        assert [body for _, body in got] == expected
+        for content_type, _ in got:
+            assert content_type.content_type == "application/octet-stream"
+            assert content_type.params["transfer-syntax"] == syntax
+        # Raw pixels cannot be had without decoding: 406, naming what can.
+        native = httpx.get(
+            f"{url}/frames/1",
+            headers={
+                **gateway.auth,
+                "Accept": 'multipart/related; type="application/octet-stream"',
+            },
+            timeout=10,
+        )
+        assert native.status_code == 406 and syntax in native.json()["detail"]
+
+        meta = web.retrieve_instance_metadata(*uids)
+        assert meta["00020010"] == meta["00083002"] == {"vr": "UI", "Value": [syntax]}

@@ -18,10 +18,18 @@ from pathlib import Path
 import httpx2 as httpx
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from telerad import synthetic
 from telerad.api.site import Destination, DicomWebPeer
-from tests.runtime.conftest import GatewayFactory, GatewayProcess, free_port, send_datasets
+from tests.runtime.conftest import (
+    GatewayFactory,
+    GatewayProcess,
+    free_port,
+    send_datasets,
+    stow,
+)
+from tests.runtime.test_dicomweb import OHIF_FRAMES, compressed_study, encoded, parts
 
 ORTHANC = "/usr/sbin/Orthanc"
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -202,3 +210,70 @@ def test_gateway_stows_a_study_into_orthanc(
     dead = gateway.post("/exports", {"study": ct[0].StudyInstanceUID, "destination": "orthanc"})
     assert dead.status_code == 502
     assert "orthanc" in dead.json()["detail"]
+
+
+def _uids(answer: httpx.Response, tag: str = "0020000D") -> set[str]:
+    assert answer.status_code == 200, answer.text
+    return {item[tag]["Value"][0] for item in answer.json()}
+
+
+def test_value_lists_find_what_orthanc_finds(
+    gateway: GatewayProcess, orthanc_for: OrthancFactory
+) -> None:
+    """Issue 25 item 9: the same studies in both, the same list queries to both's QIDO-RS,
+    the same answers (Orthanc reads `,` as "any of", as this gateway does). Not compared:
+    `CT\\MR`, which Orthanc 1.10 (DICOMweb 1.7) answers with nothing and this gateway as
+    `CT,MR` (PS3.4 leaves a multi-valued key undefined without Multiple Value Matching)."""
+    ct = list(synthetic.ct_series(n_slices=2, size=32, seed=31))
+    xray = synthetic.chest_xray(seed=32, size=(32, 32))
+    mr = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
+    assert send_datasets(gateway, [*ct, xray, mr]) == [0, 0, 0, 0]
+    orthanc = orthanc_for(None)
+    for ds in (*ct, xray, mr):
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        stored = httpx.post(f"{orthanc.url}/instances", content=out.getvalue(), timeout=30)
+        assert stored.status_code == 200, stored.text
+    studies = [str(d.StudyInstanceUID) for d in (ct[0], xray, mr)]
+    queries = [
+        ("/studies", [("ModalitiesInStudy", "CT,MR")]),
+        ("/studies", [("ModalitiesInStudy", "DX,MR")]),
+        ("/studies", [("ModalitiesInStudy", "CT")]),
+        ("/studies", [("StudyInstanceUID", f"{studies[0]},{studies[1]}")]),
+        ("/studies", [("PatientID", f"{ct[0].PatientID},{xray.PatientID}")]),
+        ("/series", [("Modality", "CT,DX")]),
+        ("/instances", [("Modality", "MR,DX")]),
+    ]
+    for path, params in queries:
+        tag = {"/studies": "0020000D", "/series": "0020000E", "/instances": "00080018"}[path]
+        ours = _uids(
+            httpx.get(f"{gateway.url}{path}", params=params, headers=gateway.auth, timeout=10),
+            tag,
+        )
+        theirs = _uids(httpx.get(f"{orthanc.url}/dicom-web{path}", params=params, timeout=10), tag)
+        assert ours == theirs, (path, params)
+        assert ours, (path, params)  # each query finds something: the comparison means something
+
+
+def test_compressed_frames_equal_orthancs(
+    gateway: GatewayProcess, orthanc_for: OrthancFactory
+) -> None:
+    """Issue 25 item 14: frames of JPEG, JPEG 2000, JPEG-LS and RLE instances, asked for
+    the way OHIF asks, are the same bytes from this gateway as from Orthanc."""
+    study = compressed_study()
+    orthanc = orthanc_for(None)
+    for ds in study:
+        body = encoded(ds)
+        assert httpx.post(f"{orthanc.url}/instances", content=body, timeout=30).status_code == 200
+    assert stow(gateway, [encoded(ds) for ds in study]).status_code == 200
+    for ds in study:
+        count = int(ds.get("NumberOfFrames") or 1)
+        path = (
+            f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}/frames/{count}"
+        )
+        accept = {"Accept": OHIF_FRAMES}
+        ours = httpx.get(f"{gateway.url}{path}", headers={**gateway.auth, **accept}, timeout=30)
+        theirs = httpx.get(f"{orthanc.url}/dicom-web{path}", headers=accept, timeout=30)
+        assert theirs.status_code == ours.status_code == 200, theirs.text
+        assert [b for _, b in parts(ours)] == [b for _, b in parts(theirs)], ds.file_meta

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 
 from telerad.runtime.dataset import EXPLICIT_LE, IMPLICIT_LE
 from telerad.runtime.dicomweb import media, multipart, qido, wado
@@ -158,6 +159,9 @@ def test_metadata_refers_to_bulk_data_and_is_valid_json() -> None:
     source = pydicom.dcmread(MULTIFRAME)
     assert ds.SOPInstanceUID == source.SOPInstanceUID and ds.Rows == source.Rows
     assert len(text) < 20_000  # no inline pixel data
+    stored = {"vr": "UI", "Value": [str(source.file_meta.TransferSyntaxUID)]}
+    assert body["00020010"] == body["00083002"] == stored
+    assert list(body) == sorted(body)
 
 
 def test_bulkdata_and_frames_are_the_stored_values() -> None:
@@ -173,10 +177,47 @@ def test_bulkdata_and_frames_are_the_stored_values() -> None:
         wado.bulkdata(raw, "00091001")
     with pytest.raises(wado.NotFound):
         wado.bulkdata(raw, "00100010/0/7FE00010")
-    with pytest.raises(media.NotAcceptable, match="uncompressed"):
-        wado.frames(JPEG2000.read_bytes(), [1])
-    with pytest.raises(media.NotAcceptable):
+    # Compressed frames are the stored codestream, never decoded.
+    jpeg = pydicom.dcmread(JPEG2000)
+    assert wado.frames(JPEG2000.read_bytes(), [1]) == [
+        get_frame(jpeg.PixelData, 0, number_of_frames=1)
+    ]
+    with pytest.raises(media.NotAcceptable, match="big-endian"):
         wado.frames(BIG_ENDIAN.read_bytes(), [1])
+
+
+J2K = "1.2.840.10008.1.2.4.90"
+
+
+@pytest.mark.parametrize(
+    ("accept", "syntax", "part"),
+    [
+        (None, EXPLICIT_LE, f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
+        ('multipart/related; type="application/octet-stream"', EXPLICIT_LE, "octet-stream"),
+        ("multipart/related; type=application/octet-stream; transfer-syntax=*", J2K, "octet"),
+        (f'multipart/related; type="image/jp2"; transfer-syntax={J2K}', J2K, "image/jp2"),
+        ('multipart/related; type="image/jp2"', J2K, f"image/jp2; transfer-syntax={J2K}"),
+        ("*/*", J2K, "image/jp2"),
+        ('multipart/related; type="image/x-dicom-rle"', "1.2.840.10008.1.2.5", "x-dicom-rle"),
+    ],
+)
+def test_frames_are_offered_as_stored(accept: str | None, syntax: str, part: str) -> None:
+    assert part in media.frames(accept, syntax)
+    assert media.frames(accept, syntax).endswith(f"; transfer-syntax={syntax}")
+
+
+@pytest.mark.parametrize(
+    ("accept", "syntax"),
+    [
+        ('multipart/related; type="application/octet-stream"', J2K),
+        ('multipart/related; type="image/jpeg"', J2K),
+        (f'multipart/related; type="image/jp2"; transfer-syntax={EXPLICIT_LE}', J2K),
+        ('multipart/related; type="image/jp2"', EXPLICIT_LE),
+    ],
+)
+def test_frames_that_would_need_a_codec_are_refused(accept: str, syntax: str) -> None:
+    with pytest.raises(media.NotAcceptable, match=syntax):
+        media.frames(accept, syntax)
 
 
 # -- QIDO-RS ---------------------------------------------------------------------------
@@ -206,6 +247,35 @@ def test_query_parameters_become_matches() -> None:
     assert len(query.warnings) == 3  # unknown includefield, limit, fuzzy matching
 
 
+def test_value_lists_and_unknown_parameters() -> None:
+    """PS3.18 8.3.4: a UID key may be repeated (its values form a list); unknown
+    parameters and unsupported matching options are ignored with a Warning each."""
+    query = qido.parse(
+        Level.SERIES,
+        [
+            ("ModalitiesInStudy", "CT,MR"),
+            ("Modality", "CT\\M?"),
+            ("SeriesNumber", "1,02"),
+            ("StudyInstanceUID", "1.2.3"),
+            ("StudyInstanceUID", "1.2.4\\1.2.5"),
+            ("orderby", "StudyDate"),
+            ("multiplevaluematching", "true"),
+            ("emptyvaluematching", "false"),
+        ],
+    )
+    matches = {m.keyword: m for m in query.search.matches}
+    assert {m.kind for m in matches.values()} == {Kind.ANY_OF}
+    assert matches["ModalitiesInStudy"].values == ("CT", "MR")
+    assert matches["Modality"].values == ("CT", "M?")
+    assert matches["SeriesNumber"].values == ("1", "2")
+    assert matches["StudyInstanceUID"].values == ("1.2.3", "1.2.4", "1.2.5")
+    assert query.warnings == [
+        "orderby is not a query parameter here; ignored",
+        "The multiplevaluematching parameter is not supported."
+        " Multiple Value Matching has not been performed.",
+    ]
+
+
 @pytest.mark.parametrize(
     ("params", "named"),
     [
@@ -215,12 +285,15 @@ def test_query_parameters_become_matches() -> None:
         ([("StudyInstanceUID", "1.2.*")], "StudyInstanceUID"),
         ([("Modality", "CT")], "Modality"),
         ([("ReferencedSeriesSequence.SeriesInstanceUID", "1.2")], "sequences"),
-        ([("NoSuchKeyword", "x")], "NoSuchKeyword"),
         ([("PatientWeight", "70")], "not a supported matching key"),
         ([("limit", "-1")], "limit"),
         ([("offset", "x")], "offset"),
         ([("fuzzymatching", "maybe")], "fuzzymatching"),
-        ([("PatientName", "a\\b")], "value lists"),
+        ([("StudyDate", "20240101,20240102")], "range"),
+        ([("ModalitiesInStudy", "CT,,MR")], "empty value"),
+        ([("PatientID", "1"), ("PatientID", "2")], "more than once"),
+        ([("multiplevaluematching", "yes")], "multiplevaluematching"),
+        ([("emptyvaluematching", "1")], "emptyvaluematching"),
         ([("NumberOfStudyRelatedInstances", "3")], "not a supported matching key"),
         # Not in pydicom's dictionary: once a KeyError and a 500 (found by schemathesis).
         ([("43799004", "x")], "43799004"),

@@ -28,6 +28,7 @@ HOOKS = Notifications(
         Webhook(name="ward", url="http://127.0.0.1:9/ward", min_priority=Priority.URGENT),
     ]
 )
+GATEWAY = "http://127.0.0.1:9"
 PACS = Destination(name="pacs", dicomweb=DicomWebPeer(url="http://127.0.0.1:9/dicom-web"))
 
 
@@ -81,7 +82,7 @@ def test_a_critical_completion_queues_alerts_and_exports_in_one_step(site: Site)
     study, job_id, token = completed_job(site)
     store_result(site, study, job_id)
     finding = Finding(label="hyperdensity", score=0.97, critical=True)
-    site.flow.complete(job_id, token, [finding])
+    site.flow.complete(job_id, token, [finding], "https://gw.example:8080/")
     due = site.catalog.due_deliveries(time.time(), 10)
     kinds = sorted((d.kind, d.target) for d in due)
     # A critical finding makes the study stat, which every webhook's lowest priority admits.
@@ -93,6 +94,9 @@ def test_a_critical_completion_queues_alerts_and_exports_in_one_step(site: Site)
     alert = json.loads(next(d.payload for d in due if d.target == "on-call"))
     assert alert["studyInstanceUID"] == study and alert["priority"] == "stat"
     assert alert["findings"][0]["label"] == "hyperdensity"
+    # Where the receiver finds the study and the worklist (no trailing slash doubled).
+    assert alert["study"] == f"https://gw.example:8080/studies/{study}"
+    assert alert["worklist"] == "https://gw.example:8080/worklist"
     # No patient data in the alert, only the UID that finds the study.
     raw = json.dumps(alert)
     ds = pydicom.dcmread(CT)
@@ -101,14 +105,14 @@ def test_a_critical_completion_queues_alerts_and_exports_in_one_step(site: Site)
 
 def test_a_quiet_completion_exports_but_does_not_alert(site: Site) -> None:
     _, job_id, token = completed_job(site)
-    site.flow.complete(job_id, token, [Finding(label="hyperdensity", score=0.1)])
+    site.flow.complete(job_id, token, [Finding(label="hyperdensity", score=0.1)], GATEWAY)
     due = site.catalog.due_deliveries(time.time(), 10)
     assert [(d.kind, d.target) for d in due] == [(DeliveryKind.EXPORT, "pacs")]
 
 
 def test_failed_deliveries_back_off_then_park_with_one_key(site: Site) -> None:
     _, job_id, token = completed_job(site)
-    site.flow.complete(job_id, token, [Finding(label="x", score=1.0, critical=True)])
+    site.flow.complete(job_id, token, [Finding(label="x", score=1.0, critical=True)], GATEWAY)
     (alert,) = [d for d in site.catalog.due_deliveries(time.time(), 10) if d.target == "on-call"]
     now = time.time()
     site.catalog.delivery_failed(alert.id, "503", now + 60, now)

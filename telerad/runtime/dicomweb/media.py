@@ -11,12 +11,34 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Final
 
 AS_STORED = "*"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 OCTET_STREAM = "application/octet-stream"
+# PS3.18 table 8.7.3-5: the media types of compressed frames and the transfer syntaxes
+# each may carry, its default first.
+FRAME_TYPES: Final[dict[str, tuple[str, ...]]] = {
+    "image/jpeg": (
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+    ),
+    "image/dicom-rle": ("1.2.840.10008.1.2.5",),
+    "image/jls": ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),
+    "image/jp2": ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"),
+    "image/jpx": ("1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"),
+    "image/jphc": (
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    ),
+}
+# Names older clients (and dicomweb-client) still use.
+_FRAME_ALIASES: Final = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 _TOKEN = re.compile(r'\s*([^\s;,="]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^\s;,]*))?\s*')
 
 
@@ -127,16 +149,45 @@ def dicom_syntaxes(header: str | None) -> tuple[str, ...]:
 
 
 def octet_stream(header: str | None) -> None:
-    """Check that frames or bulk data may be sent as they are stored (uncompressed, little
-    endian) in multipart/related application/octet-stream parts."""
+    """Check that bulk data may be sent as it is stored in multipart/related
+    application/octet-stream parts."""
     for accepted in parse_accept(header):
         if _multipart_of(accepted, OCTET_STREAM) and accepted.params.get(
             "transfer-syntax", AS_STORED
         ) in (AS_STORED, EXPLICIT_LE):
             return
     raise NotAcceptable(
-        f'frames and bulk data are sent as multipart/related; type="{OCTET_STREAM}"'
+        f'bulk data is sent as multipart/related; type="{OCTET_STREAM}"'
         " (uncompressed, little endian)"
+    )
+
+
+def frames(header: str | None, syntax: str) -> str:
+    """The Content-Type of frames whose pixel data is in `syntax` (Explicit VR Little
+    Endian for native pixel data), as `<media type>; transfer-syntax=<syntax>`, when the
+    client accepts them as they are: frames are never decoded or re-encoded.
+
+    `application/octet-stream` takes native frames by default, any syntax with
+    `transfer-syntax=*` (what OHIF asks for) or its own; an image type of table 8.7.3-5
+    takes the syntaxes it lists (without the parameter too: the stored form is the only
+    one this server has, which PS3.18 8.7.3 allows it to send)."""
+    image = next((t for t, syntaxes in FRAME_TYPES.items() if syntax in syntaxes), None)
+    names = [OCTET_STREAM]
+    if image is not None:
+        names += [image, *(alias for alias, name in _FRAME_ALIASES.items() if name == image)]
+    for accepted in parse_accept(header):
+        asked = accepted.params.get("transfer-syntax")
+        for name in names:
+            if not _multipart_of(accepted, name):
+                continue
+            if asked in (AS_STORED, syntax) or (
+                asked is None and (name != OCTET_STREAM or syntax == EXPLICIT_LE)
+            ):
+                return f"{name}; transfer-syntax={syntax}"
+    as_image = f' or type="{image}"' if image else ""
+    raise NotAcceptable(
+        f"the frames are stored in {syntax} and sent as stored: accept multipart/related;"
+        f' type="{OCTET_STREAM}"; transfer-syntax=*{as_image}'
     )
 
 

@@ -2,11 +2,23 @@
 its rows to DICOM JSON.
 
 Matching follows PS3.4 C.2.2.2: single value, universal (an empty value returns the
-attribute), wildcards `*` and `?` on text, UID lists (`,` or `\\` between UIDs), and
-ranges on dates and times. Person names match case-insensitively (as most PACS do), the
-rest case-sensitively. Fuzzy matching is not supported: literal matching is done and a
-warning says so. Anything we cannot match is a `QueryError` naming the parameter, never a
-silently broader search.
+attribute), wildcards `*` and `?` on text, and ranges on dates and times. Person names
+match case-insensitively (as most PACS do), the rest case-sensitively.
+
+Value lists: PS3.18 8.3.4.1 lets a UID key carry a comma-separated list (`1#value`), and
+repeating a UID key adds to its list; PS3.4 C.2.2.2.2 writes the same list with `\\`.
+Lists of other values are used by viewers (`ModalitiesInStudy=CT,MR`) and answered by
+Orthanc and dcm4chee as "any of"; this server does the same for text and numbers (each
+value may hold wildcards), with `,` or `\\` between values. PS3.4 C.2.2.2.8's "all of"
+reading of `\\` applies only under Multiple Value Matching, which is not supported:
+`multiplevaluematching=true` is answered with the Warning PS3.18 8.3.4.6 prescribes, as
+are `fuzzymatching=true` and `emptyvaluematching=true`. Dates and times take ranges, not
+lists.
+
+Query parameters that are neither PS3.18 search parameters nor attributes (another
+server's extensions, a cache buster) are ignored with a Warning, as PS3.18 asks. An
+attribute that cannot be matched here, or a malformed value, is a `QueryError` naming the
+parameter: ignoring it would silently widen the search.
 """
 
 from __future__ import annotations
@@ -44,7 +56,19 @@ __all__ = [
 
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
-_CONTROL = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
+# PS3.18 8.3.4.2, 8.3.4.5 and 8.3.4.6: the text of the Warning each prescribes when asked
+# for and not supported.
+_NOT_SUPPORTED: Final = {
+    "fuzzymatching": "The fuzzymatching parameter is not supported."
+    " Only literal matching has been performed.",
+    "emptyvaluematching": "The emptyvaluematching parameter is not supported."
+    " Empty Value Matching has not been performed.",
+    "multiplevaluematching": "The multiplevaluematching parameter is not supported."
+    " Multiple Value Matching has not been performed.",
+}
+_CONTROL = frozenset({"limit", "offset", "includefield", *_NOT_SUPPORTED})
+_LIST = re.compile(r"[,\\]")
+_NAME_SHOWN = 64
 _UID = r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+"
 _DATE = r"[0-9]{8}"
 _TIME = r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?"
@@ -56,14 +80,17 @@ VALUE_PATTERNS: Final[dict[str, str]] = {
     "UI": rf"^({_UID}([,\\]{_UID})*)?$",
     "DA": rf"^({_DATE}|{_DATE}-({_DATE})?|-{_DATE})?$",
     "TM": rf"^({_TIME}|{_TIME}-({_TIME})?|-{_TIME})?$",
-    "US": r"^([0-9]{1,9})?$",
-    "IS": r"^([0-9]{1,9})?$",
+    "US": r"^([0-9]{1,9}([,\\][0-9]{1,9})*)?$",
+    "IS": r"^([0-9]{1,9}([,\\][0-9]{1,9})*)?$",
 }
-TEXT_PATTERN: Final = r"^[^\\]*$"
+# Text: any value list whose values are not empty.
+TEXT_PATTERN: Final = r"^([^,\\]+([,\\][^,\\]+)*)?$"
 MAX_COUNT: Final = 999_999_999
 # What a search returns by default (PS3.18 table 10.6.3-3..5), before includefield.
 _DEFAULTS: Final[dict[Level, tuple[str, ...]]] = {
     Level.STUDY: (
+        # PS3.18 table 10.6.3-3; left out of a result whose instances have none.
+        "SpecificCharacterSet",
         "StudyDate",
         "StudyTime",
         "AccessionNumber",
@@ -95,6 +122,7 @@ _DEFAULTS: Final[dict[Level, tuple[str, ...]]] = {
         "NumberOfFrames",
     ),
 }
+_WHEN_PRESENT: Final = frozenset({"SpecificCharacterSet"})
 MATCHING_KEYS: Final[dict[Level, list[str]]] = {
     level: [k for k in keywords(level) if ATTRIBUTES[k].matchable] for level in Level
 }
@@ -113,30 +141,45 @@ class Query:
     """Texts for `Warning: 299` headers."""
 
 
-def _keyword(key: str) -> str:
-    """A query key as a keyword: by keyword or as eight hex digits."""
-    if "." in key:
-        raise QueryError(f"{key}: attributes inside sequences cannot be matched")
+def _keyword(key: str) -> str | None:
+    """A query key as a keyword: by keyword or as eight hex digits; None for a key that
+    names no attribute at all (not a parameter of this server)."""
     if re.fullmatch(r"[0-9A-Fa-f]{8}", key):
         # keyword_for_tag, unlike dictionary_keyword, answers "" for a tag it does not know.
         name = keyword_for_tag(int(key, 16))
         if not name:
             raise QueryError(f"{key}: not a known attribute tag")
         return str(name)
-    if key not in keyword_dict:
-        raise QueryError(f"{key}: not a known attribute keyword or tag")
-    return key
+    if "." in key:
+        path = key.split(".")
+        if all(p in keyword_dict or re.fullmatch(r"[0-9A-Fa-f]{8}", p) for p in path):
+            raise QueryError(f"{key}: attributes inside sequences cannot be matched")
+        return None
+    return key if key in keyword_dict else None
 
 
 def _match(keyword: str, value: str) -> Match:
+    """One key's match: a single value, or a value list (any of them)."""
+    values = _LIST.split(value)
+    if len(values) == 1:
+        return _single(keyword, value)
+    vr = ATTRIBUTES[keyword].vr
+    if vr in ("DA", "TM"):
+        raise QueryError(f"{keyword}: dates and times take a range (a-b), not a value list")
+    if len(value) > _TEXT_MAX and vr != "UI":
+        raise QueryError(f"{keyword}: the value is longer than {_TEXT_MAX} characters")
+    if "" in values:
+        raise QueryError(f"{keyword}: {value[:80]!r} has an empty value in its list")
+    return Match(keyword, Kind.ANY_OF, tuple(_single(keyword, v).values[0] for v in values))
+
+
+def _single(keyword: str, value: str) -> Match:
     vr = ATTRIBUTES[keyword].vr
     if vr == "UI":
         # Only the syntax is checked: a UID longer than 64 characters matches nothing.
-        uids = tuple(re.split(r"[,\\]", value))
-        bad = [u for u in uids if not re.fullmatch(_UID, u)]
-        if bad:
-            raise QueryError(f"{keyword}: {bad[0][:80]!r} is not a UID")
-        return Match(keyword, Kind.ANY_OF if len(uids) > 1 else Kind.EXACT, uids)
+        if not re.fullmatch(_UID, value):
+            raise QueryError(f"{keyword}: {value[:80]!r} is not a UID")
+        return Match(keyword, Kind.EXACT, (value,))
     if len(value) > _TEXT_MAX:
         raise QueryError(f"{keyword}: the value is longer than {_TEXT_MAX} characters")
     if vr in ("DA", "TM"):
@@ -151,10 +194,18 @@ def _match(keyword: str, value: str) -> Match:
         if not _NUMBER.fullmatch(value):
             raise QueryError(f"{keyword}: {value!r} is not a number")
         return Match(keyword, Kind.EXACT, (str(int(value)),))
-    if "\\" in value:
-        raise QueryError(f"{keyword}: value lists are only supported for UIDs")
     kind = Kind.WILDCARD if "*" in value or "?" in value else Kind.EXACT
     return Match(keyword, kind, (value,))
+
+
+def _flags(params: Sequence[tuple[str, str]], warnings: list[str]) -> None:
+    """Check the matching options; warn of each asked for (none is supported)."""
+    for name, warning in _NOT_SUPPORTED.items():
+        values = [v.lower() for k, v in params if k == name]
+        if any(v not in ("true", "false") for v in values):
+            raise QueryError(f"{name} must be true or false")
+        if "true" in values:
+            warnings.append(warning)
 
 
 def _count(params: Sequence[tuple[str, str]], name: str, default: int) -> int:
@@ -203,25 +254,32 @@ def parse(
     warnings: list[str] = []
     available = keywords(level)
     returned = [k for lvl in Level if lvl <= level for k in _DEFAULTS[lvl]]
-    matches: list[Match] = []
+    asked: dict[str, list[str]] = {}
     for key, value in params:
         if key in _CONTROL:
             continue
         keyword = _keyword(key)
+        if keyword is None:
+            warnings.append(f"{key[:_NAME_SHOWN]} is not a query parameter here; ignored")
+            continue
         if keyword not in available or not ATTRIBUTES[keyword].matchable:
             supported = ", ".join(MATCHING_KEYS[level])
             named = key if key == keyword else f"{key} ({keyword})"
             raise QueryError(f"{named}: not a supported matching key here; use {supported}")
         if keyword not in returned:
             returned.append(keyword)
+        values = asked.setdefault(keyword, [])
         if value != "":
-            matches.append(_match(keyword, value))
+            values.append(value)
+    matches: list[Match] = []
+    for keyword, values in asked.items():
+        if len(values) > 1 and ATTRIBUTES[keyword].vr != "UI":
+            # PS3.18 8.3.4.1: a key is unique unless it takes a UID list.
+            raise QueryError(f"{keyword}: given more than once; send one value or a list")
+        if values:
+            matches.append(_match(keyword, ",".join(values)))
     _include(params, available, returned, warnings)
-    fuzzy = [v.lower() for k, v in params if k == "fuzzymatching"]
-    if any(v not in ("true", "false") for v in fuzzy):
-        raise QueryError("fuzzymatching must be true or false")
-    if "true" in fuzzy:
-        warnings.append("fuzzymatching is not supported; literal matching was performed")
+    _flags(params, warnings)
     limit = _count(params, "limit", DEFAULT_LIMIT)
     if limit > MAX_LIMIT:
         warnings.append(f"limit {limit} exceeds the maximum; {MAX_LIMIT} results at most")
@@ -256,7 +314,8 @@ def _value(vr: str, value: str | int | None) -> dict[str, Any]:
         except ValueError:
             return {"vr": vr}
     if isinstance(value, str) and "\\" in value:
-        return {"vr": vr, "Value": value.split("\\")}
+        # PS3.18 F.2.5: an empty value among several is null.
+        return {"vr": vr, "Value": [v or None for v in value.split("\\")]}
     return {"vr": vr, "Value": [str(value)]}
 
 
@@ -267,6 +326,8 @@ def results(query: Query, result: SearchResult, base_url: str) -> list[dict[str,
     for row in result.rows:
         item: dict[str, Any] = {}
         for keyword in query.returned:
+            if keyword in _WHEN_PRESENT and row.get(keyword) in (None, ""):
+                continue
             item[f"{tag_for_keyword(keyword):08X}"] = _value(
                 ATTRIBUTES[keyword].vr, row.get(keyword)
             )

@@ -10,7 +10,9 @@ The audit log is one JSON object per line, one file per UTC day, written with a 
 `write` on an `O_APPEND` descriptor so lines from concurrent requests never interleave. It
 names the client (the key of its token in the Secret, never the token), the route
 template, and hashed UIDs; query values are left out because search keys such as
-PatientName are patient data.
+PatientName are patient data. Query key names are the client's text too: at most
+`MAX_QUERY_KEYS` of them, each cut to `MAX_KEY_CHARS` and with anything but printable ASCII
+escaped, so no request can make a record large or unreadable.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,6 +136,26 @@ class Tokens:
             self._reload()
             client = self._clients.get(digest)
         return Verdict(200, client=client, tenant=tenant) if client else Verdict(401)
+
+
+MAX_QUERY_KEYS = 32
+MAX_KEY_CHARS = 64
+
+
+def query_keys(names: Iterable[str]) -> dict[str, Any]:
+    """What the audit record says of a request's query keys (never their values)."""
+    unique = sorted({printable(n, MAX_KEY_CHARS) for n in names})
+    shown: dict[str, Any] = {"queryKeys": unique[:MAX_QUERY_KEYS]}
+    if len(unique) > MAX_QUERY_KEYS:
+        shown["queryKeysOmitted"] = len(unique) - MAX_QUERY_KEYS
+    return shown
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` with anything but printable ASCII as a Python escape (`\\n`, `\\x00`,
+    `\\u2028`), cut to `limit` characters and then marked with "..."."""
+    clean = "".join(c if " " <= c <= "~" and c != "\\" else ascii(c)[1:-1] for c in text[:limit])
+    return clean[:limit] + "..." if len(clean) > limit or len(text) > limit else clean
 
 
 AUDIT_DIR = "audit"

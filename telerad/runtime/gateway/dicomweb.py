@@ -45,6 +45,17 @@ _REASONS = {
 }
 
 
+class Streamed(web.StreamResponse):
+    """A streamed answer that counts its body: aiohttp's own count (`body_length`)
+    includes the headers and chunk framing."""
+
+    sent = 0
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += len(data)
+        await super().write(data)
+
+
 class DicomWebError(Exception):
     def __init__(self, status: int, title: str, detail: str) -> None:
         super().__init__(detail)
@@ -132,7 +143,7 @@ class DicomWeb:
                 "Unsupported media type",
                 f'parts of type "{part_type}" are not supported; send "application/dicom"',
             )
-        base = _base(request)
+        base = base_url(request)
         client = str(request.get("client") or "DICOMWEB")[:16]
         reader = await request.multipart()
         outcomes: list[stow.Outcome] = []
@@ -248,7 +259,7 @@ class DicomWeb:
             except qido.QueryError as exc:
                 raise DicomWebError(400, "Bad request", str(exc)) from None
             result = await asyncio.to_thread(self.catalog.search, query.search)
-            body = qido.results(query, result, _base(request))
+            body = qido.results(query, result, base_url(request))
             response = _json(body, content_type)
             for text in query.warnings + qido.result_warnings(query, result):
                 response.headers.add("Warning", _warning(text))
@@ -283,11 +294,11 @@ class DicomWeb:
         # Decided for all before the first byte: a 406 cannot follow a 200.
         syntaxes = [_checked(wado.check, w.transfer_syntax, wanted) for w in located]
         boundary = multipart.new_boundary()
-        response = web.StreamResponse(
+        response = Streamed(
             headers={"Content-Type": multipart.content_type(boundary, "application/dicom")}
         )
         await response.prepare(request)
-        base = _base(request)
+        base = base_url(request)
         for where, syntax in zip(located, syntaxes, strict=True):
             head = multipart.part_head(
                 boundary, f"application/dicom; transfer-syntax={syntax}", _url(base, where)
@@ -313,7 +324,7 @@ class DicomWeb:
         if not located:
             raise _not_found("study")
         boundary = multipart.new_boundary()
-        response = web.StreamResponse(
+        response = Streamed(
             headers={"Content-Type": multipart.content_type(boundary, "application/dicom")}
         )
         await response.prepare(request)
@@ -348,7 +359,7 @@ class DicomWeb:
     async def metadata(self, request: web.Request) -> web.Response:
         content_type = _acceptable(media.dicom_json, request)
         located = await self._locate(request)
-        base = _base(request)
+        base = base_url(request)
 
         def render() -> list[dict[str, Any]]:
             return [wado.metadata(self._read(w), _url(base, w)) for w in located]
@@ -358,22 +369,23 @@ class DicomWeb:
         return _json(body, content_type)
 
     async def frames(self, request: web.Request) -> web.StreamResponse:
-        _acceptable(media.octet_stream, request)
         raw = request.match_info["frames"]
         numbers = [int(n) for n in raw.split(",") if n.isdigit()]
         if not numbers or len(numbers) != len(raw.split(",")) or 0 in numbers:
             raise DicomWebError(400, "Bad request", "frames must be a list like 1,2,3 (from 1)")
         (where,) = await self._locate(request)
+        syntax = _checked(wado.frame_syntax, where.transfer_syntax)
+        part_type = _acceptable(lambda accept: media.frames(accept, syntax), request)
         data = await asyncio.to_thread(self._read, where)
         parts = _checked(wado.frames, data, numbers)
-        return await _octet_parts(request, parts)
+        return await _parts(request, parts, part_type)
 
     async def bulkdata(self, request: web.Request) -> web.StreamResponse:
         _acceptable(media.octet_stream, request)
         (where,) = await self._locate(request)
         data = await asyncio.to_thread(self._read, where)
         value = _checked(wado.bulkdata, data, request.match_info["tag"].upper())
-        return await _octet_parts(request, [value])
+        return await _parts(request, [value], media.OCTET_STREAM)
 
 
 def _acceptable(negotiate: Callable[[str | None], Any], request: web.Request) -> Any:
@@ -392,14 +404,14 @@ def _checked(fn: Callable[..., Any], *args: Any) -> Any:
         raise DicomWebError(404, "Not found", str(exc)) from None
 
 
-async def _octet_parts(request: web.Request, parts: list[bytes]) -> web.StreamResponse:
+async def _parts(request: web.Request, parts: list[bytes], part_type: str) -> web.StreamResponse:
+    """A multipart/related answer of `part_type` parts (`type; parameters`)."""
     boundary = multipart.new_boundary()
-    response = web.StreamResponse(
-        headers={"Content-Type": multipart.content_type(boundary, "application/octet-stream")}
-    )
+    kind = part_type.split(";", 1)[0]
+    response = Streamed(headers={"Content-Type": multipart.content_type(boundary, kind)})
     await response.prepare(request)
     for part in parts:
-        head = multipart.part_head(boundary, "application/octet-stream")
+        head = multipart.part_head(boundary, part_type)
         await response.write(head + part + b"\r\n")
     await response.write(multipart.closing(boundary))
     await response.write_eof()
@@ -421,7 +433,7 @@ def _json(body: Any, content_type: str, status: int = 200) -> web.Response:
     )
 
 
-def _base(request: web.Request) -> str:
+def base_url(request: web.Request) -> str:
     """Where clients reach this gateway, for the URLs in answers: the configured public
     URL, else the Host the client asked for. Some clients (dicomweb-client) send a Host
     without the port; then the port the connection came in on is the one they used."""

@@ -89,12 +89,13 @@ class Flow:
     def extend(self, job_id: int, token: str, lease_seconds: int) -> Job:
         return self.catalog.extend(job_id, token, lease_seconds, time.time())
 
-    def complete(self, job_id: int, token: str, findings: list[Finding]) -> Job:
+    def complete(self, job_id: int, token: str, findings: list[Finding], base_url: str) -> Job:
+        """Complete a job; `base_url` is where its alerts say the gateway is reached (the
+        configured public URL, else the one the worker reached it at)."""
         current = self.catalog.job(job_id)
         model = self._models.get(current.model)
         critical = any(f.critical or self._over_threshold(model, f) for f in findings)
         done = current.model_copy(update={"critical": critical, "findings": findings})
-        public_url = str(self.config.public_url) if self.config.public_url else None
         now = time.time()
         job = self.catalog.complete_job(
             job_id,
@@ -102,7 +103,7 @@ class Flow:
             findings,
             critical,
             now,
-            deliveries=outbox.plan(self.config, done, public_url),
+            deliveries=outbox.plan(self.config, done, base_url),
         )
         self.metrics.stage("result", now - job.created_at.timestamp())
         if critical:

@@ -34,8 +34,14 @@ from telerad.api.jobs import (
 )
 from telerad.runtime import phi
 from telerad.runtime.gateway import openapi
-from telerad.runtime.gateway.access import Audit, Tokens, Verdict
-from telerad.runtime.gateway.dicomweb import PUBLIC_URL, DicomWeb, DicomWebError
+from telerad.runtime.gateway.access import Audit, Tokens, Verdict, query_keys
+from telerad.runtime.gateway.dicomweb import (
+    PUBLIC_URL,
+    DicomWeb,
+    DicomWebError,
+    Streamed,
+    base_url,
+)
 from telerad.runtime.gateway.exports import Exporter, ExportError
 from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.metrics import GatewayMetrics
@@ -210,16 +216,26 @@ def _record(
         "method": request.method,
         "route": route.canonical if route is not None else None,
         "status": response.status,
-        "bytes": response.body_length,
+        "bytes": _body_size(response),
         "ms": round(seconds * 1000, 1),
     }
     for name in _UID_PARAMS:
         if name in request.match_info:
             record[name] = phi.ref(request.match_info[name])
     if request.query:
-        record["queryKeys"] = sorted(set(request.query))
+        record.update(query_keys(request.query))
     record.update(request.get("audit", {}))
     return record
+
+
+def _body_size(response: web.StreamResponse) -> int:
+    """The bytes of the answer's body. A Response is sent after the middlewares return,
+    so its `body_length` is still 0 here; a streamed one has counted what it wrote."""
+    if isinstance(response, Streamed):
+        return response.sent
+    if isinstance(response, web.Response):
+        return response.content_length or 0
+    return response.body_length
 
 
 def build_app(
@@ -287,7 +303,9 @@ def build_app(
     @routes.post("/jobs/{job:[0-9]{1,18}}/complete")
     async def complete(request: web.Request) -> web.Response:
         body = await _body(request, CompleteRequest)
-        job = await run(flow.complete, _job_id(request), body.token, body.findings)
+        job = await run(
+            flow.complete, _job_id(request), body.token, body.findings, base_url(request)
+        )
         return _json(shown(job))
 
     @routes.post("/jobs/{job:[0-9]{1,18}}/fail")

@@ -166,7 +166,9 @@ def _qido(level: Level, scope: list[Schema], summary: str) -> Schema:
     keys = [
         _query(
             key,
-            f"Match {key} (PS3.4 C.2.2.2: single value, wildcards, ranges, UID lists).",
+            f"Match {key} (PS3.4 C.2.2.2: single value, wildcards, ranges; a list of"
+            " values separated by `,` or `\\` matches any of them, except on dates and"
+            " times).",
             _matching_value(ATTRIBUTES[key].vr),
         )
         for key in MATCHING_KEYS[level]
@@ -178,16 +180,17 @@ def _qido(level: Level, scope: list[Schema], summary: str) -> Schema:
             {"type": "string"},
         ),
         *_page("more than 1000 are cut to 1000, with a Warning", MAX_COUNT, MAX_COUNT),
-        _query(
-            "fuzzymatching",
-            "Not supported: literal matching is done, with a Warning.",
-            {"type": "boolean"},
+        *(
+            _query(name, "Not supported: ignored, with a Warning when true.", {"type": "boolean"})
+            for name in ("fuzzymatching", "emptyvaluematching", "multiplevaluematching")
         ),
     ]
     return {
         "get": {
             "tags": ["QIDO-RS"],
             "summary": summary,
+            "description": "Query parameters that are neither these nor attributes are"
+            " ignored, with a Warning (PS3.18 8.3.4).",
             "parameters": [*scope, *common, *keys],
             "responses": {
                 "200": _dicom_json(
@@ -346,7 +349,10 @@ def document() -> Schema:
         "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}": {
             "get": {
                 "tags": ["WADO-RS"],
-                "summary": "Frames of uncompressed pixel data (application/octet-stream parts).",
+                "summary": "Frames as stored: native pixel data as application/octet-stream"
+                " parts, compressed pixel data in its stored transfer syntax (image/jpeg,"
+                " image/jls, image/jp2, image/jpx, image/dicom-rle, image/jphc, or"
+                " application/octet-stream; transfer-syntax=*), named on each part.",
                 "parameters": [
                     *instance_scope,
                     _path(
@@ -356,7 +362,10 @@ def document() -> Schema:
                     ),
                 ],
                 "responses": {
-                    "200": _multipart("One part per frame, in the order asked."),
+                    "200": _multipart(
+                        "One part per frame, in the order asked; each part's Content-Type"
+                        " has its transfer-syntax."
+                    ),
                     **_problems(400, *AUTH_PROBLEMS, 404, 406),
                 },
             }

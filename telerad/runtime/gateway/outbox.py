@@ -38,13 +38,13 @@ SIGNATURE_HEADER = "Telerad-Signature"
 RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
 
 
-def plan(config: GatewayConfig, job: Job, public_url: str | None) -> list[NewDelivery]:
+def plan(config: GatewayConfig, job: Job, base_url: str) -> list[NewDelivery]:
     """Deliveries a completed job causes: an alert to each webhook whose lowest priority
     the job's study reaches, when a finding is critical and its rule notifies; its result
     to every destination."""
     out = []
     if job.critical and job.notify:
-        body = alert(config, job, public_url)
+        body = alert(config, job, base_url)
         out += [
             NewDelivery(DeliveryKind.ALERT, hook.name, body)
             for hook in config.notifications.webhooks
@@ -54,9 +54,12 @@ def plan(config: GatewayConfig, job: Job, public_url: str | None) -> list[NewDel
     return out
 
 
-def alert(config: GatewayConfig, job: Job, public_url: str | None) -> str:
-    """The webhook body: where to look and what was found; UIDs, never names or IDs."""
-    base = (public_url or "").rstrip("/")
+def alert(config: GatewayConfig, job: Job, base_url: str) -> str:
+    """The webhook body: where to look and what was found; UIDs, never names or IDs.
+    `study` is the study's WADO-RS URL (its QIDO-RS series list is `{study}/series`),
+    `worklist` the worklist's, both under `base_url`; a receiver fetches them with its
+    own token of the site's tenant."""
+    base = base_url.rstrip("/")
     return json.dumps(
         {
             "kind": "critical-finding",
@@ -66,8 +69,8 @@ def alert(config: GatewayConfig, job: Job, public_url: str | None) -> str:
             "model": job.model,
             "priority": Priority.STAT,
             "studyInstanceUID": job.study_uid,
-            "study": f"{base}/studies/{job.study_uid}" if base else None,
-            "worklist": f"{base}/worklist" if base else None,
+            "study": f"{base}/studies/{job.study_uid}",
+            "worklist": f"{base}/worklist",
             "findings": [f.model_dump(mode="json", by_alias=True) for f in job.findings],
         },
         separators=(",", ":"),

@@ -54,6 +54,8 @@ class Attribute:
 # What the catalog holds, by DICOM keyword: the QIDO-RS keys and return attributes of
 # PS3.18 table 10.6.3-3..5 that a study's data carries (plus body part, used in routing).
 ATTRIBUTES: Final[dict[str, Attribute]] = {
+    # That of the latest instance of the study, series or instance a result is.
+    "SpecificCharacterSet": Attribute(Level.STUDY, "CS", matchable=False),
     "StudyInstanceUID": Attribute(Level.STUDY, "UI"),
     "StudyDate": Attribute(Level.STUDY, "DA"),
     "StudyTime": Attribute(Level.STUDY, "TM"),
@@ -91,7 +93,8 @@ class Kind(StrEnum):
     WILDCARD = "wildcard"
     """`*` any run, `?` one character (case-insensitive for person names)."""
     ANY_OF = "any-of"
-    """Equal to one of the values (UID list matching)."""
+    """Matches one of the values, each exact or (on text) a wildcard: UID list matching,
+    and value lists of other attributes."""
     RANGE = "range"
     """Between two values, either open; compared on the bound's precision."""
 

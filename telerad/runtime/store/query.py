@@ -52,6 +52,14 @@ COLUMNS: dict[str, str] = {
     "BitsAllocated": "i.bits_allocated",
     "NumberOfFrames": "i.number_of_frames",
     "AvailableTransferSyntaxUID": "i.transfer_syntax",
+    "SpecificCharacterSet": "(SELECT c.specific_character_set FROM instances c"
+    " WHERE c.study_uid = s.study_uid ORDER BY c.received_at DESC LIMIT 1)",
+}
+# Attributes whose value depends on the level of the result.
+_AT_LEVEL: dict[tuple[str, Level], str] = {
+    ("SpecificCharacterSet", Level.SERIES): "(SELECT c.specific_character_set FROM instances c"
+    " WHERE c.series_uid = se.series_uid ORDER BY c.received_at DESC LIMIT 1)",
+    ("SpecificCharacterSet", Level.INSTANCE): "i.specific_character_set",
 }
 
 _FROM = {
@@ -98,8 +106,13 @@ def _condition(match: Match) -> tuple[str, list[Any]]:  # noqa: PLR0911  (one pe
     if attribute.vr in ("US",) or match.keyword in ("SeriesNumber", "InstanceNumber"):
         column = f"CAST({column} AS INTEGER)"
     if match.kind == Kind.ANY_OF:
+        if attribute.vr == "PN" or any("*" in v or "?" in v for v in match.values):
+            ors = [_condition(Match(match.keyword, _kind(v), (v,))) for v in match.values]
+            text = " OR ".join(f"({c})" for c, _ in ors)
+            return f"({text})", [a for _, args in ors for a in args]
         marks = ", ".join("?" for _ in match.values)
-        return f"{column} IN ({marks})", list(match.values)
+        cast = column.startswith("CAST(")
+        return f"{column} IN ({marks})", [int(v) if cast else v for v in match.values]
     if match.kind == Kind.RANGE:
         low, high = match.values
         parts, args = [], []
@@ -120,6 +133,10 @@ def _condition(match: Match) -> tuple[str, list[Any]]:  # noqa: PLR0911  (one pe
     return f"{column} = ?", [value]
 
 
+def _kind(value: str) -> Kind:
+    return Kind.WILDCARD if "*" in value or "?" in value else Kind.EXACT
+
+
 def build(search: Search) -> tuple[str, list[Any], list[str]]:
     """The statement, its arguments and the keywords of its result columns. One row more
     than the limit is asked for, to tell whether there are more."""
@@ -138,9 +155,10 @@ def build(search: Search) -> tuple[str, list[Any], list[str]]:
         condition, values = _condition(match)
         where.append(f"({condition})")
         args.extend(values)
+    columns = ", ".join(_AT_LEVEL.get((n, search.level), COLUMNS[n]) for n in names)
     # Only this module's constants are formatted in; every value is a parameter.
     sql = (
-        f"SELECT {', '.join(COLUMNS[n] for n in names)} FROM {_FROM[search.level]}"  # noqa: S608
+        f"SELECT {columns} FROM {_FROM[search.level]}"  # noqa: S608
         f" WHERE {' AND '.join(where)} ORDER BY {_ORDER[search.level]} LIMIT ? OFFSET ?"
     )
     return sql, [*args, search.limit + 1, search.offset], names

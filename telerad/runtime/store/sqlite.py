@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_ae TEXT NOT NULL, tier TEXT NOT NULL, path TEXT NOT NULL,
     size INTEGER NOT NULL, received_at REAL NOT NULL,
     rows INTEGER, columns INTEGER, bits_allocated INTEGER, number_of_frames TEXT,
+    specific_character_set TEXT,
     PRIMARY KEY (sop_uid, version)
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
@@ -115,6 +116,7 @@ ADDED_INSTANCE_COLUMNS = (
     ("bits_allocated", "INTEGER"),
     ("number_of_frames", "TEXT"),
     ("result_of", "INTEGER"),
+    ("specific_character_set", "TEXT"),
 )
 
 _JOB_COLUMNS = (
@@ -289,8 +291,9 @@ class SQLiteCatalog:
             db.execute(
                 "INSERT INTO instances (sop_uid, version, study_uid, series_uid, sop_class_uid,"
                 " transfer_syntax, instance_number, calling_ae, tier, path, size, received_at,"
-                " rows, columns, bits_allocated, number_of_frames, result_of)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " rows, columns, bits_allocated, number_of_frames, result_of,"
+                " specific_character_set)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     header.sop_instance_uid,
                     version,
@@ -309,6 +312,7 @@ class SQLiteCatalog:
                     header.integer("bits_allocated"),
                     v("number_of_frames"),
                     received.result_of,
+                    v("specific_character_set"),
                 ),
             )
         return Added(reopened=reopened)
