@@ -18,7 +18,7 @@ from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 from telerad import synthetic
 from telerad.api.config import CompiledRule
 from telerad.api.routing import Match
-from telerad.api.site import Completion
+from telerad.api.site import Completion, Destination, DicomWebPeer
 from telerad.api.types import Priority
 from telerad.runtime.gateway.example import CT_HEAD, example_config
 from telerad.runtime.results import sr
@@ -35,6 +35,7 @@ from .conftest import (
     with_alerts,
 )
 from .test_jobs import claim
+from .test_orthanc_dicomweb import OrthancFactory, orthanc_for  # noqa: F401
 from .test_worker import retrieve, uid
 
 QUIET_S = 8
@@ -83,9 +84,15 @@ def test_a_study_cut_by_a_crash_waits_a_fresh_quiet_window_after_the_restart(
 
 
 def test_a_study_read_again_gets_a_result_that_replaces_the_first(
-    start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
+    start_gateway: GatewayFactory,
+    start_worker: Any,
+    orthanc_for: OrthancFactory,  # noqa: F811
+    sink: Sink,
+    tmp_path: Path,
 ) -> None:
-    gateway = with_alerts(start_gateway, sink)
+    orthanc = orthanc_for(None, dicom=False)
+    pacs = Destination(name="pacs", dicomweb=DicomWebPeer(url=f"{orthanc.url}/dicom-web"))
+    gateway = with_alerts(start_gateway, sink, destinations=[pacs])
     start_worker(gateway)
     routine = list(synthetic.ct_series(n_slices=30, size=128, seed=21))
     study = str(routine[0].StudyInstanceUID)
@@ -126,6 +133,15 @@ def test_a_study_read_again_gets_a_result_that_replaces_the_first(
     gateway.wait_for(lambda: gateway.metric("telerad_gateway_deliveries_total", kind="alert") == 1)
     ((_, alert),) = sink.received
     assert alert["job"] == second["id"]
+    # The PACS gets each result once; the newer one names the one it replaces there too.
+    gateway.wait_for(
+        lambda: gateway.metric("telerad_gateway_outbox", kind="export", state="delivered") == 2
+    )
+    theirs = orthanc.files()
+    assert set(theirs) == {earlier.SOPInstanceUID, newer.SOPInstanceUID}
+    forwarded = pydicom.dcmread(io.BytesIO(theirs[newer.SOPInstanceUID]))
+    assert forwarded.PredecessorDocumentsSequence == newer.PredecessorDocumentsSequence
+    assert gateway.metric("telerad_gateway_outbox", kind="export") == 2
 
 
 def test_a_newer_result_without_a_finding_lowers_the_worklist_and_alerts_nothing(
@@ -137,7 +153,7 @@ def test_a_newer_result_without_a_finding_lowers_the_worklist_and_alerts_nothing
     assert send_datasets(gateway, datasets[:2]) == [0, 0]
     gateway.wait_for(lambda: len(jobs_of(gateway, study)) == 1)
     job = claim(gateway, CT_HEAD.name, "worker-a")
-    assert job is not None and job["replaces"] == []
+    assert job is not None
     complete(gateway, job, {"label": "hyperdensity", "score": 0.95, "critical": True})
     assert entry(gateway, study)["critical"] is True
     gateway.wait_for(lambda: len(sink.received) == 1)
@@ -146,7 +162,6 @@ def test_a_newer_result_without_a_finding_lowers_the_worklist_and_alerts_nothing
     gateway.wait_for(lambda: len(jobs_of(gateway, study)) == 2)
     again = claim(gateway, CT_HEAD.name, "worker-a")
     assert again is not None and again["id"] != job["id"]
-    assert again["replaces"] == []  # the first job stored no result to replace
     complete(gateway, again)
     assert entry(gateway, study)["critical"] is False
     assert entry(gateway, study)["priority"] == "stat"  # the rule's own priority
