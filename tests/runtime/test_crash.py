@@ -193,6 +193,9 @@ def test_kill_9_mid_move_to_warm_keeps_one_good_copy(
     )
     send_all(gateway, files)
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    # Complete before the stop: a study still receiving waits a fresh quiet window after
+    # a start, and only complete studies move.
+    gateway.wait_for(lambda: gateway.metric("telerad_gateway_studies_completed_total") == 1)
     gateway.stop()
     # Eight days old: past the site's seven days on the hot tier, inside its retention.
     with sqlite3.connect(gateway.hot / "catalog.sqlite") as db:
