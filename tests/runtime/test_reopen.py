@@ -168,6 +168,40 @@ def test_a_newer_result_without_a_finding_lowers_the_worklist_and_alerts_nothing
     assert [alert["job"] for _, alert in sink.received] == [job["id"]]
 
 
+def test_a_result_older_than_the_newest_alerts_nothing(
+    start_gateway: GatewayFactory, sink: Sink
+) -> None:
+    """The first job finishes last: the study was re-opened and read again meanwhile."""
+    gateway = with_alerts(start_gateway, sink)
+    datasets = list(synthetic.ct_series(n_slices=2, size=32, seed=54))
+    study = str(datasets[0].StudyInstanceUID)
+    assert send_datasets(gateway, datasets[:1]) == [0]
+    gateway.wait_for(lambda: len(jobs_of(gateway, study)) == 1)
+    slow = claim(gateway, CT_HEAD.name, "worker-a")
+    assert send_datasets(gateway, datasets[1:]) == [0]
+    gateway.wait_for(lambda: len(jobs_of(gateway, study)) == 2)
+    fast = claim(gateway, CT_HEAD.name, "worker-b")
+    assert slow is not None and fast is not None and fast["id"] > slow["id"]
+    complete(gateway, fast)
+    complete(gateway, slow, {"label": "hyperdensity", "score": 0.95, "critical": True})
+    assert entry(gateway, study)["critical"] is False
+    # A critical result on another study, after it: once its alert is in, any alert the
+    # outdated result had written would have been sent too.
+    (other,) = synthetic.ct_series(n_slices=1, size=32, seed=55)
+    assert send_datasets(gateway, [other]) == [0]
+    gateway.wait_for(lambda: len(jobs_of(gateway, str(other.StudyInstanceUID))) == 1)
+    sentinel = claim(gateway, CT_HEAD.name, "worker-a")
+    assert sentinel is not None
+    complete(gateway, sentinel, {"label": "hyperdensity", "score": 0.95, "critical": True})
+    gateway.wait_for(
+        lambda: (
+            bool(sink.received)
+            and gateway.metric("telerad_gateway_outbox", kind="alert", state="pending") == 0
+        )
+    )
+    assert [alert["job"] for _, alert in sink.received] == [sentinel["id"]]
+
+
 def reader_report(image: Dataset) -> bytes:
     """A Basic Text SR as a viewer saves it into the study it reports on."""
     ds = Dataset()
