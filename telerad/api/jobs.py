@@ -60,6 +60,15 @@ class Lease(ApiModel):
     expires_at: datetime
 
 
+class ResultRef(ApiModel):
+    """A stored result instance, as a later result names it (Predecessor Documents)."""
+
+    study_uid: DicomUID
+    series_uid: DicomUID
+    sop_uid: DicomUID
+    sop_class_uid: DicomUID
+
+
 class Job(ApiModel):
     """A study queued for one model."""
 
@@ -85,6 +94,10 @@ class Job(ApiModel):
     findings: list[Finding] = Field(default_factory=list)
     critical: bool = False
     """Some finding is critical under the worker's or the model's thresholds."""
+    replaces: list[ResultRef] = Field(default_factory=list)
+    """On a claim: the results of this model's newest earlier job on the study (it was
+    re-opened and read again), which this job's result replaces and must name as its
+    predecessors; in the UIDs the job sees (pseudonyms when it is de-identified)."""
 
 
 class ClaimRequest(ApiModel):

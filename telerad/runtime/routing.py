@@ -4,6 +4,7 @@ priority. Pure: the gateway calls it with what the catalog knows of the study.""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -67,6 +68,21 @@ def covers(model: ModelRoute, study: StudySummary) -> bool:
         )
         and (not use.sop_classes or not study.sop_classes.isdisjoint(use.sop_classes))
     )
+
+
+# SOP class families that readers and post-processing make about images, rather than
+# images: structured reports and key objects (88), presentation states (11),
+# segmentations and registrations (66), encapsulated documents (104).
+_NOT_IMAGES = tuple(f"1.2.840.10008.5.1.4.1.1.{family}." for family in ("88", "11", "66", "104"))
+
+
+def reopens_study(rules: Sequence[CompiledRule], sop_class_uid: str) -> bool:
+    """Whether an instance of this class, arriving in a completed study, makes the study
+    route again: an image does (a late or re-sent slice); a report, key object,
+    presentation state or segmentation saved from a viewer does only when some rule asks
+    for its class, or every report a reader saves would run the models again."""
+    is_image = not sop_class_uid.startswith(_NOT_IMAGES)
+    return is_image or any(sop_class_uid in rule.match.sop_classes for rule in rules)
 
 
 def route(rules: list[CompiledRule], study: StudySummary) -> Decision:

@@ -46,6 +46,7 @@ def test_reidentify_maps_every_pseudonym_back(tmp_path: Path) -> None:
     result = pydicom.Dataset()
     result.file_meta = pydicom.dataset.FileMetaDataset()
     result.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    result.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     result.SOPClassUID = pydicom.uid.Comprehensive3DSRStorage
     result.SOPInstanceUID = "2.25.1"
     result.StudyInstanceUID = copy.StudyInstanceUID
@@ -59,3 +60,23 @@ def test_reidentify_maps_every_pseudonym_back(tmp_path: Path) -> None:
     assert back.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == slices[1].SOPInstanceUID
     assert back.PatientName == slices[0].PatientName
     assert back.SOPInstanceUID == "2.25.1"  # the result's own UIDs are its own
+
+
+def test_an_earlier_result_is_named_as_the_de_identified_copy_names_it(tmp_path: Path) -> None:
+    """A job for a de-identified study names the result it replaces in pseudonyms: the
+    same ones its copy of the study carries, which re-identification maps back."""
+    deid = Deidentifier(tmp_path / "deid.key")
+    (earlier,) = synthetic.ct_series(n_slices=1, size=16, seed=43)
+    study = str(earlier.StudyInstanceUID)
+    copy = pydicom.dcmread(io.BytesIO(deid.deidentify(encode(earlier), study)))
+    keywords = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    named = deid.pseudonymize(study, {k: str(earlier[k].value) for k in keywords})
+    assert named == {k: str(copy[k].value) for k in keywords}
+    result = pydicom.Dataset()
+    result.file_meta = pydicom.dataset.FileMetaDataset()
+    result.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    result.SOPClassUID, result.SOPInstanceUID = earlier.SOPClassUID, pydicom.uid.generate_uid()
+    result.StudyInstanceUID = named["StudyInstanceUID"]
+    result.ReferencedSOPInstanceUID = named["SOPInstanceUID"]
+    back = pydicom.dcmread(io.BytesIO(deid.reidentifier([earlier], study)(encode(result))))
+    assert back.ReferencedSOPInstanceUID == earlier.SOPInstanceUID

@@ -8,7 +8,7 @@ from telerad.api.config import CompiledRule
 from telerad.api.routing import Match
 from telerad.api.types import Priority
 from telerad.runtime.gateway.example import CHEST_XRAY, CT_HEAD
-from telerad.runtime.routing import matches, route
+from telerad.runtime.routing import matches, reopens_study, route
 from telerad.runtime.store.catalog import StudySummary
 
 
@@ -84,3 +84,27 @@ def test_models_outside_their_intended_use_are_refused_and_third_party_deidentif
 def test_study_description_wildcards(pattern: str, description: str, expected: bool) -> None:
     match = Match(study_description=pattern)
     assert matches(match, summary(description=description)) is expected
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "reopens"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", True),  # CT Image
+        ("1.2.840.10008.5.1.4.1.1.77.1.6", True),  # VL Whole Slide Microscopy Image
+        ("1.2.840.10008.5.1.4.1.1.3.1", True),  # Ultrasound Multi-frame Image
+        ("1.2.840.10008.5.1.4.1.1.88.11", False),  # Basic Text SR
+        ("1.2.840.10008.5.1.4.1.1.88.34", False),  # Comprehensive 3D SR
+        ("1.2.840.10008.5.1.4.1.1.88.59", False),  # Key Object Selection
+        ("1.2.840.10008.5.1.4.1.1.11.1", False),  # Grayscale Softcopy Presentation State
+        ("1.2.840.10008.5.1.4.1.1.66.4", False),  # Segmentation
+        ("1.2.840.10008.5.1.4.1.1.104.1", False),  # Encapsulated PDF
+    ],
+)
+def test_what_a_reader_saves_reopens_a_study_only_when_a_rule_asks_for_it(
+    sop_class: str, reopens: bool
+) -> None:
+    assert reopens_study([], sop_class) is reopens
+    asks = CompiledRule(
+        policy="p", name="r", match=Match(sop_classes=[sop_class]), models=[CT_HEAD]
+    )
+    assert reopens_study([asks], sop_class) is True

@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from telerad.api.config import GatewayConfig
+from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.example import example_config
 from telerad.runtime.gateway.flow import DAY, Flow
 from telerad.runtime.gateway.ingest import Ingest, Status, file_meta
@@ -42,7 +43,8 @@ class Site:
         self.hot, self.warm = Tier(HOT, paths.hot_dir), Tier(WARM, paths.warm_dir)
         self.catalog = SQLiteCatalog(paths.hot_dir / "catalog.sqlite")
         self.metrics = GatewayMetrics("test")
-        self.flow = Flow(self.config, self.catalog, self.hot, self.warm, self.metrics)
+        deid = Deidentifier(paths.hot_dir / "deid.key")
+        self.flow = Flow(self.config, self.catalog, self.hot, self.warm, self.metrics, deid=deid)
         tiers = {HOT: self.hot, WARM: self.warm}
         self.ingest = Ingest(self.catalog, tiers, self.metrics, paths.min_free_bytes)
 

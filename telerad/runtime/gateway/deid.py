@@ -72,11 +72,17 @@ class Deidentifier:
 
     def pseudonym(self, study_uid: str) -> str:
         """The study's UID as its de-identified copy carries it."""
+        return self.pseudonymize(study_uid, {"StudyInstanceUID": study_uid})["StudyInstanceUID"]
+
+    def pseudonymize(self, study_uid: str, uids: dict[str, str]) -> dict[str, str]:
+        """UIDs of the study's instances (by keyword) as its de-identified copy carries
+        them: the same mapping, value by value, as `deidentify`."""
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
-        ds.StudyInstanceUID = study_uid
+        for keyword, uid in uids.items():
+            setattr(ds, keyword, uid)
         Anonymizer(seed=self.key(study_uid)).anonymize(ds)
-        return str(ds.StudyInstanceUID)
+        return {keyword: str(ds[keyword].value) for keyword in uids}
 
     def deidentify(self, part10: bytes, study_uid: str) -> bytes:
         return deidentify(part10, self.key(study_uid))

@@ -9,9 +9,10 @@ import time
 from pathlib import PurePosixPath
 
 from telerad.api.config import GatewayConfig, ModelRoute
-from telerad.api.jobs import Finding, Job
+from telerad.api.jobs import Finding, Job, ResultRef
 from telerad.runtime import phi
 from telerad.runtime.gateway import outbox
+from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.routing import route
 from telerad.runtime.store.catalog import HOT, WARM, Catalog, StudyFiles
@@ -29,8 +30,11 @@ class Flow:
         hot: Tier,
         warm: Tier | None,
         metrics: GatewayMetrics,
+        *,
+        deid: Deidentifier,
     ) -> None:
         self.config = config
+        self.deid = deid
         self.catalog = catalog
         self.hot = hot
         self.warm = warm
@@ -79,12 +83,43 @@ class Flow:
                 )
         return done
 
+    def resume(self, now: float) -> None:
+        """At start: every study still receiving waits a whole quiet window from now. Its
+        quiet time may have passed while the gateway was down, when its sender could not
+        send: completed at once, half a study would be routed and read."""
+        renewed = self.catalog.renew_quiet(now)
+        if renewed:
+            log.info("%d studies still receiving: their quiet time starts again", renewed)
+
     # -- jobs --------------------------------------------------------------------
     def claim(self, model: str, owner: str, lease_seconds: int) -> Job | None:
         job = self.catalog.claim(model, owner, lease_seconds, time.time())
-        if job is not None and job.attempts == 1:
+        if job is None:
+            return None
+        if job.attempts == 1:
             self.metrics.stage("queued", time.time() - job.created_at.timestamp())
-        return job
+        return job.model_copy(update={"replaces": self._replaced(job)})
+
+    def _replaced(self, job: Job) -> list[ResultRef]:
+        """What the job's result replaces, named as the job sees its study."""
+        refs = []
+        for result in self.catalog.replaced_results(job.id):
+            uids = {
+                "StudyInstanceUID": result.study_uid,
+                "SeriesInstanceUID": result.series_uid,
+                "SOPInstanceUID": result.sop_uid,
+            }
+            if job.deidentify:
+                uids = self.deid.pseudonymize(job.study_uid, uids)
+            refs.append(
+                ResultRef(
+                    study_uid=uids["StudyInstanceUID"],
+                    series_uid=uids["SeriesInstanceUID"],
+                    sop_uid=uids["SOPInstanceUID"],
+                    sop_class_uid=result.sop_class_uid,
+                )
+            )
+        return refs
 
     def extend(self, job_id: int, token: str, lease_seconds: int) -> Job:
         return self.catalog.extend(job_id, token, lease_seconds, time.time())

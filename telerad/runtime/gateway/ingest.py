@@ -8,13 +8,16 @@ import itertools
 import logging
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import PurePosixPath
 
+from telerad.api.config import CompiledRule
 from telerad.runtime import phi
 from telerad.runtime.dataset import Header, InvalidDataset, parse, valid_uid
 from telerad.runtime.gateway.metrics import GatewayMetrics
+from telerad.runtime.routing import reopens_study
 from telerad.runtime.store.catalog import HOT, Added, Catalog, Received
 from telerad.runtime.store.files import Tier, instance_path
 
@@ -54,8 +57,11 @@ class Ingest:
         tiers: dict[str, Tier],
         metrics: GatewayMetrics,
         min_free_bytes: int,
+        *,
+        rules: Sequence[CompiledRule] = (),
     ) -> None:
         self._catalog = catalog
+        self._rules = rules
         self._tiers = tiers
         self._hot = tiers[HOT]
         self._metrics = metrics
@@ -84,15 +90,17 @@ class Ingest:
             return self._refuse(
                 "wrong-study", Status.STUDY_MISMATCH, "Study Instance UID differs from the request"
             )
-        verdicts = {
-            v.version: self._compare(v.tier, PurePosixPath(v.path), data)
-            for v in self._catalog.versions(header.sop_instance_uid)
-        }
-        if True in verdicts.values():
+        versions = self._catalog.versions(header.sop_instance_uid)
+        # A re-send is compared with the current version only: sent A, B, then A again,
+        # A is current again (a third version), not a duplicate of the first.
+        if versions and self._compare(versions[-1].tier, PurePosixPath(versions[-1].path), data):
             return self._identical(started, header)  # the common re-send, not written again
         # Versions whose file is gone were never acknowledged; their numbers are free.
-        taken = {n for n, same in verdicts.items() if same is not None}
-        written = self._write(header, data, transfer_syntax, calling_ae, taken, result_of=result_of)
+        taken = {v.version for v in versions if self._present(v.tier, PurePosixPath(v.path))}
+        reopens = result_of is None and reopens_study(self._rules, header.sop_class_uid)
+        written = self._write(
+            header, data, transfer_syntax, calling_ae, taken, result_of=result_of, reopens=reopens
+        )
         if isinstance(written, Outcome):
             return written
         received, added = written
@@ -137,6 +145,7 @@ class Ingest:
         taken: set[int],
         *,
         result_of: int | None,
+        reopens: bool,
     ) -> tuple[Received, Added] | Outcome:
         """Write the file under the first free version, flush it, then catalogue it."""
         sop = header.sop_instance_uid
@@ -160,7 +169,13 @@ class Ingest:
             log.error("write failed: %s", exc.strerror)
             return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
         received = Received(
-            version, relative, staged.size, transfer_syntax, calling_ae, result_of=result_of
+            version,
+            relative,
+            staged.size,
+            transfer_syntax,
+            calling_ae,
+            result_of=result_of,
+            reopens=reopens,
         )
         try:
             added = self._catalog.add_instance(header, received, time.time())
@@ -199,16 +214,19 @@ class Ingest:
             "out-of-space", Status.OUT_OF_RESOURCES, f"data set of {size} bytes does not fit"
         )
 
-    def _compare(self, tier: str, path: PurePosixPath, data: bytes) -> bool | None:
-        """Whether a stored file holds exactly this data set (None: the file is missing).
+    def _compare(self, tier: str, path: PurePosixPath, data: bytes) -> bool:
+        """Whether a stored file holds exactly this data set (not when it is missing).
         Only re-sent SOP Instance UIDs get here, so nothing is hashed on the way in."""
         if tier not in self._tiers:
-            return None
+            return False
         try:
             stored = self._tiers[tier].read(path)
         except FileNotFoundError:
-            return None
+            return False
         return stored[meta_length(stored) :] == data
+
+    def _present(self, tier: str, path: PurePosixPath) -> bool:
+        return tier in self._tiers and self._tiers[tier].path(path).is_file()
 
     def _identical(self, started: float, header: Header) -> Outcome:
         self._metrics.duplicate("identical")

@@ -73,7 +73,9 @@ class Receiver:
         if config.storage.warm_dir is not None:
             tiers[WARM] = Tier(WARM, config.storage.warm_dir)
         catalog = SQLiteCatalog(config.storage.hot_dir / CATALOG_FILE)
-        ingest = Ingest(catalog, tiers, metrics, config.storage.min_free_bytes)
+        ingest = Ingest(
+            catalog, tiers, metrics, config.storage.min_free_bytes, rules=config.routing
+        )
         dimse = DimseServer(
             config,
             ingest,

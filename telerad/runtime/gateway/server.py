@@ -51,12 +51,17 @@ class Gateway:
         )
         self.dimse = self.receiver.dimse
         self.warm = Tier(WARM, storage.warm_dir) if storage.warm_dir else None
-        # A crash mid-store leaves temporaries in the hot tier; one mid-move, in the warm.
-        swept = sum(t.sweep_temporaries() for t in (self.hot, self.warm) if t is not None)
+        # A crash mid-store leaves temporaries in the hot tier, and files renamed but not
+        # catalogued; one mid-move, in the warm. No receiver runs yet: nothing is mid-store.
+        tiers = [t for t in (self.hot, self.warm) if t is not None]
+        swept = sum(t.sweep_temporaries() for t in tiers)
         if swept:
             log.info("removed %d unacknowledged partial files left by a crash", swept)
-        self.flow = Flow(config, self.catalog, self.hot, self.warm, self.metrics)
-        tiers = [t for t in (self.hot, self.warm) if t is not None]
+        swept = sum(t.sweep_uncatalogued(self.catalog.catalogued_paths) for t in tiers)
+        if swept:
+            log.warning("removed %d uncatalogued (unacknowledged) files left by a crash", swept)
+        self.deid = Deidentifier(storage.hot_dir / DEID_KEY_FILE)
+        self.flow = Flow(config, self.catalog, self.hot, self.warm, self.metrics, deid=self.deid)
         expires = _certificate_expiry(config)
         self.metrics.watch(
             self.catalog,
@@ -136,7 +141,7 @@ class Gateway:
                 self.catalog,
                 tiers,
                 self.receiver.ingest,
-                Deidentifier(self.config.storage.hot_dir / DEID_KEY_FILE),
+                self.deid,
             ),
             exporter=exporter,
             public_url=self.config.public_url,
@@ -151,6 +156,7 @@ class Gateway:
             ssl_context=tls_context(tls, http=True) if tls is not None else None,
         )
         await site.start()
+        await asyncio.to_thread(self.flow.resume, time.time())
         storage = self.config.storage
         self._tasks = [
             asyncio.create_task(self._every(COMPLETION_TICK_S, self.flow.complete_due)),

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
+from telerad.api.jobs import ResultRef
 from telerad.runtime.models.base import Code, Detection, Result
 
 SERIES_NUMBER = 9001
@@ -78,6 +79,16 @@ def _absent(
     )
 
 
+def _predecessor(ref: ResultRef) -> Dataset:
+    """What highdicom reads of a previous version: its four UIDs."""
+    ds = Dataset()
+    ds.StudyInstanceUID = ref.study_uid
+    ds.SeriesInstanceUID = ref.series_uid
+    ds.SOPInstanceUID = ref.sop_uid
+    ds.SOPClassUID = ref.sop_class_uid
+    return ds
+
+
 def build(
     result: Result,
     evidence: Sequence[Dataset],
@@ -85,9 +96,12 @@ def build(
     model: str,
     version: str,
     job_key: str,
+    replaces: Sequence[ResultRef] = (),
 ) -> Dataset:
     """The SR of `result`, referencing `evidence` (the source data sets, pixel data not
-    needed). Its UIDs derive from `job_key`, so a retried job stores the same instance."""
+    needed). Its UIDs derive from `job_key`, so a retried job stores the same instance.
+    `replaces`: earlier results of the model on the study, which this one supersedes
+    (Predecessor Documents Sequence, PS3.3 C.17.2)."""
     if not evidence:
         raise ValueError("an SR needs at least one source image")
     algorithm = hd.sr.AlgorithmIdentification(
@@ -125,6 +139,7 @@ def build(
         manufacturer=MANUFACTURER,
         is_complete=True,
         series_description=f"AI {model} {version} - NOT FOR CLINICAL USE"[:64],
+        previous_versions=[_predecessor(ref) for ref in replaces] or None,
     )
     sr.SoftwareVersions = version
     sr.ManufacturerModelName = model[:64]

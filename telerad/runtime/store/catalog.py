@@ -149,8 +149,11 @@ class Received:
     transfer_syntax: str
     calling_ae: str
     result_of: int | None = None
-    """The job whose result this is (stored under its lease): it does not re-open the
-    study, and it is what the job's deliveries send."""
+    """The job whose result this is (stored under its lease): it is what the job's
+    deliveries send, and it does not re-open the study."""
+    reopens: bool = True
+    """Arriving in a completed study, it makes the study route again (False for a job's
+    result and for objects no rule routes on, such as a reader's report)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +255,12 @@ class Catalog(Protocol):
         """Every stored version of an instance, oldest first."""
 
     def add_instance(self, header: Header, received: Received, now: float) -> Added:
-        """Catalogue a durably written instance under the version its file took."""
+        """Catalogue a durably written instance under the version its file took. A later
+        version of an instance is a correction: its study, patient and series attributes
+        replace those the catalog had (a job's result corrects nothing)."""
+
+    def catalogued_paths(self, tier: str, study_uid: str) -> set[str]:
+        """Paths of the study's instance files (every version) catalogued on `tier`."""
 
     def search(self, search: Search) -> SearchResult:
         """Studies, series or instances (their latest versions) that every match fits, in
@@ -267,6 +275,10 @@ class Catalog(Protocol):
     # -- completion ------------------------------------------------------------
     def due_studies(self, quiet_before: float) -> list[str]:
         """Receiving studies quiet since `quiet_before`, or that reached their expected count."""
+
+    def renew_quiet(self, now: float) -> int:
+        """Give every study still receiving a fresh quiet window from `now` (at start: the
+        time a gateway was down is not quiet, its senders could not send); returns how many."""
 
     def summary(self, study_uid: str) -> StudySummary: ...
 
@@ -294,7 +306,10 @@ class Catalog(Protocol):
         *,
         deliveries: Sequence[NewDelivery] = (),
     ) -> Job:
-        """Done, with the deliveries it causes put in the outbox in the same transaction."""
+        """Done, with the deliveries it causes put in the outbox in the same transaction,
+        unless a newer job of the model on the study is done already: an outdated result
+        alerts and exports nothing. The study's worklist priority and critical flag follow
+        the newest job of each model (the newest done one for the critical flag)."""
 
     def fail_job(
         self, job_id: int, token: str, reason: str, retry_at: float | None, now: float
@@ -328,6 +343,10 @@ class Catalog(Protocol):
 
     def results(self, job_id: int) -> list[Located]:
         """The instances stored as the job's result."""
+
+    def replaced_results(self, job_id: int) -> list[Located]:
+        """The results this job's result replaces: those of the newest earlier done job of
+        its model on its study (a study re-opened and routed again)."""
 
     # -- outbox ----------------------------------------------------------------
     def due_deliveries(self, now: float, limit: int) -> list[Delivery]:

@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -173,6 +173,23 @@ class Tier:
         for tmp in studies.rglob(f".*{_TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
             removed += 1
+        return removed
+
+    def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]]) -> int:
+        """Remove instance files that no catalog row names (`catalogued(tier, study)`: the
+        paths it holds). A crash between a file's rename and its catalog commit leaves
+        one: never acknowledged, it must not become data, and it must not occupy the path
+        its re-send takes. Only safe while nothing stores into this tier (at start)."""
+        removed = 0
+        studies = self.root / STUDIES
+        if not studies.exists():
+            return 0
+        for study in studies.iterdir():
+            known = catalogued(self.name, study.name)
+            for file in study.rglob("*.dcm"):
+                if file.relative_to(self.root).as_posix() not in known:
+                    file.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
     def _ensure_dir(self, directory: Path) -> None:

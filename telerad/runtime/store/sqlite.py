@@ -119,11 +119,26 @@ ADDED_INSTANCE_COLUMNS = (
     ("specific_character_set", "TEXT"),
 )
 
+# Header names of the studies columns study_date .. referring_physician, in order.
+_STUDY_KEYS = (
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_id",
+    "study_description",
+    "referring_physician",
+)
+
 _JOB_COLUMNS = (
     "id, study_uid, model, priority, state, attempts, max_attempts, rule, deidentify, notify,"
     " created_at, updated_at, not_before, lease_owner, lease_token, lease_expires, reason,"
     " findings, critical"
 )
+
+
+def _study_values(header: Header) -> tuple[str | None, ...]:
+    """The study attributes the catalog indexes, in its column order."""
+    return tuple(header.get(k) for k in _STUDY_KEYS)
 
 
 def _time(value: float | None) -> datetime | None:
@@ -198,13 +213,13 @@ class SQLiteCatalog:
 
     def add_instance(self, header: Header, received: Received, now: float) -> Added:
         v = header.get
+        sop = header.sop_instance_uid
         patient_key = f"{v('patient_id') or ''}\x1f{v('patient_name') or ''}"
         expected = header.integer("study_related_instances")
         with self._write() as db:
             version = received.version
             if db.execute(
-                "SELECT 1 FROM instances WHERE sop_uid = ? AND version = ?",
-                (header.sop_instance_uid, version),
+                "SELECT 1 FROM instances WHERE sop_uid = ? AND version = ?", (sop, version)
             ).fetchone():
                 db.execute(
                     "UPDATE instances SET tier = ?, path = ?, size = ?, transfer_syntax = ?,"
@@ -216,69 +231,63 @@ class SQLiteCatalog:
                         received.transfer_syntax,
                         received.calling_ae,
                         now,
-                        header.sop_instance_uid,
+                        sop,
                         version,
                     ),
                 )
                 return Added(restored=True)
-            db.execute(
-                "INSERT INTO patients (patient_key, patient_id, patient_name, birth_date, sex)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (
-                    patient_key,
-                    v("patient_id"),
-                    v("patient_name"),
-                    v("patient_birth_date"),
-                    v("patient_sex"),
-                ),
-            )
+            # An instance counts once in its study, whatever its versions: the study's
+            # count and its series' (distinct instances) agree.
+            first = db.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (sop,)).fetchone()
+            new = int(first is None)
+            # A later version is a correction: what it carries replaces what queries see
+            # (a job's result describes no study, and never corrects one).
+            corrects = not new and received.result_of is None
+            self._index_patient(db, patient_key, header, corrects=corrects)
             row = db.execute(
-                "SELECT state FROM studies WHERE study_uid = ?", (header.study_uid,)
+                "SELECT state, patient_key FROM studies WHERE study_uid = ?", (header.study_uid,)
             ).fetchone()
-            # A job's result belongs to the study without making it new again.
-            result = received.result_of is not None
-            reopened = row is not None and row[0] == "complete" and not result
+            reopened = row is not None and row[0] == "complete" and received.reopens
             if row is None:
                 db.execute(
                     "INSERT INTO studies (study_uid, patient_key, study_date, study_time,"
                     " accession_number, study_id, description, referring_physician,"
                     " expected_instances, instance_count, first_received, last_received)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
-                    (
-                        header.study_uid,
-                        patient_key,
-                        v("study_date"),
-                        v("study_time"),
-                        v("accession_number"),
-                        v("study_id"),
-                        v("study_description"),
-                        v("referring_physician"),
-                        expected,
-                        now,
-                        now,
-                    ),
+                    (header.study_uid, patient_key, *_study_values(header), expected, now, now),
                 )
-            elif result:
-                db.execute(
-                    "UPDATE studies SET instance_count = instance_count + ? WHERE study_uid = ?",
-                    (1 if version == 1 else 0, header.study_uid),
-                )
-            else:
+            elif received.reopens:
                 db.execute(
                     "UPDATE studies SET instance_count = instance_count + ?,"
                     " last_received = ?, expected_instances = COALESCE(?, expected_instances),"
                     " state = 'receiving', round = round + ? WHERE study_uid = ?",
-                    (
-                        1 if version == 1 else 0,
-                        now,
-                        expected,
-                        1 if reopened else 0,
-                        header.study_uid,
-                    ),
+                    (new, now, expected, int(reopened), header.study_uid),
                 )
+            else:
+                # It belongs to the study without making it new again.
+                db.execute(
+                    "UPDATE studies SET instance_count = instance_count + ? WHERE study_uid = ?",
+                    (new, header.study_uid),
+                )
+            if row is not None and corrects:
+                db.execute(
+                    "UPDATE studies SET patient_key = ?, study_date = ?, study_time = ?,"
+                    " accession_number = ?, study_id = ?, description = ?,"
+                    " referring_physician = ? WHERE study_uid = ?",
+                    (patient_key, *_study_values(header), header.study_uid),
+                )
+                if row[1] != patient_key:
+                    db.execute(
+                        "DELETE FROM patients WHERE patient_key = ? AND NOT EXISTS"
+                        " (SELECT 1 FROM studies WHERE patient_key = ?)",
+                        (row[1], row[1]),
+                    )
             db.execute(
                 "INSERT INTO series (series_uid, study_uid, modality, body_part, series_number,"
-                " description) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                " description) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (series_uid) DO UPDATE"
+                " SET modality = excluded.modality, body_part = excluded.body_part,"
+                " series_number = excluded.series_number, description = excluded.description"
+                " WHERE ?",
                 (
                     header.series_uid,
                     header.study_uid,
@@ -286,6 +295,7 @@ class SQLiteCatalog:
                     (v("body_part") or "").upper() or None,
                     v("series_number"),
                     v("series_description"),
+                    corrects,
                 ),
             )
             db.execute(
@@ -295,7 +305,7 @@ class SQLiteCatalog:
                 " specific_character_set)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    header.sop_instance_uid,
+                    sop,
                     version,
                     header.study_uid,
                     header.series_uid,
@@ -317,6 +327,25 @@ class SQLiteCatalog:
             )
         return Added(reopened=reopened)
 
+    @staticmethod
+    def _index_patient(
+        db: sqlite3.Connection, patient_key: str, header: Header, *, corrects: bool
+    ) -> None:
+        v = header.get
+        db.execute(
+            "INSERT INTO patients (patient_key, patient_id, patient_name, birth_date, sex)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_key) DO UPDATE"
+            " SET birth_date = excluded.birth_date, sex = excluded.sex WHERE ?",
+            (
+                patient_key,
+                v("patient_id"),
+                v("patient_name"),
+                v("patient_birth_date"),
+                v("patient_sex"),
+                corrects,
+            ),
+        )
+
     def search(self, search: Search) -> SearchResult:
         sql, args, names = query.build(search)
         rows = self._read(sql, tuple(args))
@@ -324,6 +353,12 @@ class SQLiteCatalog:
             rows=[dict(zip(names, row, strict=True)) for row in rows[: search.limit]],
             more=len(rows) > search.limit,
         )
+
+    def catalogued_paths(self, tier: str, study_uid: str) -> set[str]:
+        rows = self._read(
+            "SELECT path FROM instances WHERE study_uid = ? AND tier = ?", (study_uid, tier)
+        )
+        return {r[0] for r in rows}
 
     def locate(
         self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
@@ -349,6 +384,14 @@ class SQLiteCatalog:
             (quiet_before,),
         )
         return [r[0] for r in rows]
+
+    def renew_quiet(self, now: float) -> int:
+        with self._write() as db:
+            return db.execute(
+                "UPDATE studies SET last_received = ? WHERE state = 'receiving' AND"
+                " deleting = 0 AND last_received < ?",
+                (now, now),
+            ).rowcount
 
     def summary(self, study_uid: str) -> StudySummary:
         with self._lock:
@@ -383,7 +426,7 @@ class SQLiteCatalog:
     ) -> Completion | None:
         with self._write() as db:
             row = db.execute(
-                "SELECT round, state, first_received, priority FROM studies WHERE study_uid = ?",
+                "SELECT round, state, first_received FROM studies WHERE study_uid = ?",
                 (study_uid,),
             ).fetchone()
             if row is None or row[0] != round_ or row[1] != "receiving":
@@ -417,14 +460,11 @@ class SQLiteCatalog:
                     ),
                 )
                 ids.append(cursor.lastrowid)
-            ranks = [PRIORITY_RANK[j.priority] for j in jobs]
-            if row[3] is not None:
-                ranks.append(row[3])
             db.execute(
-                "UPDATE studies SET state = 'complete', completed_at = ?, priority = ?"
-                " WHERE study_uid = ?",
-                (now, min(ranks) if ranks else None, study_uid),
+                "UPDATE studies SET state = 'complete', completed_at = ? WHERE study_uid = ?",
+                (now, study_uid),
             )
+            self._rank(db, study_uid)
             created = [self._job(db, i) for i in ids if i is not None]
         return Completion(jobs=created, first_received=row[2])
 
@@ -503,14 +543,14 @@ class SQLiteCatalog:
                     job_id,
                 ),
             )
-            if critical:
-                db.execute(
-                    "UPDATE studies SET critical = 1, priority = ? WHERE study_uid ="
-                    " (SELECT study_uid FROM jobs WHERE id = ?)",
-                    (PRIORITY_RANK[Priority.STAT], job_id),
-                )
-            study_uid = db.execute("SELECT study_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            for d in deliveries:
+            study_uid, newer = db.execute(
+                "SELECT j.study_uid, EXISTS (SELECT 1 FROM jobs n WHERE n.study_uid ="
+                " j.study_uid AND n.model = j.model AND n.state = 'done' AND n.id > j.id)"
+                " FROM jobs j WHERE j.id = ?",
+                (job_id,),
+            ).fetchone()
+            self._rank(db, study_uid)
+            for d in () if newer else deliveries:
                 db.execute(
                     "INSERT INTO outbox (kind, target, key, job_id, study_uid, payload,"
                     " next_attempt, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -519,13 +559,32 @@ class SQLiteCatalog:
                         d.target,
                         f"{self.instance_id}-{job_id}-{d.kind}-{d.target}",
                         job_id,
-                        study_uid[0],
+                        study_uid,
                         d.payload,
                         now,
                         now,
                     ),
                 )
             return self._job(db, job_id)
+
+    @staticmethod
+    def _rank(db: sqlite3.Connection, study_uid: str) -> None:
+        """The study's worklist priority and critical flag, from the newest job of each of
+        its models: the most urgent of their priorities, stat when the newest done one of
+        some model found something critical (a re-read that finds nothing lowers it)."""
+        rank, critical = db.execute(
+            "SELECT (SELECT MIN(priority) FROM jobs WHERE id IN"
+            " (SELECT MAX(id) FROM jobs WHERE study_uid = ?1 GROUP BY model)),"
+            " (SELECT MAX(critical) FROM jobs WHERE id IN"
+            " (SELECT MAX(id) FROM jobs WHERE study_uid = ?1 AND state = 'done' GROUP BY model))",
+            (study_uid,),
+        ).fetchone()
+        if critical:
+            rank = PRIORITY_RANK[Priority.STAT]
+        db.execute(
+            "UPDATE studies SET priority = ?, critical = ? WHERE study_uid = ?",
+            (rank, int(bool(critical)), study_uid),
+        )
 
     def fail_job(
         self, job_id: int, token: str, reason: str, retry_at: float | None, now: float
@@ -559,6 +618,15 @@ class SQLiteCatalog:
             (job_id,),
         )
         return [Located(*row) for row in rows]
+
+    def replaced_results(self, job_id: int) -> list[Located]:
+        row = self._read(
+            "SELECT MAX(e.id) FROM jobs e JOIN jobs j ON j.id = ? WHERE e.study_uid ="
+            " j.study_uid AND e.model = j.model AND e.state = 'done' AND e.id < j.id",
+            (job_id,),
+        )
+        earlier = row[0][0] if row else None
+        return [] if earlier is None else self.results(earlier)
 
     # -- outbox ----------------------------------------------------------------
     def due_deliveries(self, now: float, limit: int) -> list[Delivery]:

@@ -237,6 +237,7 @@ class Worker:
                     model=self.model.name,
                     version=self.model.version,
                     job_key=f"{gateway.site}/{job.id}/{job.study_uid}",
+                    replaces=job.replaces,
                 )
             ),
         )
