@@ -11,7 +11,7 @@ import click
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from telerad import __version__
+from telerad import __version__, logs
 from telerad.api.base import ApiModel
 from telerad.api.crd import KINDS
 
@@ -105,6 +105,7 @@ def operator(log_format: str, verbose: bool, **options: object) -> None:
     given = {k: v for k, v in options.items() if v not in (None, ())}
     settings = OperatorSettings(**given)  # type: ignore[arg-type]
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat[log_format.upper()])
+    logs.one_line_handlers()
     kopf.run(
         registry=handlers.build(settings),
         standalone=True,
@@ -131,10 +132,7 @@ def _load(model: type[Config], config_file: Path | None, verbose: bool) -> Confi
         raise click.ClickException(f"{config_file}: {exc}") from None
     except yaml.YAMLError as exc:
         raise click.ClickException(f"{config_file}: not YAML: {exc}") from None
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(logging.DEBUG if verbose else logging.INFO)
     return config
 
 

@@ -51,6 +51,25 @@ class StoragePaths(ApiModel):
     """How often the hot -> warm -> deleted pass runs."""
 
 
+class DimseTimeouts(ApiModel):
+    """How long a DICOM peer may keep the receiver waiting. Each bound frees what a slow or
+    silent peer holds (a connection, an association slot, the association's thread): a
+    timeout per read alone lets a peer that sends a byte now and then hold them for ever."""
+
+    associate_seconds: float = Field(default=30, gt=0, le=3600)
+    """From the TCP accept to the last byte of the A-ASSOCIATE-RQ, the TLS handshake
+    included: one deadline for the whole request, however its bytes trickle in."""
+    message_seconds: float = Field(default=30, gt=0, le=3600)
+    """How long one DIMSE message (or a PDU between messages) may keep the receiver waiting
+    for its bytes, besides the time its bytes earn at `minBytesPerSecond`. Only time spent
+    waiting on the peer counts, never the receiver's own (writing to disk)."""
+    min_bytes_per_second: int = Field(default=1024, ge=1, le=1 << 30)
+    """The slowest a message may arrive once `messageSeconds` are spent: far below any real
+    link (a large data set over a slow line earns its time), it cuts trickles."""
+    idle_seconds: float = Field(default=120, gt=0, le=86400)
+    """How long an association may be silent between messages before it is aborted."""
+
+
 class JobPolicy(ApiModel):
     """Retries of failed jobs."""
 
@@ -130,6 +149,8 @@ class GatewayConfig(ApiModel):
     """When a study is complete."""
     dimse: Dimse = Field(default_factory=Dimse)
     """Receiver limits."""
+    dimse_timeouts: DimseTimeouts = Field(default_factory=DimseTimeouts)
+    """Deadlines of DICOM peers: for the association request, each message, and silence."""
     jobs: JobPolicy = Field(default_factory=JobPolicy)
     """Retries of failed jobs."""
     receivers: int | None = Field(default=None, ge=1, le=64)

@@ -1,5 +1,6 @@
 """The DICOM receiver: the upper layer of PS3.8 for an acceptor that does C-ECHO and
-C-STORE, one thread per association reading blocking sockets.
+C-STORE: connections wait in the lobby (lobby.py) until their A-ASSOCIATE-RQ is whole,
+then each association that may proceed gets a thread reading its blocking socket.
 
 pynetdicom does the parts it is good at here: decoding the A-ASSOCIATE-RQ, negotiating
 presentation contexts (unrestricted storage: every storage SOP class, retired and private
@@ -12,8 +13,11 @@ sender encoded it, and answers with a few bytes built directly.
 - Every accepted socket gets TCP_NODELAY, and TCP_QUICKACK before each read: senders that
   leave Nagle's algorithm on would otherwise wait for our delayed ACK on every C-STORE
   and crawl at about 22 instances/s.
-- TLS handshakes run in the connection's thread, never in the accept loop; a failed
-  handshake (a plain connection to a TLS port, an unknown client certificate) is a refusal.
+- TLS handshakes run in the lobby without blocking; a failed handshake (a plain
+  connection to a TLS port, an unknown client certificate) is a refusal.
+- Every wait on a peer is bounded (`dimseTimeouts`): the request by one deadline from the
+  accept, each message by a minimum rate after a grace, silence between messages by the
+  idle time. A peer trickling bytes holds a slot for seconds, not for ever.
 - Callers are checked before anything else is negotiated: calling AE title and source
   network from the allow-list, then the called AE title, then the association limit, each
   refused with its A-ASSOCIATE-RJ reason (PS3.8 9.3.4).
@@ -45,7 +49,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from telerad.api.config import GatewayConfig, TLSFiles
+from telerad.api.config import DimseTimeouts, GatewayConfig, TLSFiles
 from telerad.runtime.gateway.access import Audit
 from telerad.runtime.gateway.ingest import (
     IMPLEMENTATION_CLASS_UID,
@@ -53,6 +57,7 @@ from telerad.runtime.gateway.ingest import (
     Ingest,
     Status,
 )
+from telerad.runtime.gateway.lobby import Lobby
 from telerad.runtime.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,7 @@ REJECT_CALLING: Final = (0x01, 0x01, 0x03)
 REJECT_CALLED: Final = (0x01, 0x01, 0x07)
 REJECT_BUSY: Final = (0x02, 0x03, 0x02)
 # A-ABORT sources and reasons, PS3.8 9.3.8.
+ABORT_NOT_SPECIFIED: Final = 0x00
 ABORT_UNEXPECTED_PDU: Final = 0x02
 ABORT_INVALID_PARAMETER: Final = 0x06
 ABORT_UNRECOGNIZED_PDU: Final = 0x01
@@ -73,10 +79,6 @@ NO_DATA_SET: Final = 0x0101
 UNRECOGNIZED_OPERATION: Final = 0x0211
 # The A-ASSOCIATE-RQ comes before any maximum is agreed; real ones are a few KB.
 ASSOCIATE_RQ_LIMIT: Final = 1 << 16
-HANDSHAKE_TIMEOUT_S: Final = 10.0
-ACCEPT_POLL_S: Final = 0.5
-REQUEST_TIMEOUT_S: Final = 30.0
-IDLE_TIMEOUT_S: Final = 120.0
 
 
 class PeerGone(Exception):
@@ -184,26 +186,27 @@ class DimseServer:
     @staticmethod
     def listen(config: GatewayConfig) -> socket.socket:
         """The site's listening socket, shared by every receiver process: each one's
-        accept loop polls it, and whichever is free first takes the next connection."""
+        lobby waits on it, and whichever is free first takes the next connection."""
         family = socket.AF_INET6 if ":" in config.bind_address else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((config.bind_address, config.dicom_port))
         listener.listen(256)
-        # Non-blocking (the flag is shared by every process holding the socket) with a
-        # timeout: a process that loses the race for a connection goes back to waiting,
-        # and a stopping one notices within the timeout.
-        listener.settimeout(ACCEPT_POLL_S)
         return listener
 
     def start(self, listener: socket.socket) -> None:
-        # The socket a receiver process is handed has no Python timeout, while the file it
-        # shares is non-blocking: without one its accept would fail at once, over and over.
-        listener.settimeout(ACCEPT_POLL_S)
+        # Non-blocking (the flag is shared by every process holding the socket): a
+        # process that loses the race for a connection goes back to waiting.
+        listener.setblocking(False)
         self._listener = listener
-        self._thread = threading.Thread(
-            target=self._accept, args=(listener,), name="dimse-accept", daemon=True
+        lobby = Lobby(
+            listener,
+            functools.partial(Association, self),
+            tls=self.tls,
+            deadline_s=self.config.dimse_timeouts.associate_seconds,
+            running=lambda: self._listener is listener,
         )
+        self._thread = threading.Thread(target=lobby.run, name="dimse-accept", daemon=True)
         self._thread.start()
 
     def stop(self, grace_s: float) -> None:
@@ -223,59 +226,45 @@ class DimseServer:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-    def _accept(self, listener: socket.socket) -> None:
-        while self._listener is listener:
-            try:
-                sock, address = listener.accept()
-            except (TimeoutError, BlockingIOError, InterruptedError, ConnectionAbortedError):
-                # Every receiver process waits on the one socket and all wake for each
-                # connection; those that lose the race get EAGAIN and must keep accepting.
-                continue
-            except OSError as exc:
-                if self._listener is listener:
-                    log.error("accepting DICOM connections failed: %s", exc)
-                return
-            threading.Thread(
-                target=self._serve, args=(sock, address[0]), name="dimse-assoc", daemon=True
-            ).start()
-
-    def _serve(self, sock: socket.socket, address: str) -> None:
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        started = time.monotonic()
-        association = Association(self, sock, address)
+    def hand_over(self, association: Association) -> bool:
+        """Start the thread of an admitted association; False when none can be started
+        (a process or cgroup limit): that one is refused, the port goes on."""
+        with self._lock:
+            self._active.add(association.sock)
         try:
-            if self.tls is not None:
-                association.outcome = "tls-handshake"
-                sock = association.sock = self._handshake(sock, address)
-                association.outcome = "open"
+            threading.Thread(
+                target=self._serve, args=(association,), name="dimse-assoc", daemon=True
+            ).start()
+        except RuntimeError as exc:  # "can't start new thread"
             with self._lock:
-                self._active.add(sock)
+                self._active.discard(association.sock)
+            log.error("no thread for the association from %s: %s", association.address, exc)
+            return False
+        return True
+
+    def _serve(self, association: Association) -> None:
+        sock = association.sock
+        try:
             association.run()
         except PeerGone:
             pass  # the peer left or was cut off; the outcome is counted where it happened
         except Exception:
             association.outcome = "error"
-            log.exception("association from %s failed", address)
+            log.exception("association from %s failed", association.address)
         finally:
-            if association.slotted:
-                self.slots.give()
             with self._lock:
                 self._active.discard(sock)
             with contextlib.suppress(OSError):
                 sock.close()
-            if self.audit is not None:
-                self.audit.write(association.record(time.monotonic() - started))
+            self.ended(association)
 
-    def _handshake(self, sock: socket.socket, address: str) -> socket.socket:
-        assert self.tls is not None  # noqa: S101
-        sock.settimeout(HANDSHAKE_TIMEOUT_S)
-        try:
-            return self.tls.wrap_socket(sock, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            self.metrics.rejection("tls-handshake")
-            log.warning("TLS handshake with %s failed: %s", address, exc)
-            raise PeerGone from None
+    def ended(self, association: Association) -> None:
+        """Its slot back, its audit record written: once per connection, wherever it ended."""
+        if association.slotted:
+            association.slotted = False
+            self.slots.give()
+        if self.audit is not None:
+            self.audit.write(association.record(time.monotonic() - association.started))
 
     def admits(self, calling: str, address: str) -> bool:
         try:
@@ -299,11 +288,41 @@ class _Message:
     size: int = 0
 
 
+class _Pace:
+    """The time a message may still keep the receiver waiting: `message_seconds`, plus
+    what its bytes earn at `min_bytes_per_second`, less the time already spent waiting
+    for them. Restarted at each message; only waits on the peer are counted."""
+
+    def __init__(self, timeouts: DimseTimeouts) -> None:
+        self.grace = timeouts.message_seconds
+        self.rate = timeouts.min_bytes_per_second
+        self.restart()
+
+    def restart(self) -> None:
+        self.waited = 0.0
+        self.received = 0
+
+    def left(self) -> float:
+        return self.grace + self.received / self.rate - self.waited
+
+    def spend(self, seconds: float, received: int) -> None:
+        self.waited += seconds
+        self.received += received
+
+
 class Association:
+    """One connection from its accept: its request is read and judged in the lobby, then
+    an admitted association is served on a thread of its own."""
+
     def __init__(self, server: DimseServer, sock: socket.socket, address: str) -> None:
         self.server = server
         self.sock = sock
         self.address = address
+        self.started = time.monotonic()
+        self.timeouts = server.config.dimse_timeouts
+        self.pace = _Pace(self.timeouts)
+        self.answer = b""
+        """The A-ASSOCIATE-AC, once the request is admitted."""
         self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
         self.calling = ""
         self.limit = ASSOCIATE_RQ_LIMIT
@@ -329,37 +348,84 @@ class Association:
             "ms": round(seconds * 1000, 1),
         }
 
+    # -- in the lobby (lobby.Guest) ----------------------------------------------
+    def header(self, kind: int, length: int) -> bytes | None:
+        return self.oversized(length) if length > self.limit else None
+
+    def request(self, kind: int, body: bytes) -> bytes | None:
+        if kind != ASSOCIATE_RQ:
+            self.outcome = "unexpected-pdu"
+            return _abort(ABORT_UNEXPECTED_PDU)
+        return self.negotiate(body)
+
+    def left(self, why: str | None) -> None:
+        if why is not None:
+            self.outcome = why
+            if why in ("associate-timeout", "tls-handshake"):
+                self.server.metrics.rejection(why)
+        self.server.ended(self)
+
     # -- reading ---------------------------------------------------------------
-    def read_pdu(self) -> tuple[int, memoryview]:
-        header = self._read(6)
+    def read_pdu(self, *, idle: bool = False) -> tuple[int, memoryview]:
+        """The next PDU; `idle`: between messages, so the wait for its first byte is
+        bounded by the idle time, not by the message's pace."""
+        header = self._read(6, idle=idle)
         kind, _, length = struct.unpack(">BBI", header)
         if length > self.limit:
-            self.outcome = "oversized-pdu"
-            self.server.metrics.rejection("oversized-pdu")
-            log.warning(
-                "PDU of %d bytes from %s, over our maximum %d", length, self.address, self.limit
-            )
-            self.send(_abort(ABORT_INVALID_PARAMETER))
+            self.send(self.oversized(length))
             raise PeerGone
         return kind, memoryview(self._read(length))
 
-    def _read(self, n: int) -> bytearray:
+    def oversized(self, length: int) -> bytes:
+        self.outcome = "oversized-pdu"
+        self.server.metrics.rejection("oversized-pdu")
+        log.warning(
+            "PDU of %d bytes from %s, over our maximum %d", length, self.address, self.limit
+        )
+        return _abort(ABORT_INVALID_PARAMETER)
+
+    def _read(self, n: int, *, idle: bool = False) -> bytearray:
         buffer = bytearray(n)
         view = memoryview(buffer)
         got = 0
         while got < n:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            waiting = idle and not got
+            timeout = self.timeouts.idle_seconds if waiting else self.pace.left()
+            if timeout <= 0:
+                self.too_slow()
+            self.sock.settimeout(timeout)
+            began = time.monotonic()
             try:
                 count = self.sock.recv_into(view[got:], n - got)
-            except (OSError, TimeoutError):
+            except TimeoutError:
+                if waiting:
+                    raise PeerGone from None  # silent for the idle time: aborted
+                self.too_slow()
+            except OSError:
                 raise PeerGone from None
             if not count:
                 raise PeerGone
+            self.pace.spend(0.0 if waiting else time.monotonic() - began, count)
             got += count
         return buffer
 
+    def too_slow(self) -> NoReturn:
+        log.warning(
+            "association from %s (%s) aborted: its message came slower than %d bytes/s",
+            self.calling,
+            self.address,
+            self.timeouts.min_bytes_per_second,
+        )
+        self.outcome = "too-slow"
+        self.server.metrics.rejection("too-slow")
+        self.send(_abort(ABORT_NOT_SPECIFIED))
+        raise PeerGone
+
     def send(self, data: bytes) -> None:
+        # A peer that reads none of our answers fills the buffers and blocks us, too.
+        self.sock.settimeout(self.timeouts.message_seconds)
         try:
             self.sock.sendall(data)
         except OSError:
@@ -367,24 +433,21 @@ class Association:
 
     # -- the association -------------------------------------------------------
     def run(self) -> None:
-        self.sock.settimeout(REQUEST_TIMEOUT_S)
-        kind, body = self.read_pdu()
-        if kind != ASSOCIATE_RQ:
-            self.outcome = "unexpected-pdu"
-            self.send(_abort(ABORT_UNEXPECTED_PDU))
-            return
-        if not self.negotiate(bytes(body)):
-            return
+        """Serve the admitted association on its own thread: the A-ASSOCIATE-AC, then
+        its messages until it is released or aborted."""
+        self.send(self.answer)
+        self.limit = self.server.config.dimse.max_pdu_length
         self.server.metrics.association("accepted")
         self.outcome = "aborted"  # until released
-        self.sock.settimeout(IDLE_TIMEOUT_S)
         try:
             self.serve()
         except PeerGone:
             self.server.metrics.association("aborted")
             raise
 
-    def negotiate(self, body: bytes) -> bool:
+    def negotiate(self, body: bytes) -> bytes | None:
+        """Judge the request: None once admitted (holding a slot, with a thread to serve
+        it), or the refusal to send."""
         request = A_ASSOCIATE_RQ()
         try:
             request.decode(_pdu(ASSOCIATE_RQ, body))
@@ -402,18 +465,23 @@ class Association:
             return self.reject("unknown-caller", REJECT_CALLING)
         if called != server.config.ae_title.strip():
             return self.reject("wrong-called-ae", REJECT_CALLED)
+        return self.admit(primitive)
+
+    def admit(self, primitive: A_ASSOCIATE) -> bytes | None:
+        """A slot and a thread for a caller that passed the checks, or its refusal."""
+        server = self.server
         if not server.slots.take():
             return self.reject("too-many-associations", REJECT_BUSY)
         self.slotted = True
         try:
-            answer = self.accept(primitive)
+            self.answer = self.accept(primitive)
         except Exception:
             # So does a presentation context without an abstract syntax, which
             # pynetdicom's negotiation trips on: malformed too.
             return self.malformed()
-        self.send(answer)
-        self.limit = server.config.dimse.max_pdu_length
-        return True
+        if not server.hand_over(self):
+            return self.reject("no-thread", REJECT_BUSY)
+        return None
 
     def accept(self, request: A_ASSOCIATE) -> bytes:
         """The A-ASSOCIATE-AC for a request: every storage context it proposes, with the
@@ -444,28 +512,25 @@ class Association:
         pdu.from_primitive(accept)
         return bytes(pdu.encode())
 
-    def malformed(self) -> bool:
+    def malformed(self) -> bytes:
         self.outcome = "malformed-pdu"
         self.server.metrics.rejection("malformed-pdu")
-        self.send(_abort(ABORT_INVALID_PARAMETER))
-        return False
+        return _abort(ABORT_INVALID_PARAMETER)
 
-    def reject(self, reason: str, rsd: tuple[int, int, int]) -> bool:
+    def reject(self, reason: str, rsd: tuple[int, int, int]) -> bytes:
         log.warning("association from %s (%s) rejected: %s", self.calling, self.address, reason)
         self.outcome = f"rejected:{reason}"
         self.server.metrics.rejection(reason)
         self.server.metrics.association("rejected")
-        self.send(_reject(*rsd))
-        # Let the peer read the reject before the connection goes.
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
-            self.sock.settimeout(2)
-            self.sock.recv(1)
-        return False
+        return _reject(*rsd)
 
     def serve(self) -> None:
         while True:
-            kind, body = self.read_pdu()
+            # At a message boundary the next one's pace starts afresh.
+            between = not self.command and self.message is None
+            if between:
+                self.pace.restart()
+            kind, body = self.read_pdu(idle=between)
             if kind == RELEASE_RQ:
                 self.send(_pdu(RELEASE_RP, bytes(4)))
                 self.server.metrics.association("released")

@@ -24,6 +24,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+from telerad import logs
 from telerad.api.config import GatewayConfig
 from telerad.runtime.gateway.access import AUDIT_DIR, Audit
 from telerad.runtime.gateway.dimse import DimseServer, Slots
@@ -102,9 +103,7 @@ def _child(spec: _Spec, listener: socket.socket, slots: Slots, ready: Event) -> 
     libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
     if os.getppid() != spec.parent:
         return  # the gateway died while this process was starting: nothing to serve
-    logging.basicConfig(
-        level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-    )
+    logs.setup(spec.log_level, "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     config = GatewayConfig.model_validate(spec.config)
     receiver = Receiver.build(config, GatewayMetrics(config.site), slots)
     stop = threading.Event()
