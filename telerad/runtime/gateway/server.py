@@ -117,6 +117,7 @@ class Gateway:
                 Deidentifier(self.config.storage.hot_dir / DEID_KEY_FILE),
             ),
             exporter=exporter,
+            limits=self.config.http,
             public_url=self.config.public_url,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
