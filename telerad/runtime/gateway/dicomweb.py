@@ -61,10 +61,12 @@ class _Received:
     meta: stow.Part10
 
 
-async def _discard(received: list[_Received | stow.Refused]) -> None:
+def _discard(received: list[_Received | stow.Refused]) -> None:
+    """Drop the files of parts received (a few system calls each, so done at once, also
+    when the request is being cancelled)."""
     for part in received:
         if isinstance(part, _Received):
-            await asyncio.to_thread(part.incoming.discard)
+            part.incoming.discard()
 
 
 def _malformed(request: web.Request, exc: Exception, parts: int, *, inside: bool) -> str:
@@ -181,12 +183,18 @@ class DicomWeb:
         base = _base(request)
         client = str(request.get("client") or "DICOMWEB")[:16]
         received = await self._receive(request, client, restore)
-        outcomes = [
-            r
-            if isinstance(r, stow.Refused)
-            else await asyncio.to_thread(self._ingest, r, study, base, job)
-            for r in received
-        ]
+        outcomes: list[stow.Outcome] = []
+        try:
+            for r in received:
+                outcomes.append(
+                    r
+                    if isinstance(r, stow.Refused)
+                    else await asyncio.to_thread(self._ingest, r, study, base, job)
+                )
+        finally:
+            # A client gone meanwhile: the part in flight finishes in its thread (which
+            # leaves nothing behind either way); those after it are dropped.
+            _discard(received[len(outcomes) + 1 :])
         status, body = stow.response(outcomes, f"{base}/studies/{study}" if study else None)
         request["audit"] = {
             **request.get("audit", {}),
@@ -213,11 +221,11 @@ class DicomWeb:
                     received.append(await self._receive_part(part, client, restore))
                 inside = False
         except (ValueError, HttpProcessingError) as exc:
-            await _discard(received)
+            _discard(received)
             detail = _malformed(request, exc, len(received), inside=inside)
             raise DicomWebError(400, "Bad request", detail, close=True) from None
         except BaseException:
-            await _discard(received)
+            _discard(received)
             raise
         if not received:
             raise DicomWebError(400, "Bad request", "the request has no parts")
@@ -276,7 +284,7 @@ class DicomWeb:
             while chunk := await part.read_chunk(CHUNK):
                 await asyncio.to_thread(incoming.write, chunk)
         except BaseException:
-            await asyncio.to_thread(incoming.discard)
+            incoming.discard()  # at once, not in a thread: this may be a cancellation
             raise
         return _Received(incoming, meta)
 
