@@ -82,3 +82,12 @@ def test_a_data_set_past_the_room_is_dropped_as_it_comes(site: Site) -> None:
     outcome = site.ingest.finish(incoming)
     assert outcome.status == Status.OUT_OF_RESOURCES
     assert outcome.comment == "data set of 1200 bytes does not fit"
+
+
+def test_what_a_crash_leaves_in_the_incoming_directory_is_swept(site: Site) -> None:
+    incoming = site.ingest.begin(EXPLICIT, CT_CLASS, generate_uid(), "X")
+    incoming.write(b"\0" * 1000)  # then the process dies: nobody finishes it
+    assert len(incoming_files(site)) == 1
+    assert site.hot.sweep_temporaries() == 1
+    assert incoming_files(site) == []
+    incoming.discard()  # closes its descriptor; the file is gone already
