@@ -124,6 +124,17 @@ class CompiledRule(ApiModel):
     """Send critical findings to the site's webhooks."""
 
 
+class HttpLimits(ApiModel):
+    """How long the HTTP port waits for what a client announced."""
+
+    body_timeout_seconds: float = Field(default=30, gt=0, le=3600)
+    """A request body that brings fewer than `minBodyBytesPerSecond` times this many bytes
+    in any window this long is cut off (408, connection closed): a client that announces a
+    large body and stops sending holds its connection no longer."""
+    min_body_bytes_per_second: int = Field(default=1024, ge=1, le=1 << 30)
+    """The slowest body accepted, averaged over each window."""
+
+
 class GatewayConfig(ApiModel):
     """Everything a site gateway needs; rendered by the operator into the site's ConfigMap."""
 
@@ -174,6 +185,8 @@ class GatewayConfig(ApiModel):
     """Critical-finding webhooks."""
     delivery: DeliveryPolicy = Field(default_factory=DeliveryPolicy)
     """Retries of webhooks and result forwarding."""
+    http: HttpLimits = Field(default_factory=HttpLimits)
+    """Deadlines of request bodies on the HTTP port."""
 
 
 class GatewayEndpoint(ApiModel):

@@ -9,9 +9,11 @@ QIDO need. Anything else is an `InvalidDataset` naming what was wrong and where.
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -103,35 +105,64 @@ class Header:
             return None
 
 
-def parse(data: bytes, transfer_syntax: str) -> Header:
-    """Check the whole encoded data set and return its header; raise `InvalidDataset`."""
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+"""An encoded data set: in memory, or a file mapped into it (only the pages walked over
+become resident, so a 2 GiB pixel data element costs nothing)."""
+
+
+def parse(data: Buffer, transfer_syntax: str) -> Header:
+    """Check the whole encoded data set and return its header; raise `InvalidDataset`.
+    A deflated one is inflated in memory: `inflate` it to a file first where it may be
+    large."""
     if transfer_syntax == DEFLATED_LE:
-        data = _inflate(data)
+        out = bytearray()
+        inflate(data, out.extend)
+        data, transfer_syntax = out, EXPLICIT_LE
     walker = _Walker(data, little=transfer_syntax != EXPLICIT_BE)
     found: dict[int, tuple[str, bytes]] = {}
-    end = walker.elements(0, len(data), transfer_syntax == IMPLICIT_LE, 0, found)
-    if end != len(data):
+    end = walker.elements(0, len(walker.buf), transfer_syntax == IMPLICIT_LE, 0, found)
+    if end != len(walker.buf):
         raise InvalidDataset(f"trailing bytes after the data set at offset {end}")
     return _header(found, little=transfer_syntax != EXPLICIT_BE)
 
 
-def _inflate(data: bytes) -> bytes:
+def inflate(data: Buffer, sink: Callable[[bytes], object], piece: int = 1 << 20) -> None:
+    """Inflate a deflated data set (raw deflate, PS3.5 A.5) into `sink`, `piece` bytes of
+    input at a time and never past `_MAX_INFLATED` of output."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    view = memoryview(data)
+    total = 0
     try:
-        out = inflater.decompress(data, _MAX_INFLATED)
+        for start in range(0, len(view), piece):
+            pending = view[start : start + piece]
+            while pending:
+                out = inflater.decompress(pending, piece)
+                total += len(out)
+                if total > _MAX_INFLATED:
+                    raise InvalidDataset("deflated data set inflates past the size limit")
+                sink(out)
+                pending = memoryview(inflater.unconsumed_tail)
+                if inflater.eof:
+                    break
+            if inflater.eof:
+                break
+        if not inflater.eof:
+            # What is still inside the inflater without more input.
+            while out := inflater.decompress(b"", piece):
+                total += len(out)
+                if total > _MAX_INFLATED:
+                    raise InvalidDataset("deflated data set inflates past the size limit")
+                sink(out)
     except zlib.error as exc:
         raise InvalidDataset(f"deflated data set does not inflate: {exc}") from None
-    if inflater.unconsumed_tail:
-        raise InvalidDataset("deflated data set inflates past the size limit")
     if not inflater.eof:
         raise InvalidDataset("deflated data set is truncated")
-    return out
 
 
 class _Walker:
     """One pass over an encoded data set, sequences and items included."""
 
-    def __init__(self, data: bytes, *, little: bool) -> None:
+    def __init__(self, data: Buffer, *, little: bool) -> None:
         self.buf = memoryview(data)
         self.tag_fmt, self.u32 = ("<HH", "<I") if little else (">HH", ">I")
         self.u16 = self.u32.replace("I", "H")

@@ -28,6 +28,10 @@ class InvalidPart(ValueError):
     """The part is not a DICOM Part 10 file; the message says where it went wrong."""
 
 
+class _Short(InvalidPart):
+    """The part ends inside its file meta, or right after it."""
+
+
 class Reason(IntEnum):
     """FailureReason and WarningReason values (PS3.18 10.5.3, borrowed from PS3.4 B.2.3)."""
 
@@ -80,15 +84,27 @@ def refused(reason: Reason, comment: str, sop_class: str = "", sop_instance: str
     return Refused(sop_class, sop_instance, reason, comment)
 
 
-def split(part: bytes | bytearray | memoryview) -> Part10:
-    """The file meta of a Part 10 file (PS3.10 7.1) and where its data set starts.
+def split(part: bytes | bytearray | memoryview, *, whole: bool = True) -> Part10:
+    """The file meta of a Part 10 file (PS3.10 7.1) and where its data set starts; `part`
+    may be only its first bytes (not `whole`), as long as they hold the file meta.
 
     The group 0002 elements themselves say where the meta ends, so a group length left
     stale by a tool that edited the meta does not matter. It decides only for a deflated
     data set, whose first bytes are not a tag."""
+    try:
+        return _split(part)
+    except _Short:
+        if whole:
+            raise
+        raise InvalidPart(
+            f"the file meta does not end within the first {len(part)} bytes of the part"
+        ) from None
+
+
+def _split(part: bytes | bytearray | memoryview) -> Part10:
     size = len(part)
     if size < _META:
-        raise InvalidPart(
+        raise _Short(
             f"the part has {size} bytes, fewer than the 128-byte preamble and DICM prefix"
             " of a DICOM Part 10 file"
         )
@@ -99,7 +115,7 @@ def split(part: bytes | bytearray | memoryview) -> Part10:
         )
     end, group_end, found = _walk(part)
     if group_end is not None and group_end > size:
-        raise InvalidPart(
+        raise _Short(
             f"the file meta runs past the end of the part: its group length says it ends at"
             f" offset {group_end}, the part has {size} bytes"
         )
@@ -109,7 +125,7 @@ def split(part: bytes | bytearray | memoryview) -> Part10:
             f" at offset {end}; with a deflated data set only the group length can tell"
         )
     if size - end < _HEADER:
-        raise InvalidPart(
+        raise _Short(
             f"the part ends at offset {size}, {size - end} bytes after its file meta:"
             " it has no data set"
         )
@@ -133,7 +149,7 @@ def _walk(
         element, start, length = _element_header(part, pos)
         end = start + length
         if end > len(part):
-            raise InvalidPart(
+            raise _Short(
                 f"file meta element (0002,{element:04X}) at offset {pos} runs past the end"
                 f" of the part ({length} bytes from offset {start}, the part has {len(part)})"
             )
@@ -156,7 +172,7 @@ def _required(found: dict[int, tuple[str, int]], element: int, end: int) -> str:
 
 
 def _truncated(pos: int, header: int, size: int) -> InvalidPart:
-    return InvalidPart(
+    return _Short(
         f"file meta element at offset {pos} runs past the end of the part"
         f" (its header alone has {header} bytes, the part has {size})"
     )

@@ -13,17 +13,19 @@ import io
 import json
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from pydicom import dcmread
 
 from telerad.api.jobs import JOB_HEADER, LEASE_NOT_HELD, Job
 from telerad.runtime.dataset import valid_uid
 from telerad.runtime.dicomweb import media, multipart, qido, stow, wado
 from telerad.runtime.gateway.deid import Deidentifier
-from telerad.runtime.gateway.ingest import Ingest, Status
+from telerad.runtime.gateway.ingest import Incoming, Ingest, Status
 from telerad.runtime.store.catalog import Catalog, LeaseLost, Located, UnknownJob
 from telerad.runtime.store.files import Tier
 
@@ -33,6 +35,12 @@ DICOM_JSON = "application/dicom+json"
 PUBLIC_URL = web.AppKey("public_url", str)
 CHUNK = 1 << 20
 SMALL_FILE = 8 << 20
+HEAD = 1 << 20
+"""What of a STOW part is read into memory before its file meta is known: real ones are
+a few hundred bytes."""
+RESULT_LIMIT = 256 << 20
+"""Largest result of a de-identified job (an SR, a SEG) that is re-identified: pydicom
+reads it whole, so it is bounded; larger ones are refused (out of resources)."""
 # A top-level tag, or a path through sequence items: 00880200/0/7FE00010.
 BULK_PATH = r"[0-9A-Fa-f]{8}(?:/[0-9]+/[0-9A-Fa-f]{8})*"
 # Ingest's refusals as STOW-RS failure reasons (the same codes: PS3.18 borrows PS3.4's).
@@ -56,10 +64,48 @@ class Streamed(web.StreamResponse):
         await super().write(data)
 
 
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A STOW part received whole: its data set on disk, and the file meta it came with."""
+
+    incoming: Incoming
+    meta: stow.Part10
+
+
+def _discard(received: list[_Received | stow.Refused]) -> None:
+    """Drop the files of parts received (a few system calls each, so done at once, also
+    when the request is being cancelled)."""
+    for part in received:
+        if isinstance(part, _Received):
+            part.incoming.discard()
+
+
+def _malformed(request: web.Request, exc: Exception, parts: int, *, inside: bool) -> str:
+    """What was wrong with a multipart body, and where."""
+    if not request.content.total_bytes:
+        return "the body is empty: STOW-RS takes one part per instance"
+    text = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+    if isinstance(exc, LineTooLong):
+        what = f"a part header line is longer than {request.protocol.max_field_size} bytes"
+    elif text.startswith("Could not find starting boundary"):
+        boundary = multipart.parse_related(request.headers.get("Content-Type", ""))[0]
+        what = f"the boundary its Content-Type names is not in it: no line --{boundary}"
+    elif "after EOF" in text or "did not read all" in text:
+        what = "it ends inside a part, without the closing boundary"
+    else:
+        # aiohttp's words; what the client sent is quoted in them: cut short and cleaned.
+        what = _printable(text)[:200]
+    where = f"in part {parts + 1}" if inside else f"at the start of part {parts + 1}"
+    kept = f"; the {parts} part(s) before it are not stored either" if parts else ""
+    return f"the multipart/related body is malformed {where}: {what}{kept}"
+
+
 class DicomWebError(Exception):
-    def __init__(self, status: int, title: str, detail: str) -> None:
+    def __init__(self, status: int, title: str, detail: str, *, close: bool = False) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail = status, title, detail
+        self.close = close
+        """Whether the connection is closed after the answer (what follows is not a request)."""
 
 
 def _not_found(what: str) -> DicomWebError:
@@ -126,6 +172,8 @@ class DicomWeb:
 
     # -- STOW-RS ----------------------------------------------------------------
     async def store(self, request: web.Request) -> web.Response:
+        """Every part is written to the hot tier as it arrives; the instances are checked
+        and stored once the body has ended well. A malformed body stores nothing (400)."""
         study = request.match_info.get("study")
         if study is not None and not valid_uid(study):
             raise DicomWebError(400, "Bad request", "the study in the URL is not a valid UID")
@@ -145,19 +193,19 @@ class DicomWeb:
             )
         base = base_url(request)
         client = str(request.get("client") or "DICOMWEB")[:16]
-        reader = await request.multipart()
+        received = await self._receive(request, client, restore)
         outcomes: list[stow.Outcome] = []
-        while True:
-            part = await reader.next()
-            if part is None:
-                break
-            if not isinstance(part, BodyPartReader):
-                # A nested multipart is not an instance; drain it and say so.
-                outcomes.append(stow.refused(stow.Reason.CANNOT_UNDERSTAND, "nested multipart"))
-                continue
-            outcomes.append(await self._store_part(part, study, client, base, job, restore))
-        if not outcomes:
-            raise DicomWebError(400, "Bad request", "the request has no parts")
+        try:
+            for r in received:
+                outcomes.append(
+                    r
+                    if isinstance(r, stow.Refused)
+                    else await asyncio.to_thread(self._ingest, r, study, base, job)
+                )
+        finally:
+            # A client gone meanwhile: the part in flight finishes in its thread (which
+            # leaves nothing behind either way); those after it are dropped.
+            _discard(received[len(outcomes) + 1 :])
         status, body = stow.response(outcomes, f"{base}/studies/{study}" if study else None)
         request["audit"] = {
             **request.get("audit", {}),
@@ -165,6 +213,34 @@ class DicomWeb:
             "failed": sum(not isinstance(o, stow.Stored) for o in outcomes),
         }
         return _json(body, DICOM_JSON, status)
+
+    async def _receive(
+        self, request: web.Request, client: str, restore: Callable[[bytes], bytes] | None
+    ) -> list[_Received | stow.Refused]:
+        """Every part of the body, written to disk (or refused as it came); nothing of a
+        malformed body stays."""
+        received: list[_Received | stow.Refused] = []
+        inside = False
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                inside = True
+                if not isinstance(part, BodyPartReader):
+                    # A nested multipart is not an instance; drain it and say so.
+                    received.append(stow.refused(stow.Reason.CANNOT_UNDERSTAND, "nested multipart"))
+                else:
+                    received.append(await self._receive_part(part, client, restore))
+                inside = False
+        except (ValueError, HttpProcessingError) as exc:
+            _discard(received)
+            detail = _malformed(request, exc, len(received), inside=inside)
+            raise DicomWebError(400, "Bad request", detail, close=True) from None
+        except BaseException:
+            _discard(received)
+            raise
+        if not received:
+            raise DicomWebError(400, "Bad request", "the request has no parts")
+        return received
 
     def _reidentifier(self, study_uid: str) -> Callable[[bytes], bytes]:
         """What turns a result made from the de-identified copy back into one of the study."""
@@ -176,58 +252,62 @@ class DicomWeb:
             raise _not_found("study")
         return self.deid.reidentifier(headers, study_uid)
 
-    async def _store_part(  # noqa: PLR0917  (the part, and where it came from)
-        self,
-        part: BodyPartReader,
-        study: str | None,
-        client: str,
-        base: str,
-        job: Job | None,
-        restore: Callable[[bytes], bytes] | None,
-    ) -> stow.Outcome:
+    async def _receive_part(
+        self, part: BodyPartReader, client: str, restore: Callable[[bytes], bytes] | None
+    ) -> _Received | stow.Refused:
+        """A part read to its end: its data set on disk behind the file meta it announced,
+        or why it is refused. Only the file meta is held in memory (and a result to
+        re-identify, which pydicom must read whole)."""
         kind = part.headers.get("Content-Type", "application/dicom").split(";")[0].strip()
-        room = self.ingest.room()
-        data = bytearray()
-        size = 0
-        while chunk := await part.read_chunk(CHUNK):
-            size += len(chunk)
-            if size <= room:
-                data += chunk
         if kind.lower() != "application/dicom":
+            await part.release()
             return stow.refused(stow.Reason.CANNOT_UNDERSTAND, f"part of type {kind!r}")
-        if size > room:
-            await asyncio.to_thread(self.ingest.too_large, size)
-            return stow.refused(stow.Reason.OUT_OF_RESOURCES, "no room for the instance")
+        limit = RESULT_LIMIT if restore is not None else HEAD
+        head = bytearray()
+        while len(head) < limit and (chunk := await part.read_chunk(CHUNK)):
+            head += chunk
+        whole = part.at_eof()
         if restore is not None:
+            if not whole:
+                await part.release()
+                return stow.refused(
+                    stow.Reason.OUT_OF_RESOURCES, f"a result over {RESULT_LIMIT} bytes"
+                )
             try:
-                data = bytearray(await asyncio.to_thread(restore, bytes(data)))
+                head = bytearray(await asyncio.to_thread(restore, bytes(head)))
             except Exception as exc:
                 return stow.refused(stow.Reason.CANNOT_UNDERSTAND, f"not readable: {exc}"[:64])
         try:
-            meta = stow.split(data)
+            meta = stow.split(head, whole=whole)
         except stow.InvalidPart as exc:
+            await part.release()
             return stow.refused(stow.Reason.CANNOT_UNDERSTAND, str(exc))
-        payload = bytes(memoryview(data)[meta.offset :])
-        return await asyncio.to_thread(self._ingest, payload, meta, study, client, base, job)
-
-    def _ingest(  # noqa: PLR0917  (the part, and where it came from)
-        self,
-        payload: bytes,
-        meta: stow.Part10,
-        study: str | None,
-        client: str,
-        base: str,
-        job: Job | None,
-    ) -> stow.Outcome:
-        # A result of a de-identified job is stored under the original study (it was
-        # re-identified), and the answer names the study as its sender knows it.
-        original = job.study_uid if job is not None else study
-        outcome = self.ingest.store(
-            payload,
+        incoming = await asyncio.to_thread(
+            self.ingest.begin,
             meta.transfer_syntax,
             meta.sop_class_uid,
             meta.sop_instance_uid,
             client,
+        )
+        try:
+            await asyncio.to_thread(incoming.write, memoryview(head)[meta.offset :])
+            del head
+            while chunk := await part.read_chunk(CHUNK):
+                await asyncio.to_thread(incoming.write, chunk)
+        except BaseException:
+            incoming.discard()  # at once, not in a thread: this may be a cancellation
+            raise
+        return _Received(incoming, meta)
+
+    def _ingest(
+        self, received: _Received, study: str | None, base: str, job: Job | None
+    ) -> stow.Outcome:
+        # A result of a de-identified job is stored under the original study (it was
+        # re-identified), and the answer names the study as its sender knows it.
+        original = job.study_uid if job is not None else study
+        meta = received.meta
+        outcome = self.ingest.finish(
+            received.incoming,
             study_uid=original,
             result_of=job.id if job is not None else None,
         )
@@ -421,8 +501,13 @@ async def _parts(request: web.Request, parts: list[bytes], part_type: str) -> we
 def _warning(text: str) -> str:
     """A `Warning: 299` value; what a client sent may be echoed in it, so anything but
     printable ASCII is replaced and the quoted string is escaped."""
-    clean = re.sub(r"[^\x20-\x7e]", "?", text).replace("\\", "\\\\").replace('"', '\\"')
+    clean = _printable(text).replace("\\", "\\\\").replace('"', '\\"')
     return f'299 telerad "{clean}"'
+
+
+def _printable(text: str) -> str:
+    """What a client sent, fit to echo: anything but printable ASCII replaced."""
+    return re.sub(r"[^\x20-\x7e]", "?", text)
 
 
 def _json(body: Any, content_type: str, status: int = 200) -> web.Response:

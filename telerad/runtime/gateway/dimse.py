@@ -35,7 +35,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES
@@ -54,6 +54,7 @@ from telerad.runtime.gateway.access import Audit
 from telerad.runtime.gateway.ingest import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
+    Incoming,
     Ingest,
     Status,
 )
@@ -79,6 +80,11 @@ NO_DATA_SET: Final = 0x0101
 UNRECOGNIZED_OPERATION: Final = 0x0211
 # The A-ASSOCIATE-RQ comes before any maximum is agreed; real ones are a few KB.
 ASSOCIATE_RQ_LIMIT: Final = 1 << 16
+# A command set is a few elements (a C-STORE-RQ is about 200 bytes, its longest values
+# UIDs of 64 and an AE title of 16); the largest in PS3.7, an N-GET's list of attribute
+# tags, stays within a few KB. A sender past 64 KiB is not sending a command: it is
+# filling our memory, fragment after fragment, and is aborted.
+COMMAND_SET_LIMIT: Final = 1 << 16
 
 
 class PeerGone(Exception):
@@ -278,14 +284,12 @@ class DimseServer:
 
 @dataclass
 class _Message:
-    """A DIMSE message being received: its command, then its data set fragments."""
+    """A DIMSE message being received: its command, then its data set, written to the
+    hot tier fragment by fragment as it comes."""
 
     context_id: int
     command: dict[int, bytes]
-    room: int = 0
-    """Bytes of data set it may bring; past them its fragments are dropped as they come."""
-    fragments: list[bytes] = field(default_factory=list)
-    size: int = 0
+    incoming: Incoming | None = None
 
 
 class _Pace:
@@ -327,6 +331,7 @@ class Association:
         self.calling = ""
         self.limit = ASSOCIATE_RQ_LIMIT
         self.command: list[bytes] = []
+        self.command_size = 0
         self.message: _Message | None = None
         self.outcome = "open"
         """How it ended, for the audit log: released, aborted, rejected:<reason>, ..."""
@@ -525,6 +530,14 @@ class Association:
         return _reject(*rsd)
 
     def serve(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # An association that ends mid-data-set leaves nothing of it on disk.
+            if self.message is not None and self.message.incoming is not None:
+                self.message.incoming.discard()
+
+    def _serve(self) -> None:
         while True:
             # At a message boundary the next one's pace starts afresh.
             between = not self.command and self.message is None
@@ -563,33 +576,39 @@ class Association:
     def receive(self, context_id: int, control: int, fragment: bytes) -> None:
         last = bool(control & 0x02)
         if control & 0x01:  # a command fragment
+            self.command_size += len(fragment)
+            if self.command_size > COMMAND_SET_LIMIT:
+                self.protocol_error(
+                    f"command set over {COMMAND_SET_LIMIT} bytes", "oversized-command"
+                )
             self.command.append(fragment)
             if not last:
                 return
             message = _Message(context_id, _command(b"".join(self.command)))
-            self.command = []
+            self.command, self.command_size = [], 0
             if _u16(message.command, 0x0800) == NO_DATA_SET:
                 self.handle(message)
             else:
-                message.room = self.server.ingest.room()
+                message.incoming = self.server.ingest.begin(
+                    self.contexts[context_id],
+                    _uid(message.command, 0x0002),
+                    _uid(message.command, 0x1000),
+                    self.calling,
+                )
                 self.message = message
             return
         pending = self.message
-        if pending is None or context_id != pending.context_id:
+        if pending is None or pending.incoming is None or context_id != pending.context_id:
             self.protocol_error("data set fragment without its command")
-        pending.size += len(fragment)
-        if pending.size <= pending.room:
-            pending.fragments.append(fragment)
-        else:
-            pending.fragments.clear()  # too big to keep: read to its end, then refuse
+        pending.incoming.write(fragment)
         if last:
             self.message = None
             self.handle(pending)
 
-    def protocol_error(self, what: str) -> NoReturn:
+    def protocol_error(self, what: str, reason: str = "protocol-error") -> NoReturn:
         log.warning("protocol error from %s: %s", self.address, what)
-        self.outcome = "protocol-error"
-        self.server.metrics.rejection("protocol-error")
+        self.outcome = reason
+        self.server.metrics.rejection(reason)
         self.send(_abort(ABORT_INVALID_PARAMETER))
         raise PeerGone
 
@@ -607,17 +626,12 @@ class Association:
             reply(command_field=field_ | 0x8000, status=UNRECOGNIZED_OPERATION)
             return
         sop_instance = _uid(command, 0x1000)
-        outcome = (
-            self.server.ingest.too_large(message.size)
-            if message.size > message.room
-            else self.server.ingest.store(
-                b"".join(message.fragments),
-                self.contexts[message.context_id],
-                sop_class,
-                sop_instance,
-                self.calling,
+        if message.incoming is None:
+            # A C-STORE-RQ that says it has no data set: nothing to store.
+            message.incoming = self.server.ingest.begin(
+                self.contexts[message.context_id], sop_class, sop_instance, self.calling
             )
-        )
+        outcome = self.server.ingest.finish(message.incoming)
         # Success and the warnings (0xBxxx) store the instance; anything else refuses it.
         if outcome.status == Status.SUCCESS or outcome.status >> 12 == 0xB:
             self.stored += 1

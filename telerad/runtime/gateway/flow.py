@@ -197,7 +197,7 @@ class Flow:
         # stays in the hot tier, catalogued there.
         for path in study.paths:
             relative = PurePosixPath(path)
-            self.warm.write(relative, (self.hot.read(relative),))
+            self.warm.write(relative, self.hot.chunks(relative))
         self.catalog.set_tier(study.study_uid, WARM, study.paths)
         for path in study.paths:
             self.hot.remove(PurePosixPath(path))

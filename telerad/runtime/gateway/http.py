@@ -22,6 +22,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
+from telerad.api.config import HttpLimits
 from telerad.api.jobs import (
     ClaimRequest,
     CompleteRequest,
@@ -45,6 +46,7 @@ from telerad.runtime.gateway.dicomweb import (
 from telerad.runtime.gateway.exports import Exporter, ExportError
 from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.metrics import GatewayMetrics
+from telerad.runtime.gateway.pacing import BodyTimeout, paced
 from telerad.runtime.store.catalog import LeaseLost, UnknownJob
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,10 @@ async def _errors(  # noqa: PLR0911  (one answer per kind of failure)
     except LeaseLost as exc:
         return problem(409, "Lease lost", str(exc))
     except DicomWebError as exc:
-        return problem(exc.status, exc.title, exc.detail)
+        response = problem(exc.status, exc.title, exc.detail)
+        return await _closing(request, response) if exc.close else response
+    except BodyTimeout as exc:
+        return await _closing(request, problem(408, "Request timeout", str(exc)))
     except ExportError as exc:
         return problem(
             exc.status, "Export failed" if exc.status >= 500 else "Bad request", str(exc)
@@ -151,6 +156,16 @@ async def _errors(  # noqa: PLR0911  (one answer per kind of failure)
     except Exception:
         log.exception("%s %s failed", request.method, request.match_info.route.resource)
         return problem(500, "Internal error", "the gateway failed; see its log")
+
+
+async def _closing(request: web.Request, response: web.Response) -> web.Response:
+    """`response`, sent at once, and the connection closed after it: aiohttp would
+    otherwise go on reading (for 10 s) the rest of a body that is broken or not coming."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
 
 
 def _denial(verdict: Verdict, configured: bool, authorization: str | None) -> web.Response:
@@ -248,6 +263,7 @@ def build_app(
     audit: Audit,
     dicomweb: DicomWeb,
     exporter: Exporter,
+    limits: HttpLimits,
     public_url: str | None = None,
 ) -> web.Application:
     routes = web.RouteTableDef()
@@ -349,6 +365,7 @@ def build_app(
             _access(tokens, audit),
             _strict_query(description),
             _errors,
+            paced(limits),
         ],
         client_max_size=1 << 20,
     )

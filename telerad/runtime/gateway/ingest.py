@@ -6,26 +6,42 @@ from __future__ import annotations
 
 import itertools
 import logging
+import mmap
+import os
 import struct
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import PurePosixPath
+from typing import BinaryIO
 
 from telerad.api.config import CompiledRule
 from telerad.runtime import phi
-from telerad.runtime.dataset import Header, InvalidDataset, parse, valid_uid
+from telerad.runtime.dataset import (
+    DEFLATED_LE,
+    EXPLICIT_LE,
+    Header,
+    InvalidDataset,
+    inflate,
+    parse,
+    valid_uid,
+)
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.routing import reopens_study
 from telerad.runtime.store.catalog import HOT, Added, Catalog, Received
-from telerad.runtime.store.files import Tier, instance_path
+from telerad.runtime.store.files import CHUNK, Staged, Tier, instance_path
 
 log = logging.getLogger(__name__)
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1471.1"
 IMPLEMENTATION_VERSION = "TELERAD_010"
 MAX_DATA_SET = (1 << 32) - 2
+FREE_CHECK_BYTES = 64 << 20
+"""How often (in bytes written) a data set being received looks at the watermark again."""
+_META_PREFIX = 144
+"""Preamble, DICM and the group length element: what says where our file meta ends."""
 
 
 class Status(IntEnum):
@@ -50,6 +66,82 @@ class Outcome:
     """What was stored, when it was."""
 
 
+class Incoming:
+    """A data set as it arrives (C-STORE fragments, a STOW part's body), written at once
+    to a temporary file in the hot tier's incoming directory behind the file meta its
+    request announced: memory holds one fragment, whatever the size of the data set.
+    `Ingest.finish` checks what was written and gives it its final name."""
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        calling_ae: str,
+    ) -> None:
+        self.transfer_syntax = transfer_syntax
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.calling_ae = calling_ae
+        self.size = 0
+        """Bytes of data set received, kept or not."""
+        self.room = ingest.room()
+        self.failed: tuple[str, Status, str] | None = None
+        """Why it will be refused, found while it arrived (rejection reason, status, comment)."""
+        self.offset = 0
+        """Where the data set starts in the file."""
+        self.staged: Staged | None = None
+        self._ingest = ingest
+        self._checked = 0
+        if not valid_uid(sop_instance_uid) or not valid_uid(sop_class_uid):
+            self.failed = ("invalid-uid", Status.CANNOT_UNDERSTAND, "invalid UID in request")
+            return
+        if self.room <= 0:
+            return  # refused as too large once its size is known
+        meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        try:
+            self.staged = ingest.hot.receive()
+            self.staged.write(meta)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self.offset = len(meta)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """The next bytes of the data set. Past the room it had, or once the tier falls
+        below its free-space watermark, the file goes at once and the rest is only counted."""
+        self.size += len(data)
+        if self.staged is None:
+            return
+        if self.size > self.room:
+            self.discard()
+            return
+        try:
+            self.staged.write(data)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        # Other receivers write to the same volume at the same time: their room was
+        # computed apart from this one's, so the watermark is looked at again as it fills.
+        if self.size - self._checked >= FREE_CHECK_BYTES:
+            self._checked = self.size
+            if self._ingest.full():
+                self.discard()
+                self.failed = ("out-of-space", Status.OUT_OF_RESOURCES, "storage is full")
+
+    def _fail(self, exc: OSError) -> None:
+        log.error("write failed: %s", exc.strerror)
+        self.discard()
+        self.failed = ("write-failed", Status.OUT_OF_RESOURCES, "write failed")
+
+    def discard(self) -> None:
+        """Drop the file (unless it was stored); nothing of it stays on disk."""
+        staged, self.staged = self.staged, None
+        if staged is not None:
+            Tier.discard(staged)
+
+
 class Ingest:
     def __init__(
         self,
@@ -63,9 +155,15 @@ class Ingest:
         self._catalog = catalog
         self._rules = rules
         self._tiers = tiers
-        self._hot = tiers[HOT]
+        self.hot = tiers[HOT]
         self._metrics = metrics
         self._min_free = min_free_bytes
+
+    def begin(
+        self, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str, calling_ae: str
+    ) -> Incoming:
+        """A data set about to arrive, with what its request announced; `finish` it."""
+        return Incoming(self, transfer_syntax, sop_class_uid, sop_instance_uid, calling_ae)
 
     def store(
         self,
@@ -78,11 +176,25 @@ class Ingest:
         study_uid: str | None = None,
         result_of: int | None = None,
     ) -> Outcome:
-        """Store an encoded data set as received; `sop_*` are what the request announced,
-        `study_uid` the study it must belong to, when the request named one, `result_of`
-        the job whose result it is."""
+        """Store an encoded data set held in memory (see `finish`)."""
+        incoming = self.begin(transfer_syntax, sop_class_uid, sop_instance_uid, calling_ae)
+        incoming.write(data)
+        return self.finish(incoming, study_uid=study_uid, result_of=result_of)
+
+    def finish(
+        self, incoming: Incoming, *, study_uid: str | None = None, result_of: int | None = None
+    ) -> Outcome:
+        """Store a data set received whole, as received; `study_uid` is the study it must
+        belong to, when the request named one, `result_of` the job whose result it is.
+        Whatever the outcome, no temporary file stays behind."""
+        try:
+            return self._finish(incoming, study_uid, result_of)
+        finally:
+            incoming.discard()
+
+    def _finish(self, incoming: Incoming, study_uid: str | None, result_of: int | None) -> Outcome:
         started = time.monotonic()
-        checked = self._check(data, transfer_syntax, sop_class_uid, sop_instance_uid)
+        checked = self._check(incoming)
         if isinstance(checked, Outcome):
             return checked
         header = checked
@@ -93,20 +205,20 @@ class Ingest:
         versions = self._catalog.versions(header.sop_instance_uid)
         # A re-send is compared with the current version only: sent A, B, then A again,
         # A is current again (a third version), not a duplicate of the first.
-        if versions and self._compare(versions[-1].tier, PurePosixPath(versions[-1].path), data):
+        if versions and self._compare(
+            versions[-1].tier, PurePosixPath(versions[-1].path), incoming
+        ):
             return self._identical(started, header)  # the common re-send, not written again
         # Versions whose file is gone were never acknowledged; their numbers are free.
         taken = {v.version for v in versions if self._present(v.tier, PurePosixPath(v.path))}
         reopens = result_of is None and reopens_study(self._rules, header.sop_class_uid)
-        written = self._write(
-            header, data, transfer_syntax, calling_ae, taken, result_of=result_of, reopens=reopens
-        )
+        written = self._write(header, incoming, taken, result_of=result_of, reopens=reopens)
         if isinstance(written, Outcome):
             return written
         received, added = written
         self._report(header, received, added)
         self._metrics.stage("receive", time.monotonic() - started)
-        if header.sop_class_uid != sop_class_uid:
+        if header.sop_class_uid != incoming.sop_class_uid:
             return Outcome(
                 Status.CLASS_MISMATCH_WARNING,
                 comment="SOP Class UID differs from the request",
@@ -114,66 +226,78 @@ class Ingest:
             )
         return Outcome(Status.SUCCESS, header=header)
 
-    def _check(
-        self, data: bytes, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str
-    ) -> Header | Outcome:
+    def _check(self, incoming: Incoming) -> Header | Outcome:
         """The data set's header, or why it is refused."""
-        if self._hot.free_bytes() - len(data) < self._min_free:
+        if incoming.size > incoming.room:
+            return self.too_large(incoming.size)
+        if incoming.failed is not None:
+            return self._refuse(*incoming.failed)
+        if incoming.staged is None or self.full():
             return self._refuse("out-of-space", Status.OUT_OF_RESOURCES, "storage is full")
-        if not valid_uid(sop_instance_uid) or not valid_uid(sop_class_uid):
-            return self._refuse("invalid-uid", Status.CANNOT_UNDERSTAND, "invalid UID in request")
         try:
-            header = parse(data, transfer_syntax)
+            header = self._parse(incoming)
         except InvalidDataset as exc:
             return self._refuse("invalid-dataset", Status.CANNOT_UNDERSTAND, str(exc))
+        except OSError as exc:
+            log.error("reading a received data set failed: %s", exc.strerror)
+            return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
         # Inconsistent senders exist (the file meta says one UID, the data set another).
         # The data set is what gets stored and served, so it decides; the sender is told
         # when the standard has a warning for it, and the mismatch is counted either way.
-        if header.sop_instance_uid != sop_instance_uid:
+        if header.sop_instance_uid != incoming.sop_instance_uid:
             self._metrics.warning("instance-uid-mismatch")
             log.warning("SOP Instance UID of a data set differs from its request; stored as sent")
-        if header.sop_class_uid != sop_class_uid:
+        if header.sop_class_uid != incoming.sop_class_uid:
             self._metrics.warning("class-mismatch")
         return header
+
+    def _parse(self, incoming: Incoming) -> Header:
+        """The strict check, over the file as written (mapped, not read)."""
+        assert incoming.staged is not None  # noqa: S101  (checked by the caller)
+        with incoming.staged.path.open("rb") as file:
+            data = _mapped(file)[incoming.offset :]
+        if incoming.transfer_syntax != DEFLATED_LE:
+            return parse(data, incoming.transfer_syntax)
+        # Inflated to a file too: a few kilobytes may become gigabytes.
+        with tempfile.TemporaryFile(dir=incoming.staged.path.parent) as inflated:
+            inflate(data, inflated.write)
+            inflated.flush()
+            return parse(_mapped(inflated), EXPLICIT_LE)
 
     def _write(
         self,
         header: Header,
-        data: bytes,
-        transfer_syntax: str,
-        calling_ae: str,
+        incoming: Incoming,
         taken: set[int],
         *,
         result_of: int | None,
         reopens: bool,
     ) -> tuple[Received, Added] | Outcome:
-        """Write the file under the first free version, flush it, then catalogue it."""
+        """Give the file the first free version, flush it, then catalogue it."""
         sop = header.sop_instance_uid
-        directory = instance_path(header.study_uid, header.series_uid, sop, 1).parent
-        meta = file_meta(header.sop_class_uid, sop, transfer_syntax, calling_ae)
         names = (
             (n, instance_path(header.study_uid, header.series_uid, sop, n))
             for n in itertools.count(1)
             if n not in taken
         )
         try:
-            staged = self._hot.stage(directory, (meta, data))
+            staged = self._staged(header, incoming)
         except OSError as exc:
             log.error("write failed: %s", exc.strerror)
             return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
         try:
-            version, relative = self._hot.claim(staged, names)
-            self._hot.settle(staged)
+            version, relative = self.hot.claim(staged, names)
+            self.hot.settle(staged)
         except OSError as exc:
-            self._hot.discard(staged)
+            self.hot.discard(staged)
             log.error("write failed: %s", exc.strerror)
             return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
         received = Received(
             version,
             relative,
             staged.size,
-            transfer_syntax,
-            calling_ae,
+            incoming.transfer_syntax,
+            incoming.calling_ae,
             result_of=result_of,
             reopens=reopens,
         )
@@ -181,13 +305,43 @@ class Ingest:
             added = self._catalog.add_instance(header, received, time.time())
         except Exception:
             # Not catalogued means not acknowledged: the file must not stay as if it were.
-            self._hot.remove(relative)
+            self.hot.remove(relative)
             log.exception("catalog write failed for study %s", phi.ref(header.study_uid))
             return self._refuse("catalog-failed", Status.OUT_OF_RESOURCES, "catalog failed")
         if added.restored:
             self._metrics.warning("restored-lost-file")
             log.warning("instance %s: its catalogued file was missing; restored", phi.ref(sop))
         return received, added
+
+    def _staged(self, header: Header, incoming: Incoming) -> Staged:
+        """The file to store: the received one, taken over, when the file meta it was
+        written behind names the instance the data set is; else (an inconsistent sender,
+        rare) a copy behind the right file meta, made on disk."""
+        received = incoming.staged
+        assert received is not None  # noqa: S101  (checked by _check)
+        if (header.sop_class_uid, header.sop_instance_uid) == (
+            incoming.sop_class_uid,
+            incoming.sop_instance_uid,
+        ):
+            incoming.staged = None  # the caller stores it or discards it
+            return received
+        meta = file_meta(
+            header.sop_class_uid,
+            header.sop_instance_uid,
+            incoming.transfer_syntax,
+            incoming.calling_ae,
+        )
+        staged = self.hot.receive()
+        try:
+            staged.write(meta)
+            with received.path.open("rb") as source:
+                source.seek(incoming.offset)
+                while chunk := source.read(CHUNK):
+                    staged.write(chunk)
+        except BaseException:
+            self.hot.discard(staged)
+            raise
+        return staged
 
     def _report(self, header: Header, received: Received, added: Added) -> None:
         self._metrics.instances.inc()
@@ -207,23 +361,37 @@ class Ingest:
     def room(self) -> int:
         """Bytes one data set may have now: the free space above the watermark, and never
         more than a 32-bit length can describe."""
-        return max(0, min(self._hot.free_bytes() - self._min_free, MAX_DATA_SET))
+        return max(0, min(self.hot.free_bytes() - self._min_free, MAX_DATA_SET))
+
+    def full(self) -> bool:
+        """Whether the hot tier is below its free-space watermark."""
+        return self.hot.free_bytes() < self._min_free
 
     def too_large(self, size: int) -> Outcome:
         return self._refuse(
             "out-of-space", Status.OUT_OF_RESOURCES, f"data set of {size} bytes does not fit"
         )
 
-    def _compare(self, tier: str, path: PurePosixPath, data: bytes) -> bool:
+    def _compare(self, tier: str, path: PurePosixPath, incoming: Incoming) -> bool:
         """Whether a stored file holds exactly this data set (not when it is missing).
-        Only re-sent SOP Instance UIDs get here, so nothing is hashed on the way in."""
-        if tier not in self._tiers:
+        Only re-sent SOP Instance UIDs get here, so nothing is hashed on the way in; the
+        two files are compared a chunk at a time."""
+        if tier not in self._tiers or incoming.staged is None:
             return False
         try:
-            stored = self._tiers[tier].read(path)
+            stored = self._tiers[tier].path(path).open("rb")
         except FileNotFoundError:
             return False
-        return stored[meta_length(stored) :] == data
+        with stored, incoming.staged.path.open("rb") as received:
+            start = meta_length(stored.read(_META_PREFIX))
+            if os.fstat(stored.fileno()).st_size - start != incoming.size:
+                return False
+            stored.seek(start)
+            received.seek(incoming.offset)
+            while chunk := received.read(CHUNK):
+                if stored.read(len(chunk)) != chunk:
+                    return False
+            return True
 
     def _present(self, tier: str, path: PurePosixPath) -> bool:
         return tier in self._tiers and self._tiers[tier].path(path).is_file()
@@ -239,9 +407,17 @@ class Ingest:
         return Outcome(status, comment=comment[:64])
 
 
+def _mapped(file: BinaryIO) -> memoryview:
+    """An open file's bytes, mapped read-only. Unmapped when the last view of it goes
+    (never closed here: an exception's traceback may still hold a view)."""
+    if not os.fstat(file.fileno()).st_size:
+        return memoryview(b"")
+    return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+
+
 def meta_length(part10: bytes) -> int:
     """Where the data set starts in a file `file_meta` wrote (preamble, DICM, group length)."""
-    return 144 + int(struct.unpack_from("<I", part10, 140)[0])
+    return _META_PREFIX + int(struct.unpack_from("<I", part10, 140)[0])
 
 
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:

@@ -144,6 +144,7 @@ class Gateway:
                 self.deid,
             ),
             exporter=exporter,
+            limits=self.config.http,
             public_url=self.config.public_url,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -3,6 +3,10 @@
 A file becomes visible under its final name only once its bytes are on disk (temporary
 file, fsync, rename, fsync of the directory), so a crash at any moment leaves either the
 whole file or no file, never a torn one. Paths are built only from validated UIDs.
+
+A data set being received is written as it arrives to a temporary file in the tier's
+`incoming` directory (its study and series are known only once it is whole); on the same
+volume, so it takes its final name by a link, never a copy.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from telerad.runtime.dataset import valid_uid
 
 STUDIES = "studies"
+INCOMING = "incoming"
 _TMP_SUFFIX = ".tmp"
+CHUNK = 1 << 20
+"""What large files are read and copied in: a 2 GiB instance never sits in memory."""
 
 
 def instance_path(study_uid: str, series_uid: str, sop_uid: str, version: int) -> PurePosixPath:
@@ -37,13 +44,22 @@ def study_dir(study_uid: str) -> PurePosixPath:
     return PurePosixPath(STUDIES, study_uid)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Staged:
-    """A written file, still open, still under its temporary name."""
+    """A file being written, open, under its temporary name."""
 
     path: Path
-    size: int
     fd: int
+    size: int = 0
+    final: Path | None = None
+    """The name `Tier.claim` gave it."""
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+            self.size += written
 
 
 class Tier:
@@ -61,7 +77,20 @@ class Tier:
 
     def stage(self, directory: PurePosixPath, chunks: Iterable[bytes]) -> Staged:
         """Write a file under a temporary name in `directory` (not yet flushed)."""
-        target = self.path(directory)
+        staged = self._open(self.path(directory))
+        try:
+            for chunk in chunks:
+                staged.write(chunk)
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
+
+    def receive(self) -> Staged:
+        """An empty file in the incoming directory, for bytes as they arrive."""
+        return self._open(self.root / INCOMING)
+
+    def _open(self, target: Path) -> Staged:
         self._ensure_dir(target)
         tmp = target / f".{secrets.token_hex(8)}{_TMP_SUFFIX}"
         try:
@@ -71,33 +100,29 @@ class Tier:
             self._forget(target)
             self._ensure_dir(target)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        size = 0
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                    size += written
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        return Staged(tmp, size, fd)
+        return Staged(tmp, fd)
 
     def claim(
         self, staged: Staged, names: Iterable[tuple[int, PurePosixPath]]
     ) -> tuple[int, PurePosixPath]:
         """Give a staged file the first of `names` that is free; the link fails on a taken
         name, so two receivers never take the same one. Returns the name taken."""
+        if not staged.path.is_relative_to(self.root):
+            raise ValueError(f"{staged.path} was not staged in tier {self.name}")
         for number, relative in names:
             final = self.path(relative)
-            if final.parent != staged.path.parent:
-                raise ValueError(f"{relative} is not where {staged.path} was staged")
+            self._ensure_dir(final.parent)
             try:
-                os.link(staged.path, final)
+                try:
+                    os.link(staged.path, final)
+                except FileNotFoundError:
+                    # The lifecycle pass removed a directory this process had seen.
+                    self._forget(final.parent)
+                    self._ensure_dir(final.parent)
+                    os.link(staged.path, final)
             except FileExistsError:
                 continue
+            staged.final = final
             return number, relative
         raise ValueError("no free name offered")
 
@@ -105,14 +130,17 @@ class Tier:
         """Flush a claimed file and its directory, and drop the temporary name. One
         journal commit carries the data, the inode and the new name on ext4 and XFS; the
         directory flush makes the name durable everywhere else."""
+        if staged.final is None:
+            raise ValueError(f"{staged.path} was never claimed")
         # The temporary name goes first, so the one flush of the file carries the data,
-        # the inode, the new name and the removal of the old one together.
+        # the inode, the new name and the removal of the old one together. (A temporary
+        # name that a crash brings back is swept at the next start.)
         staged.path.unlink()
         try:
             os.fsync(staged.fd)
         finally:
             os.close(staged.fd)
-        _fsync_dir(staged.path.parent)
+        _fsync_dir(staged.final.parent)
 
     @staticmethod
     def discard(staged: Staged) -> None:
@@ -136,6 +164,12 @@ class Tier:
 
     def read(self, relative: PurePosixPath) -> bytes:
         return self.path(relative).read_bytes()
+
+    def chunks(self, relative: PurePosixPath) -> Iterator[bytes]:
+        """A file's bytes, `CHUNK` at a time."""
+        with self.path(relative).open("rb") as source:
+            while chunk := source.read(CHUNK):
+                yield chunk
 
     def remove_tree(self, relative: PurePosixPath) -> None:
         """Delete a study's directory; missing is fine (a rerun after a crash)."""
@@ -167,12 +201,12 @@ class Tier:
     def sweep_temporaries(self) -> int:
         """Remove temporary files a crash left behind; they were never acknowledged."""
         removed = 0
-        studies = self.root / STUDIES
-        if not studies.exists():
-            return 0
-        for tmp in studies.rglob(f".*{_TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
+        for directory in (self.root / STUDIES, self.root / INCOMING):
+            if not directory.exists():
+                continue
+            for tmp in directory.rglob(f".*{_TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]]) -> int:
