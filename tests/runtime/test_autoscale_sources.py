@@ -26,6 +26,7 @@ from telerad import synthetic
 from telerad.api.aimodel import Scaling
 from telerad.api.config import Completion
 from telerad.api.types import Priority
+from telerad.devcluster.pki import CertificateAuthority
 from telerad.operator.autoscale.decision import Decision, Memory, Observation, decide
 from telerad.operator.autoscale.sources import Direct, Prometheus, Reading, Target, Targets
 from tests.runtime.conftest import GatewayFactory, free_port, serve_metrics, storescu, tail
@@ -192,3 +193,26 @@ def test_direct_and_prometheus_read_the_same_and_decide_the_same(
     assert decided(direct).degraded and decided(promql).degraded
     assert decided(direct).replicas == decided(promql).replicas == 2
     assert any("gateway er-site-gateway-0" in p for p in direct.problems)
+
+
+def test_an_unreachable_https_pod_is_named_the_same_at_every_read() -> None:
+    """The problem text goes into the AIModel's status: it must say what failed and stay
+    the same from one operator process to the next (aiohttp's own text names the TLS
+    context by its memory address)."""
+    ca = CertificateAuthority("telerad-test-ca")
+    url = f"https://127.0.0.1:{free_port()}/metrics"  # nothing listens there
+    targets = Targets(NS, MODEL, gateways=[Target("g-0", url, ca.cert_pem, "g.svc")], workers=[])
+
+    async def problems() -> list[str]:
+        source = Direct(timeout=5)
+        try:
+            return (await source.read(targets)).problems
+        finally:
+            await source.close()
+
+    first, second = asyncio.run(problems()), asyncio.run(problems())
+    assert first == second
+    assert len(first) == 1
+    assert url in first[0]
+    assert "cannot connect" in first[0]
+    assert "object at 0x" not in first[0]

@@ -114,6 +114,10 @@ class Direct:
                 if resp.status != 200:
                     raise ReadError(f"{url} answered {resp.status}")
                 text = await resp.text()
+        except aiohttp.ClientConnectorError as err:
+            # Its own text names the SSL context by memory address: a status message that
+            # changed at every operator start would rewrite the AIModel's status each time.
+            raise ReadError(f"{url}: cannot connect: {err.os_error}") from err
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as err:
             raise ReadError(f"{url}: {err or type(err).__name__}") from err
         try:
