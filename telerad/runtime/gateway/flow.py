@@ -149,8 +149,7 @@ class Flow:
     def _over_threshold(model: ModelRoute | None, finding: Finding) -> bool:
         if model is None:
             return False
-        limit = model.thresholds.findings.get(finding.label, model.thresholds.critical)
-        return finding.score >= limit
+        return model.thresholds.critical_at(finding.label, finding.score)
 
     def fail(self, job_id: int, token: str, reason: str, retryable: bool) -> Job:
         now = time.time()

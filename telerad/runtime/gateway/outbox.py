@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 BATCH = 32
 SIGNATURE_HEADER = "Telerad-Signature"
-RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
 
 
 def plan(config: GatewayConfig, job: Job, base_url: str) -> list[NewDelivery]:
@@ -48,7 +47,7 @@ def plan(config: GatewayConfig, job: Job, base_url: str) -> list[NewDelivery]:
         out += [
             NewDelivery(DeliveryKind.ALERT, hook.name, body)
             for hook in config.notifications.webhooks
-            if RANK[Priority.STAT] <= RANK[hook.min_priority]
+            if Priority.STAT.reaches(hook.min_priority)
         ]
     out += [NewDelivery(DeliveryKind.EXPORT, d.name, "{}") for d in config.destinations]
     return out
