@@ -17,8 +17,8 @@ from pydicom.uid import generate_uid
 from telerad.api.jobs import Finding
 from telerad.api.site import Destination, DicomWebPeer, Notifications, Webhook
 from telerad.api.types import Priority
+from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway import outbox
-from telerad.runtime.gateway.ingest import Status
 from telerad.runtime.store.catalog import DeliveryKind
 from tests.unit.test_runtime_store import CT, CT_CLASS, EXPLICIT, Site, _encode
 
@@ -49,7 +49,7 @@ def store(site: Site, study: str, result_of: int | None = None) -> str:
     outcome = site.ingest.store(
         _encode(ds), EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X", result_of=result_of
     )
-    assert outcome.status == Status.SUCCESS
+    assert outcome.status == StoreStatus.SUCCESS
     return str(ds.SOPInstanceUID)
 
 
