@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import PurePosixPath
 
-from telerad.api.config import GatewayConfig, ModelRoute
+from telerad.api.config import GatewayConfig, ModelRoute, backoff
 from telerad.api.jobs import Finding, Job, ResultRef
 from telerad.runtime import phi
 from telerad.runtime.gateway import outbox
@@ -157,7 +157,7 @@ class Flow:
         retry_at = None
         if retryable:
             attempts = self.catalog.job(job_id).attempts
-            delay = min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** (attempts - 1))
+            delay = backoff(policy, attempts)
             retry_at = now + delay
         job = self.catalog.fail_job(job_id, token, reason, retry_at, now)
         if job.state == "parked":

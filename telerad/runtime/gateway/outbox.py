@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 
-from telerad.api.config import GatewayConfig
+from telerad.api.config import GatewayConfig, backoff
 from telerad.api.jobs import Job
 from telerad.api.site import Webhook
 from telerad.api.types import Priority
@@ -132,7 +132,7 @@ class Outbox:
         attempts = delivery.attempts + 1
         retry_at = None
         if attempts < policy.max_attempts:
-            delay = min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** (attempts - 1))
+            delay = backoff(policy, attempts)
             retry_at = time.time() + delay
         await asyncio.to_thread(
             self.catalog.delivery_failed, delivery.id, error[:500], retry_at, time.time()
