@@ -39,15 +39,16 @@ SIGNATURE_HEADER = "Telerad-Signature"
 
 def plan(config: GatewayConfig, job: Job, base_url: str) -> list[NewDelivery]:
     """Deliveries a completed job causes: an alert to each webhook whose lowest priority
-    the job's study reaches, when a finding is critical and its rule notifies; its result
-    to every destination."""
+    the job's priority (its rule's, not the stat its critical finding gives the study)
+    reaches, when a finding is critical and its rule notifies; its result to every
+    destination."""
     out = []
     if job.critical and job.notify:
         body = alert(config, job, base_url)
         out += [
             NewDelivery(DeliveryKind.ALERT, hook.name, body)
             for hook in config.notifications.webhooks
-            if Priority.STAT.reaches(hook.min_priority)
+            if job.priority.reaches(hook.min_priority)
         ]
     out += [NewDelivery(DeliveryKind.EXPORT, d.name, "{}") for d in config.destinations]
     return out
