@@ -120,6 +120,10 @@ class Thresholds(ApiModel):
     findings: dict[str, Ratio] = Field(default_factory=dict, max_length=64)
     """Per-finding thresholds overriding critical, keyed by finding label."""
 
+    def critical_at(self, label: str, score: float) -> bool:
+        """A finding `label` with this score is critical."""
+        return score >= self.findings.get(label, self.critical)
+
 
 class InferenceServer(ApiModel):
     """A model server beside the worker that speaks the KServe v2 / Triton HTTP inference

@@ -70,6 +70,12 @@ class DimseTimeouts(ApiModel):
     """How long an association may be silent between messages before it is aborted."""
 
 
+def backoff(policy: JobPolicy | DeliveryPolicy, attempts: int) -> float:
+    """Seconds to wait after the `attempts`-th failed attempt: doubling from the policy's
+    backoff, capped at its maximum."""
+    return min(policy.max_backoff_seconds, policy.backoff_seconds * 2.0 ** (attempts - 1))
+
+
 class JobPolicy(ApiModel):
     """Retries of failed jobs."""
 

@@ -68,6 +68,19 @@ class Priority(StrEnum):
     URGENT = "urgent"
     ROUTINE = "routine"
 
+    @property
+    def rank(self) -> int:
+        """Sort key, 0 the most urgent; the catalog stores priorities as this rank."""
+        return list(Priority).index(self)
+
+    @classmethod
+    def of_rank(cls, rank: int) -> Priority:
+        return list(cls)[rank]
+
+    def reaches(self, lowest: Priority) -> bool:
+        """This priority is `lowest` or more urgent."""
+        return self.rank <= lowest.rank
+
 
 class Modality(StrEnum):
     """DICOM modality codes (PS3.3 C.7.3.1.1.1) that AI models commonly take."""

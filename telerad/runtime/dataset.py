@@ -15,6 +15,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Final
 
 from pydicom.charset import convert_encodings, decode_bytes
@@ -38,6 +39,25 @@ _LONG_VRS: Final = frozenset(
 _MAX_DEPTH: Final = 32
 # A deflated data set may not inflate past this: a few kilobytes must not become gigabytes.
 _MAX_INFLATED: Final = 4 << 30
+
+
+class StoreStatus(IntEnum):
+    """Storage statuses: the C-STORE ones (PS3.4 B.2.3) the gateway answers with, which are
+    also STOW-RS's FailureReason and WarningReason values (PS3.18 10.5.3 borrows them)."""
+
+    SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110
+    OUT_OF_RESOURCES = 0xA700
+    STUDY_MISMATCH = 0xA900
+    """The instance's study is not the one in the STOW-RS URL. PS3.18 leaves the code to the
+    server; this is the 0xA9xx "data set does not match SOP class" error (dcm4chee uses its
+    own 0xC409)."""
+    CANNOT_UNDERSTAND = 0xC000
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+    COERCED = 0xB000
+    """Warning: stored with some attributes changed."""
+    CLASS_MISMATCH = 0xB007
+    """Warning: stored, but the data set does not match the SOP class."""
 
 
 class InvalidDataset(ValueError):

@@ -395,10 +395,12 @@ def send_datasets(
 
 @dataclass
 class Sink:
-    """A webhook receiver: records every POST; answers 503 while `refusing`."""
+    """A webhook receiver: records every POST (and, in `paths`, where it went); answers
+    503 while `refusing`."""
 
     url: str = ""
     received: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     refused: int = 0
     refusing: bool = False
 
@@ -420,6 +422,7 @@ def sink() -> Iterator[Sink]:
                     self.send_response(503)
                 else:
                     state.received.append((dict(self.headers), json.loads(body)))
+                    state.paths.append(self.path)
                     self.send_response(204)
             self.end_headers()
 

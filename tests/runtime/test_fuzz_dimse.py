@@ -71,7 +71,7 @@ ECHO_CONTEXT, STORE_CONTEXT = 1, 3
 P_DATA, RELEASE_RQ, ABORT = 0x04, 0x05, 0x07
 # What a gateway may send back: A-ASSOCIATE-AC/RJ, P-DATA-TF, A-RELEASE-RP, A-ABORT.
 ANSWERS = {0x02, 0x03, 0x04, 0x06, 0x07}
-# The gateway's C-STORE failures (ingest.Status); anything else is not a refusal it makes.
+# The gateway's C-STORE failures (dataset.StoreStatus); anything else is not a refusal it makes.
 FAILURES = {0xA700, 0xA900, 0xC000, 0x0110}
 # Twice the gateway's own request timeout (30 s): by then it has given up on a peer that
 # owes it bytes, so a connection still open, or a store still unanswered, is a hang and

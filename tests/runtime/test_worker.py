@@ -24,7 +24,11 @@ from telerad.api.site import (
     Destination,
     DicomPeer,
     DicomWebPeer,
+    Notifications,
+    Webhook,
 )
+from telerad.api.types import Priority
+from telerad.runtime.gateway.example import example_config
 from telerad.runtime.models import base, volume
 from telerad.runtime.results import sr
 from tests.runtime.conftest import (
@@ -130,6 +134,38 @@ def test_a_ct_head_with_a_bleed_gets_an_sr_stat_priority_and_one_alert(
         assert str(bleed[0].PatientName) not in content
         assert str(bleed[0].PatientID) not in content
         assert study_uid not in content
+
+
+def test_an_alert_goes_only_to_the_webhooks_whose_lowest_priority_it_reaches(
+    start_gateway: GatewayFactory, start_worker: Any, sink: Sink, tmp_path: Path
+) -> None:
+    # Head CTs routed as urgent: a bleed alerts the urgent webhook, not the stat-only one.
+    routing = [
+        rule.model_copy(update={"priority": Priority.URGENT})
+        for rule in example_config(1, 1, tmp_path).routing
+    ]
+    webhooks = [
+        Webhook(name="stat-only", url=f"{sink.url}/stat", min_priority=Priority.STAT),
+        Webhook(name="urgent", url=f"{sink.url}/urgent", min_priority=Priority.URGENT),
+        Webhook(name="all", url=f"{sink.url}/routine", min_priority=Priority.ROUTINE),
+    ]
+    gateway = start_gateway(
+        completion=Completion(quiet_seconds=1),
+        notifications=Notifications(webhooks=webhooks),
+        routing=routing,
+    )
+    start_worker(gateway)
+    bleed = synthetic.ct_series(n_slices=60, size=256, seed=22, hyperdensity=True)
+    storescu(gateway, synthetic.write_series(bleed, tmp_path / "bleed"))
+    gateway.wait_for(lambda: len(done_jobs(gateway)) == 1, timeout=60)
+    (job,) = done_jobs(gateway)
+    assert job["critical"] is True and job["priority"] == "urgent"
+    # Alerts are planned together at completion: one for the stat-only webhook would have
+    # come along with these two.
+    gateway.wait_for(lambda: len(sink.received) >= 2)
+    time.sleep(1)
+    assert sorted(sink.paths) == ["/alerts/routine", "/alerts/urgent"]
+    assert gateway.metric("telerad_gateway_deliveries_total", kind="alert", result="delivered") == 2
 
 
 def _walk(items: Any) -> Iterator[Any]:

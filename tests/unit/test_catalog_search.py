@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.dicomweb import qido
-from telerad.runtime.gateway.ingest import Ingest, Status
+from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.store.catalog import HOT, Level
 from telerad.runtime.store.files import Tier
@@ -41,7 +42,7 @@ class Archive:
         outcome = self.ingest.store(
             _body(out.getvalue()), EXPLICIT, str(ds.SOPClassUID), ds.SOPInstanceUID, "X"
         )
-        assert outcome.status == Status.SUCCESS, outcome
+        assert outcome.status == StoreStatus.SUCCESS, outcome
         return ds
 
     def find(self, level: Level, *params: tuple[str, str], **scope: str) -> list[dict[str, object]]:

@@ -27,7 +27,7 @@ from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
-from telerad.runtime.dataset import DEFLATED_LE, EXPLICIT_LE
+from telerad.runtime.dataset import DEFLATED_LE, EXPLICIT_LE, StoreStatus
 from telerad.runtime.dicomweb import client, stow
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
@@ -272,8 +272,8 @@ def test_split_never_fails_but_with_invalid_part(
 # -- response ------------------------------------------------------------------------------
 OK = stow.Stored(CT_CLASS, "1.2.3.4", "http://g/studies/1/series/2/instances/1.2.3.4")
 WARNED = stow.Stored(CT_CLASS, "1.2.3.5", "http://g/studies/1/series/2/instances/1.2.3.5", 0xB007)
-BAD = stow.refused(stow.Reason.STUDY_MISMATCH, "another study", CT_CLASS, "1.2.3.6")
-UNREADABLE = stow.refused(stow.Reason.CANNOT_UNDERSTAND, "not DICOM")
+BAD = stow.refused(StoreStatus.STUDY_MISMATCH, "another study", CT_CLASS, "1.2.3.6")
+UNREADABLE = stow.refused(StoreStatus.CANNOT_UNDERSTAND, "not DICOM")
 STUDY = "http://g/studies/1"
 
 
@@ -349,8 +349,9 @@ def test_response_without_stored_instances_has_no_study_url() -> None:
     assert "00081190" not in stow.response([OK], None)[1]
 
 
-def test_reasons_are_the_ps3_18_codes() -> None:
-    assert {r.name: r.value for r in stow.Reason} == {
+def test_statuses_are_the_ps3_4_and_ps3_18_codes() -> None:
+    assert {r.name: r.value for r in StoreStatus} == {
+        "SUCCESS": 0x0000,
         "PROCESSING_FAILURE": 0x0110,
         "OUT_OF_RESOURCES": 0xA700,
         "STUDY_MISMATCH": 0xA900,
@@ -538,10 +539,10 @@ def test_client_reads_a_partial_answer() -> None:
 def test_client_reads_our_own_response() -> None:
     async def answer(received: Received) -> web.Response:
         outcomes: list[stow.Outcome] = [
-            stow.refused(stow.Reason.CANNOT_UNDERSTAND, "x", CT_CLASS, uid)
+            stow.refused(StoreStatus.CANNOT_UNDERSTAND, "x", CT_CLASS, uid)
             for uid in _uids(received)
         ]
-        outcomes.append(stow.refused(stow.Reason.CANNOT_UNDERSTAND, "not DICOM"))
+        outcomes.append(stow.refused(StoreStatus.CANNOT_UNDERSTAND, "not DICOM"))
         status, body = stow.response(outcomes, None)
         return web.json_response(body, status=status, content_type="application/dicom+json")
 

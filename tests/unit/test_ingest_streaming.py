@@ -10,7 +10,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from telerad.runtime.gateway.ingest import Status, meta_length
+from telerad.runtime.dataset import StoreStatus
+from telerad.runtime.gateway.ingest import meta_length
 
 from .test_runtime_store import CT, CT_CLASS, EXPLICIT, Site, _encode
 
@@ -34,7 +35,7 @@ def test_fragments_are_stored_as_one_data_set_and_nothing_stays_behind(site: Sit
         incoming.write(body[start : start + 1000])
     assert incoming_files(site) != []  # written as it came
     outcome = site.ingest.finish(incoming)
-    assert outcome.status == Status.SUCCESS
+    assert outcome.status == StoreStatus.SUCCESS
     (stored,) = site.catalog.versions(ds.SOPInstanceUID)
     raw = site.hot.read(PurePosixPath(stored.path))
     assert raw[meta_length(raw) :] == body
@@ -51,7 +52,7 @@ def test_a_data_set_naming_another_instance_than_its_request_is_stored_under_its
     announced = generate_uid()
     body = _encode(ds)
     outcome = site.ingest.store(body, EXPLICIT, CT_CLASS, announced, "MODALITY")
-    assert outcome.status == Status.SUCCESS
+    assert outcome.status == StoreStatus.SUCCESS
     assert site.catalog.versions(announced) == []
     (stored,) = site.catalog.versions(ds.SOPInstanceUID)
     path = site.hot.path(PurePosixPath(stored.path))
@@ -80,7 +81,7 @@ def test_a_data_set_past_the_room_is_dropped_as_it_comes(site: Site) -> None:
     incoming.write(b"\0" * 600)
     assert incoming_files(site) == []  # gone at once, not at the end
     outcome = site.ingest.finish(incoming)
-    assert outcome.status == Status.OUT_OF_RESOURCES
+    assert outcome.status == StoreStatus.OUT_OF_RESOURCES
     assert outcome.comment == "data set of 1200 bytes does not fit"
 
 

@@ -8,17 +8,19 @@ import hashlib
 import hmac
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from telerad.api.jobs import Finding
+from telerad.api.jobs import Finding, Job, JobState
 from telerad.api.site import Destination, DicomWebPeer, Notifications, Webhook
 from telerad.api.types import Priority
+from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway import outbox
-from telerad.runtime.gateway.ingest import Status
+from telerad.runtime.gateway.example import example_config
 from telerad.runtime.store.catalog import DeliveryKind
 from tests.unit.test_runtime_store import CT, CT_CLASS, EXPLICIT, Site, _encode
 
@@ -49,7 +51,7 @@ def store(site: Site, study: str, result_of: int | None = None) -> str:
     outcome = site.ingest.store(
         _encode(ds), EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X", result_of=result_of
     )
-    assert outcome.status == Status.SUCCESS
+    assert outcome.status == StoreStatus.SUCCESS
     return str(ds.SOPInstanceUID)
 
 
@@ -85,7 +87,7 @@ def test_a_critical_completion_queues_alerts_and_exports_in_one_step(site: Site)
     site.flow.complete(job_id, token, [finding], "https://gw.example:8080/")
     due = site.catalog.due_deliveries(time.time(), 10)
     kinds = sorted((d.kind, d.target) for d in due)
-    # A critical finding makes the study stat, which every webhook's lowest priority admits.
+    # The example's head CT rule is stat, which every webhook's lowest priority admits.
     assert kinds == [
         (DeliveryKind.ALERT, "on-call"),
         (DeliveryKind.ALERT, "ward"),
@@ -101,6 +103,44 @@ def test_a_critical_completion_queues_alerts_and_exports_in_one_step(site: Site)
     raw = json.dumps(alert)
     ds = pydicom.dcmread(CT)
     assert str(ds.PatientName) not in raw and str(ds.PatientID) not in raw
+
+
+@pytest.mark.parametrize(
+    ("priority", "alerted"),
+    [
+        (Priority.STAT, ["stat", "urgent", "routine"]),
+        (Priority.URGENT, ["urgent", "routine"]),
+        (Priority.ROUTINE, ["routine"]),
+    ],
+)
+def test_an_alert_goes_to_the_webhooks_whose_lowest_priority_the_job_reaches(
+    tmp_path: Path, priority: Priority, alerted: list[str]
+) -> None:
+    hooks = [
+        Webhook(name=p.value, url=f"http://127.0.0.1:9/{p.value}", min_priority=p) for p in Priority
+    ]
+    config = example_config(11112, 8080, tmp_path).model_copy(
+        update={"notifications": Notifications(webhooks=hooks), "destinations": [PACS]}
+    )
+    now = datetime.now(UTC)
+    job = Job(
+        id=1,
+        study_uid="1.2.3",
+        model="ct-head-hyperdensity",
+        priority=priority,
+        state=JobState.DONE,
+        attempts=1,
+        max_attempts=5,
+        rule="example/head-ct",
+        deidentify=False,
+        notify=True,
+        created_at=now,
+        updated_at=now,
+        critical=True,
+    )
+    planned = outbox.plan(config, job, GATEWAY)
+    assert [d.target for d in planned if d.kind == DeliveryKind.ALERT] == alerted
+    assert [d.target for d in planned if d.kind == DeliveryKind.EXPORT] == ["pacs"]
 
 
 def test_a_quiet_completion_exports_but_does_not_alert(site: Site) -> None:

@@ -14,10 +14,11 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from telerad.api.config import GatewayConfig
+from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.example import example_config
 from telerad.runtime.gateway.flow import DAY, Flow
-from telerad.runtime.gateway.ingest import Ingest, Status, file_meta
+from telerad.runtime.gateway.ingest import Ingest, file_meta
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.receivers import default_count
 from telerad.runtime.store.catalog import HOT, WARM
@@ -55,7 +56,7 @@ class Site:
         for _ in range(n):
             ds.SOPInstanceUID = generate_uid()
             outcome = self.ingest.store(_encode(ds), EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X")
-            assert outcome.status == Status.SUCCESS
+            assert outcome.status == StoreStatus.SUCCESS
         return study
 
 
@@ -130,7 +131,7 @@ def test_a_catalogued_file_lost_in_a_crash_is_put_back_by_the_resend(site: Site)
 def test_full_disk_refuses_with_out_of_resources(tmp_path: Path) -> None:
     site = Site(tmp_path, min_free_bytes=1 << 62)
     outcome = site.ingest.store(BODY, EXPLICIT, CT_CLASS, "1.2.3", "X")
-    assert outcome.status == Status.OUT_OF_RESOURCES
+    assert outcome.status == StoreStatus.OUT_OF_RESOURCES
     assert not (site.hot.root / "studies").exists()
 
 

@@ -62,7 +62,6 @@ INTERVAL = 10.0  # the operator's default autoscaler interval
 COLD_START = 30.0
 KEDA_POLL = 30.0
 KEDA_COOLDOWN = 300.0
-RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
 TELERAD = Scaling(
     min_replicas=0,
     max_replicas=8,
@@ -100,7 +99,7 @@ def arrivals(seed: int, hours: int = 24) -> dict[str, list[Job]]:
                 )
                 service = GPU_SECONDS[modality] * rng.uniform(0.75, 1.25)
                 jobs[modality].append(
-                    Job(RANK[priority], hour * 3600 + float(at), service, priority)
+                    Job(priority.rank, hour * 3600 + float(at), service, priority)
                 )
     return jobs
 

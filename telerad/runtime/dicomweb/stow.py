@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any, Final
 
-from telerad.runtime.dataset import DEFLATED_LE, valid_uid
+from telerad.runtime.dataset import DEFLATED_LE, StoreStatus, valid_uid
 
 _PREAMBLE: Final = 128
 _META: Final = _PREAMBLE + 4
@@ -30,23 +29,6 @@ class InvalidPart(ValueError):
 
 class _Short(InvalidPart):
     """The part ends inside its file meta, or right after it."""
-
-
-class Reason(IntEnum):
-    """FailureReason and WarningReason values (PS3.18 10.5.3, borrowed from PS3.4 B.2.3)."""
-
-    PROCESSING_FAILURE = 0x0110
-    OUT_OF_RESOURCES = 0xA700
-    STUDY_MISMATCH = 0xA900
-    """The instance's study is not the one in the URL. PS3.18 leaves the code to the
-    server; this is its "data set does not match SOP class" error (dcm4chee uses its own
-    0xC409)."""
-    CANNOT_UNDERSTAND = 0xC000
-    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
-    COERCED = 0xB000
-    """Warning: stored with some attributes changed."""
-    CLASS_MISMATCH = 0xB007
-    """Warning: stored, but the data set does not match the SOP class."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +54,7 @@ class Refused:
     sop_class_uid: str
     """Empty, as is the instance UID, when the part could not be read that far."""
     sop_instance_uid: str
-    reason: Reason
+    reason: StoreStatus
     comment: str
     """Why, for logs; not part of the response."""
 
@@ -80,7 +62,9 @@ class Refused:
 Outcome = Stored | Refused
 
 
-def refused(reason: Reason, comment: str, sop_class: str = "", sop_instance: str = "") -> Refused:
+def refused(
+    reason: StoreStatus, comment: str, sop_class: str = "", sop_instance: str = ""
+) -> Refused:
     return Refused(sop_class, sop_instance, reason, comment)
 
 

@@ -22,10 +22,10 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from pydicom import dcmread
 
 from telerad.api.jobs import JOB_HEADER, LEASE_NOT_HELD, Job
-from telerad.runtime.dataset import valid_uid
+from telerad.runtime.dataset import StoreStatus, valid_uid
 from telerad.runtime.dicomweb import media, multipart, qido, stow, wado
 from telerad.runtime.gateway.deid import Deidentifier
-from telerad.runtime.gateway.ingest import Incoming, Ingest, Status
+from telerad.runtime.gateway.ingest import Incoming, Ingest
 from telerad.runtime.store.catalog import Catalog, LeaseLost, Located, UnknownJob
 from telerad.runtime.store.files import Tier
 
@@ -43,14 +43,16 @@ RESULT_LIMIT = 256 << 20
 reads it whole, so it is bounded; larger ones are refused (out of resources)."""
 # A top-level tag, or a path through sequence items: 00880200/0/7FE00010.
 BULK_PATH = r"[0-9A-Fa-f]{8}(?:/[0-9]+/[0-9A-Fa-f]{8})*"
-# Ingest's refusals as STOW-RS failure reasons (the same codes: PS3.18 borrows PS3.4's).
 _JOB_VALUE = re.compile(r"([0-9]{1,18}):([A-Za-z0-9_-]{16,64})")
-_REASONS = {
-    Status.OUT_OF_RESOURCES: stow.Reason.OUT_OF_RESOURCES,
-    Status.STUDY_MISMATCH: stow.Reason.STUDY_MISMATCH,
-    Status.CANNOT_UNDERSTAND: stow.Reason.CANNOT_UNDERSTAND,
-    Status.PROCESSING_FAILURE: stow.Reason.PROCESSING_FAILURE,
-}
+# Ingest's refusals that are STOW-RS failure reasons as they are (PS3.18 borrows PS3.4's).
+_REASONS = frozenset(
+    {
+        StoreStatus.OUT_OF_RESOURCES,
+        StoreStatus.STUDY_MISMATCH,
+        StoreStatus.CANNOT_UNDERSTAND,
+        StoreStatus.PROCESSING_FAILURE,
+    }
+)
 
 
 class Streamed(web.StreamResponse):
@@ -227,7 +229,7 @@ class DicomWeb:
                 inside = True
                 if not isinstance(part, BodyPartReader):
                     # A nested multipart is not an instance; drain it and say so.
-                    received.append(stow.refused(stow.Reason.CANNOT_UNDERSTAND, "nested multipart"))
+                    received.append(stow.refused(StoreStatus.CANNOT_UNDERSTAND, "nested multipart"))
                 else:
                     received.append(await self._receive_part(part, client, restore))
                 inside = False
@@ -261,7 +263,7 @@ class DicomWeb:
         kind = part.headers.get("Content-Type", "application/dicom").split(";")[0].strip()
         if kind.lower() != "application/dicom":
             await part.release()
-            return stow.refused(stow.Reason.CANNOT_UNDERSTAND, f"part of type {kind!r}")
+            return stow.refused(StoreStatus.CANNOT_UNDERSTAND, f"part of type {kind!r}")
         limit = RESULT_LIMIT if restore is not None else HEAD
         head = bytearray()
         while len(head) < limit and (chunk := await part.read_chunk(CHUNK)):
@@ -271,17 +273,17 @@ class DicomWeb:
             if not whole:
                 await part.release()
                 return stow.refused(
-                    stow.Reason.OUT_OF_RESOURCES, f"a result over {RESULT_LIMIT} bytes"
+                    StoreStatus.OUT_OF_RESOURCES, f"a result over {RESULT_LIMIT} bytes"
                 )
             try:
                 head = bytearray(await asyncio.to_thread(restore, bytes(head)))
             except Exception as exc:
-                return stow.refused(stow.Reason.CANNOT_UNDERSTAND, f"not readable: {exc}"[:64])
+                return stow.refused(StoreStatus.CANNOT_UNDERSTAND, f"not readable: {exc}"[:64])
         try:
             meta = stow.split(head, whole=whole)
         except stow.InvalidPart as exc:
             await part.release()
-            return stow.refused(stow.Reason.CANNOT_UNDERSTAND, str(exc))
+            return stow.refused(StoreStatus.CANNOT_UNDERSTAND, str(exc))
         incoming = await asyncio.to_thread(
             self.ingest.begin,
             meta.transfer_syntax,
@@ -314,7 +316,7 @@ class DicomWeb:
         header = outcome.header
         if header is None:
             return stow.refused(
-                _REASONS.get(outcome.status, stow.Reason.PROCESSING_FAILURE),
+                outcome.status if outcome.status in _REASONS else StoreStatus.PROCESSING_FAILURE,
                 outcome.comment or "",
                 meta.sop_class_uid,
                 meta.sop_instance_uid,
@@ -323,7 +325,7 @@ class DicomWeb:
         url = (
             f"{base}/studies/{named}/series/{header.series_uid}/instances/{header.sop_instance_uid}"
         )
-        warning = int(outcome.status) if outcome.status != Status.SUCCESS else None
+        warning = int(outcome.status) if outcome.status != StoreStatus.SUCCESS else None
         return stow.Stored(header.sop_class_uid, header.sop_instance_uid, url, warning)
 
     # -- QIDO-RS ----------------------------------------------------------------

@@ -50,13 +50,13 @@ from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from telerad.api.config import DimseTimeouts, GatewayConfig, TLSFiles
+from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway.access import Audit
 from telerad.runtime.gateway.ingest import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
     Incoming,
     Ingest,
-    Status,
 )
 from telerad.runtime.gateway.lobby import Lobby
 from telerad.runtime.gateway.metrics import GatewayMetrics
@@ -620,7 +620,7 @@ class Association:
         message_id = _u16(command, 0x0110)
         reply = functools.partial(self.respond, message.context_id, message_id, sop_class)
         if field_ == C_ECHO_RQ:
-            reply(command_field=0x8030, status=Status.SUCCESS)
+            reply(command_field=0x8030, status=StoreStatus.SUCCESS)
             return
         if field_ != C_STORE_RQ:
             reply(command_field=field_ | 0x8000, status=UNRECOGNIZED_OPERATION)
@@ -633,7 +633,7 @@ class Association:
             )
         outcome = self.server.ingest.finish(message.incoming)
         # Success and the warnings (0xBxxx) store the instance; anything else refuses it.
-        if outcome.status == Status.SUCCESS or outcome.status >> 12 == 0xB:
+        if outcome.status == StoreStatus.SUCCESS or outcome.status >> 12 == 0xB:
             self.stored += 1
         else:
             self.refused += 1

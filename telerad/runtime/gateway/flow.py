@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import PurePosixPath
 
-from telerad.api.config import GatewayConfig, ModelRoute
+from telerad.api.config import GatewayConfig, ModelRoute, backoff
 from telerad.api.jobs import Finding, Job, ResultRef
 from telerad.runtime import phi
 from telerad.runtime.gateway import outbox
@@ -149,8 +149,7 @@ class Flow:
     def _over_threshold(model: ModelRoute | None, finding: Finding) -> bool:
         if model is None:
             return False
-        limit = model.thresholds.findings.get(finding.label, model.thresholds.critical)
-        return finding.score >= limit
+        return model.thresholds.critical_at(finding.label, finding.score)
 
     def fail(self, job_id: int, token: str, reason: str, retryable: bool) -> Job:
         now = time.time()
@@ -158,7 +157,7 @@ class Flow:
         retry_at = None
         if retryable:
             attempts = self.catalog.job(job_id).attempts
-            delay = min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** (attempts - 1))
+            delay = backoff(policy, attempts)
             retry_at = now + delay
         job = self.catalog.fail_job(job_id, token, reason, retry_at, now)
         if job.state == "parked":

@@ -13,7 +13,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
@@ -24,6 +23,7 @@ from telerad.runtime.dataset import (
     EXPLICIT_LE,
     Header,
     InvalidDataset,
+    StoreStatus,
     inflate,
     parse,
     valid_uid,
@@ -44,22 +44,9 @@ _META_PREFIX = 144
 """Preamble, DICM and the group length element: what says where our file meta ends."""
 
 
-class Status(IntEnum):
-    """C-STORE statuses (PS3.4 B.2.3) the gateway answers with."""
-
-    SUCCESS = 0x0000
-    OUT_OF_RESOURCES = 0xA700
-    CLASS_MISMATCH_WARNING = 0xB007
-    STUDY_MISMATCH = 0xA900
-    """STOW-RS to /studies/{study} of an instance of another study (an 0xA9xx "does not
-    match" error; PS3.18 leaves the code to the server)."""
-    CANNOT_UNDERSTAND = 0xC000
-    PROCESSING_FAILURE = 0x0110
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    status: Status
+    status: StoreStatus
     comment: str | None = None
     """Why it failed, for the sender's log (DIMSE Error Comment, at most 64 chars)."""
     header: Header | None = None
@@ -87,7 +74,7 @@ class Incoming:
         self.size = 0
         """Bytes of data set received, kept or not."""
         self.room = ingest.room()
-        self.failed: tuple[str, Status, str] | None = None
+        self.failed: tuple[str, StoreStatus, str] | None = None
         """Why it will be refused, found while it arrived (rejection reason, status, comment)."""
         self.offset = 0
         """Where the data set starts in the file."""
@@ -95,7 +82,7 @@ class Incoming:
         self._ingest = ingest
         self._checked = 0
         if not valid_uid(sop_instance_uid) or not valid_uid(sop_class_uid):
-            self.failed = ("invalid-uid", Status.CANNOT_UNDERSTAND, "invalid UID in request")
+            self.failed = ("invalid-uid", StoreStatus.CANNOT_UNDERSTAND, "invalid UID in request")
             return
         if self.room <= 0:
             return  # refused as too large once its size is known
@@ -128,12 +115,12 @@ class Incoming:
             self._checked = self.size
             if self._ingest.full():
                 self.discard()
-                self.failed = ("out-of-space", Status.OUT_OF_RESOURCES, "storage is full")
+                self.failed = ("out-of-space", StoreStatus.OUT_OF_RESOURCES, "storage is full")
 
     def _fail(self, exc: OSError) -> None:
         log.error("write failed: %s", exc.strerror)
         self.discard()
-        self.failed = ("write-failed", Status.OUT_OF_RESOURCES, "write failed")
+        self.failed = ("write-failed", StoreStatus.OUT_OF_RESOURCES, "write failed")
 
     def discard(self) -> None:
         """Drop the file (unless it was stored); nothing of it stays on disk."""
@@ -200,7 +187,9 @@ class Ingest:
         header = checked
         if study_uid is not None and header.study_uid != study_uid:
             return self._refuse(
-                "wrong-study", Status.STUDY_MISMATCH, "Study Instance UID differs from the request"
+                "wrong-study",
+                StoreStatus.STUDY_MISMATCH,
+                "Study Instance UID differs from the request",
             )
         versions = self._catalog.versions(header.sop_instance_uid)
         # A re-send is compared with the current version only: sent A, B, then A again,
@@ -220,11 +209,11 @@ class Ingest:
         self._metrics.stage("receive", time.monotonic() - started)
         if header.sop_class_uid != incoming.sop_class_uid:
             return Outcome(
-                Status.CLASS_MISMATCH_WARNING,
+                StoreStatus.CLASS_MISMATCH,
                 comment="SOP Class UID differs from the request",
                 header=header,
             )
-        return Outcome(Status.SUCCESS, header=header)
+        return Outcome(StoreStatus.SUCCESS, header=header)
 
     def _check(self, incoming: Incoming) -> Header | Outcome:
         """The data set's header, or why it is refused."""
@@ -233,14 +222,14 @@ class Ingest:
         if incoming.failed is not None:
             return self._refuse(*incoming.failed)
         if incoming.staged is None or self.full():
-            return self._refuse("out-of-space", Status.OUT_OF_RESOURCES, "storage is full")
+            return self._refuse("out-of-space", StoreStatus.OUT_OF_RESOURCES, "storage is full")
         try:
             header = self._parse(incoming)
         except InvalidDataset as exc:
-            return self._refuse("invalid-dataset", Status.CANNOT_UNDERSTAND, str(exc))
+            return self._refuse("invalid-dataset", StoreStatus.CANNOT_UNDERSTAND, str(exc))
         except OSError as exc:
             log.error("reading a received data set failed: %s", exc.strerror)
-            return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
+            return self._refuse("write-failed", StoreStatus.OUT_OF_RESOURCES, "write failed")
         # Inconsistent senders exist (the file meta says one UID, the data set another).
         # The data set is what gets stored and served, so it decides; the sender is told
         # when the standard has a warning for it, and the mismatch is counted either way.
@@ -284,14 +273,14 @@ class Ingest:
             staged = self._staged(header, incoming)
         except OSError as exc:
             log.error("write failed: %s", exc.strerror)
-            return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
+            return self._refuse("write-failed", StoreStatus.OUT_OF_RESOURCES, "write failed")
         try:
             version, relative = self.hot.claim(staged, names)
             self.hot.settle(staged)
         except OSError as exc:
             self.hot.discard(staged)
             log.error("write failed: %s", exc.strerror)
-            return self._refuse("write-failed", Status.OUT_OF_RESOURCES, "write failed")
+            return self._refuse("write-failed", StoreStatus.OUT_OF_RESOURCES, "write failed")
         received = Received(
             version,
             relative,
@@ -307,7 +296,7 @@ class Ingest:
             # Not catalogued means not acknowledged: the file must not stay as if it were.
             self.hot.remove(relative)
             log.exception("catalog write failed for study %s", phi.ref(header.study_uid))
-            return self._refuse("catalog-failed", Status.OUT_OF_RESOURCES, "catalog failed")
+            return self._refuse("catalog-failed", StoreStatus.OUT_OF_RESOURCES, "catalog failed")
         if added.restored:
             self._metrics.warning("restored-lost-file")
             log.warning("instance %s: its catalogued file was missing; restored", phi.ref(sop))
@@ -369,7 +358,7 @@ class Ingest:
 
     def too_large(self, size: int) -> Outcome:
         return self._refuse(
-            "out-of-space", Status.OUT_OF_RESOURCES, f"data set of {size} bytes does not fit"
+            "out-of-space", StoreStatus.OUT_OF_RESOURCES, f"data set of {size} bytes does not fit"
         )
 
     def _compare(self, tier: str, path: PurePosixPath, incoming: Incoming) -> bool:
@@ -399,9 +388,9 @@ class Ingest:
     def _identical(self, started: float, header: Header) -> Outcome:
         self._metrics.duplicate("identical")
         self._metrics.stage("receive", time.monotonic() - started)
-        return Outcome(Status.SUCCESS, header=header)
+        return Outcome(StoreStatus.SUCCESS, header=header)
 
-    def _refuse(self, reason: str, status: Status, comment: str) -> Outcome:
+    def _refuse(self, reason: str, status: StoreStatus, comment: str) -> Outcome:
         self._metrics.rejection(reason)
         log.warning("instance refused (%s): %s", reason, comment)
         return Outcome(status, comment=comment[:64])

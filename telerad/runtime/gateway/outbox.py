@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 
-from telerad.api.config import GatewayConfig
+from telerad.api.config import GatewayConfig, backoff
 from telerad.api.jobs import Job
 from telerad.api.site import Webhook
 from telerad.api.types import Priority
@@ -35,20 +35,20 @@ log = logging.getLogger(__name__)
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 BATCH = 32
 SIGNATURE_HEADER = "Telerad-Signature"
-RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
 
 
 def plan(config: GatewayConfig, job: Job, base_url: str) -> list[NewDelivery]:
     """Deliveries a completed job causes: an alert to each webhook whose lowest priority
-    the job's study reaches, when a finding is critical and its rule notifies; its result
-    to every destination."""
+    the job's priority (its rule's, not the stat its critical finding gives the study)
+    reaches, when a finding is critical and its rule notifies; its result to every
+    destination."""
     out = []
     if job.critical and job.notify:
         body = alert(config, job, base_url)
         out += [
             NewDelivery(DeliveryKind.ALERT, hook.name, body)
             for hook in config.notifications.webhooks
-            if RANK[Priority.STAT] <= RANK[hook.min_priority]
+            if job.priority.reaches(hook.min_priority)
         ]
     out += [NewDelivery(DeliveryKind.EXPORT, d.name, "{}") for d in config.destinations]
     return out
@@ -133,7 +133,7 @@ class Outbox:
         attempts = delivery.attempts + 1
         retry_at = None
         if attempts < policy.max_attempts:
-            delay = min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** (attempts - 1))
+            delay = backoff(policy, attempts)
             retry_at = time.time() + delay
         await asyncio.to_thread(
             self.catalog.delivery_failed, delivery.id, error[:500], retry_at, time.time()

@@ -42,9 +42,6 @@ from telerad.runtime.store.catalog import (
     UnknownJob,
 )
 
-PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
-RANK_PRIORITY = {rank: p for p, rank in PRIORITY_RANK.items()}
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (
     patient_key TEXT PRIMARY KEY,  -- patient id + issuer-free name, as the study carried it
@@ -449,7 +446,7 @@ class SQLiteCatalog:
                     (
                         study_uid,
                         job.model,
-                        PRIORITY_RANK[job.priority],
+                        job.priority.rank,
                         max_attempts,
                         job.rule,
                         int(job.deidentify),
@@ -580,7 +577,7 @@ class SQLiteCatalog:
             (study_uid,),
         ).fetchone()
         if critical:
-            rank = PRIORITY_RANK[Priority.STAT]
+            rank = Priority.STAT.rank
         db.execute(
             "UPDATE studies SET priority = ?, critical = ? WHERE study_uid = ?",
             (rank, int(bool(critical)), study_uid),
@@ -706,7 +703,7 @@ class SQLiteCatalog:
             " (state = 'leased' AND lease_expires <= ?) GROUP BY model, priority",
             (now,),
         )
-        return {(m, RANK_PRIORITY[p]): n for m, p, n in rows}
+        return {(m, Priority.of_rank(p)): n for m, p, n in rows}
 
     def queue_oldest(self, now: float) -> dict[tuple[str, Priority], float]:
         rows = self._read(
@@ -714,7 +711,7 @@ class SQLiteCatalog:
             " (state = 'leased' AND lease_expires <= ?) GROUP BY model, priority",
             (now,),
         )
-        return {(m, RANK_PRIORITY[p]): float(t) for m, p, t in rows}
+        return {(m, Priority.of_rank(p)): float(t) for m, p, t in rows}
 
     def job_states(self) -> dict[tuple[str, str], int]:
         rows = self._read("SELECT model, state, count(*) FROM jobs GROUP BY model, state")
@@ -750,7 +747,7 @@ class SQLiteCatalog:
                 out.append(
                     WorklistEntry(
                         study_uid=uid,
-                        priority=None if prio is None else RANK_PRIORITY[prio],
+                        priority=None if prio is None else Priority.of_rank(prio),
                         complete=state == "complete",
                         critical=bool(critical),
                         received_at=datetime.fromtimestamp(first, UTC),
@@ -844,7 +841,7 @@ def _job_of(row: tuple[Any, ...]) -> Job:
         id=job_id,
         study_uid=study_uid,
         model=model,
-        priority=RANK_PRIORITY[priority],
+        priority=Priority.of_rank(priority),
         state=JobState(state),
         attempts=attempts,
         max_attempts=max_attempts,

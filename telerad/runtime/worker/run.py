@@ -27,7 +27,6 @@ from pydicom.dataset import Dataset
 
 from telerad.api.config import WorkerConfig
 from telerad.api.jobs import Finding, Job
-from telerad.api.types import Priority
 from telerad.runtime import phi
 from telerad.runtime.gpu import Gpus
 from telerad.runtime.models import base, volume
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 # highdicom logs the UIDs of the data sets it copies from at INFO; UIDs stay out of logs.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 T = TypeVar("T")
-RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
 TIMEOUT = aiohttp.ClientTimeout(total=1800, sock_connect=10, sock_read=300)
 
 
@@ -56,12 +54,11 @@ def choose_device(config: WorkerConfig, gpus: Gpus) -> base.Device:
 
 def findings(result: base.Result, config: WorkerConfig) -> list[Finding]:
     """The job's findings: each detection, critical at or above its threshold."""
-    thresholds = config.thresholds
     return [
         Finding(
             label=d.label,
             score=d.score,
-            critical=d.score >= thresholds.findings.get(d.label, thresholds.critical),
+            critical=config.thresholds.critical_at(d.label, d.score),
             measurements={m.key: m.value for m in d.measures},
         )
         for d in result.detections
@@ -138,7 +135,7 @@ class Worker:
                 log.warning("%s", exc)
                 continue
             if head is not None:
-                heads.append((RANK[head.priority], head.created_at.timestamp(), gateway))
+                heads.append((head.priority.rank, head.created_at.timestamp(), gateway))
         for _, _, gateway in sorted(heads, key=lambda h: h[:2]):
             try:
                 job = await gateway.claim(self.queue, self.owner, self.config.lease_seconds)
