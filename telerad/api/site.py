@@ -179,8 +179,10 @@ class Webhook(ApiModel):
     """Receives a JSON POST per alert, signed when a secret is set."""
     signing_secret: SecretKeyRef | None = None
     """Secret key with the HMAC-SHA256 key that signs each request."""
-    min_priority: Priority = Priority.STAT
-    """Lowest priority that triggers this webhook."""
+    min_priority: Priority = Priority.ROUTINE
+    """Lowest priority of the routing rule behind a critical finding that triggers this
+    webhook. Every critical finding by default: one on a routine study is the case a
+    triage AI exists to catch, so narrowing a pager to stat rules is an explicit choice."""
 
 
 class Notifications(ApiModel):

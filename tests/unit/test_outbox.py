@@ -119,6 +119,9 @@ def test_an_alert_goes_to_the_webhooks_whose_lowest_priority_the_job_reaches(
     hooks = [
         Webhook(name=p.value, url=f"http://127.0.0.1:9/{p.value}", min_priority=p) for p in Priority
     ]
+    # A webhook that names no priority hears every critical finding, a routine rule's too.
+    hooks.append(Webhook(name="default", url="http://127.0.0.1:9/default"))
+    alerted = [*alerted, "default"]
     config = example_config(11112, 8080, tmp_path).model_copy(
         update={"notifications": Notifications(webhooks=hooks), "destinations": [PACS]}
     )
