@@ -20,6 +20,7 @@ from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.store.catalog import HOT, Level
 from telerad.runtime.store.files import Tier
 from telerad.runtime.store.sqlite import SQLiteCatalog
+from tests.unit.test_runtime_store import store_bytes
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -39,8 +40,13 @@ class Archive:
             setattr(ds, keyword, value)
         out = io.BytesIO()
         pydicom.dcmwrite(out, ds)
-        outcome = self.ingest.store(
-            _body(out.getvalue()), EXPLICIT, str(ds.SOPClassUID), ds.SOPInstanceUID, "X"
+        outcome = store_bytes(
+            self.ingest,
+            _body(out.getvalue()),
+            EXPLICIT,
+            str(ds.SOPClassUID),
+            ds.SOPInstanceUID,
+            "X",
         )
         assert outcome.status == StoreStatus.SUCCESS, outcome
         return ds

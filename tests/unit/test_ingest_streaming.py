@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway.ingest import meta_length
 
-from .test_runtime_store import CT, CT_CLASS, EXPLICIT, Site, _encode
+from .test_runtime_store import CT, CT_CLASS, EXPLICIT, Site, _encode, store_bytes
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_a_data_set_naming_another_instance_than_its_request_is_stored_under_its
     ds.SOPInstanceUID = generate_uid()
     announced = generate_uid()
     body = _encode(ds)
-    outcome = site.ingest.store(body, EXPLICIT, CT_CLASS, announced, "MODALITY")
+    outcome = store_bytes(site.ingest, body, EXPLICIT, CT_CLASS, announced, "MODALITY")
     assert outcome.status == StoreStatus.SUCCESS
     assert site.catalog.versions(announced) == []
     (stored,) = site.catalog.versions(ds.SOPInstanceUID)
@@ -68,7 +68,9 @@ def test_a_resend_is_compared_with_what_is_stored(site: Site) -> None:
     body = _encode(ds)
     changed = body[:-2] + bytes([body[-2] ^ 1]) + body[-1:]  # same size, one bit apart
     for data in (body, body, changed):
-        assert site.ingest.store(data, EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status == 0
+        assert (
+            store_bytes(site.ingest, data, EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status == 0
+        )
     assert [v.version for v in site.catalog.versions(ds.SOPInstanceUID)] == [1, 2]
     assert incoming_files(site) == []
 

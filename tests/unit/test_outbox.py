@@ -22,7 +22,7 @@ from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway import outbox
 from telerad.runtime.gateway.example import example_config
 from telerad.runtime.store.catalog import DeliveryKind
-from tests.unit.test_runtime_store import CT, CT_CLASS, EXPLICIT, Site, _encode
+from tests.unit.test_runtime_store import CT, CT_CLASS, EXPLICIT, Site, _encode, store_bytes
 
 HOOKS = Notifications(
     webhooks=[
@@ -48,8 +48,8 @@ def store(site: Site, study: str, result_of: int | None = None) -> str:
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study])  # one series per study
     ds.SOPInstanceUID = generate_uid()
     ds.BodyPartExamined = "HEAD"  # what the example's stat CT head rule asks for
-    outcome = site.ingest.store(
-        _encode(ds), EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X", result_of=result_of
+    outcome = store_bytes(
+        site.ingest, _encode(ds), EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X", result_of=result_of
     )
     assert outcome.status == StoreStatus.SUCCESS
     return str(ds.SOPInstanceUID)

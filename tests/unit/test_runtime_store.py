@@ -18,7 +18,7 @@ from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.example import example_config
 from telerad.runtime.gateway.flow import DAY, Flow
-from telerad.runtime.gateway.ingest import Ingest, file_meta
+from telerad.runtime.gateway.ingest import Ingest, Outcome, file_meta
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.receivers import default_count
 from telerad.runtime.store.catalog import HOT, WARM
@@ -30,6 +30,23 @@ RAW = CT.read_bytes()
 BODY = RAW[144 + int.from_bytes(RAW[140:144], "little") :]
 EXPLICIT = "1.2.840.10008.1.2.1"
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def store_bytes(  # noqa: PLR0917  (the receivers' own arguments)
+    ingest: Ingest,
+    data: bytes,
+    transfer_syntax: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    calling_ae: str,
+    *,
+    study_uid: str | None = None,
+    result_of: int | None = None,
+) -> Outcome:
+    """Store an encoded data set held in memory, as the receivers do with what arrives."""
+    incoming = ingest.begin(transfer_syntax, sop_class_uid, sop_instance_uid, calling_ae)
+    incoming.write(data)
+    return ingest.finish(incoming, study_uid=study_uid, result_of=result_of)
 
 
 class Site:
@@ -55,7 +72,9 @@ class Site:
         ds.StudyInstanceUID = study
         for _ in range(n):
             ds.SOPInstanceUID = generate_uid()
-            outcome = self.ingest.store(_encode(ds), EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X")
+            outcome = store_bytes(
+                self.ingest, _encode(ds), EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X"
+            )
             assert outcome.status == StoreStatus.SUCCESS
         return study
 
@@ -114,10 +133,10 @@ def test_a_catalogued_file_lost_in_a_crash_is_put_back_by_the_resend(site: Site)
     ds = pydicom.dcmread(CT)
     ds.SOPInstanceUID = generate_uid()
     body = _encode(ds)
-    assert site.ingest.store(body, EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status == 0
+    assert store_bytes(site.ingest, body, EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status == 0
     (stored,) = site.catalog.versions(ds.SOPInstanceUID)
     site.hot.path(PurePosixPath(stored.path)).unlink()
-    assert site.ingest.store(body, EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status == 0
+    assert store_bytes(site.ingest, body, EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status == 0
     assert site.catalog.versions(ds.SOPInstanceUID) == [stored]
     assert site.hot.read(PurePosixPath(stored.path)).endswith(body)
     assert (
@@ -130,7 +149,7 @@ def test_a_catalogued_file_lost_in_a_crash_is_put_back_by_the_resend(site: Site)
 
 def test_full_disk_refuses_with_out_of_resources(tmp_path: Path) -> None:
     site = Site(tmp_path, min_free_bytes=1 << 62)
-    outcome = site.ingest.store(BODY, EXPLICIT, CT_CLASS, "1.2.3", "X")
+    outcome = store_bytes(site.ingest, BODY, EXPLICIT, CT_CLASS, "1.2.3", "X")
     assert outcome.status == StoreStatus.OUT_OF_RESOURCES
     assert not (site.hot.root / "studies").exists()
 
@@ -212,7 +231,7 @@ def test_an_instance_arriving_while_its_study_moves_to_warm_stays_safe(site: Sit
     late.StudyInstanceUID = study
     late.SOPInstanceUID = generate_uid()
     body = _encode(late)
-    assert site.ingest.store(body, EXPLICIT, CT_CLASS, late.SOPInstanceUID, "X").status == 0
+    assert store_bytes(site.ingest, body, EXPLICIT, CT_CLASS, late.SOPInstanceUID, "X").status == 0
     site.flow._to_warm(picked)
     (kept,) = site.catalog.versions(late.SOPInstanceUID)
     assert kept.tier == HOT
@@ -229,4 +248,6 @@ def test_an_instance_arriving_while_its_study_moves_to_warm_stays_safe(site: Sit
     other._known_dirs.add(site.hot.path(PurePosixPath(kept.path)).parent)
     again = Ingest(site.catalog, {HOT: other, WARM: site.warm}, site.metrics, 0)
     late.SOPInstanceUID = generate_uid()
-    assert again.store(_encode(late), EXPLICIT, CT_CLASS, late.SOPInstanceUID, "X").status == 0
+    assert (
+        store_bytes(again, _encode(late), EXPLICIT, CT_CLASS, late.SOPInstanceUID, "X").status == 0
+    )

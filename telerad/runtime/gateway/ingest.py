@@ -152,22 +152,6 @@ class Ingest:
         """A data set about to arrive, with what its request announced; `finish` it."""
         return Incoming(self, transfer_syntax, sop_class_uid, sop_instance_uid, calling_ae)
 
-    def store(
-        self,
-        data: bytes,
-        transfer_syntax: str,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        calling_ae: str,
-        *,
-        study_uid: str | None = None,
-        result_of: int | None = None,
-    ) -> Outcome:
-        """Store an encoded data set held in memory (see `finish`)."""
-        incoming = self.begin(transfer_syntax, sop_class_uid, sop_instance_uid, calling_ae)
-        incoming.write(data)
-        return self.finish(incoming, study_uid=study_uid, result_of=result_of)
-
     def finish(
         self, incoming: Incoming, *, study_uid: str | None = None, result_of: int | None = None
     ) -> Outcome:
