@@ -51,6 +51,18 @@ class StoragePaths(ApiModel):
     """How often the hot -> warm -> deleted pass runs."""
 
 
+class CatalogConfig(ApiModel):
+    """Where the site's catalog, job queue and outbox live."""
+
+    url: str | None = Field(default=None, pattern=r"^(sqlite|postgresql|postgres)://")
+    """`sqlite:///PATH` (one gateway per site; the default is `catalog.sqlite` in the hot
+    tier) or `postgresql://USER@HOST:PORT/DB?sslmode=verify-full&sslrootcert=CA` (shared by
+    the site's gateways and by other sites of the tenant). Never a password: that comes
+    from `passwordFile`."""
+    password_file: Path | None = None
+    """The database password, from the mounted Secret."""
+
+
 class DimseTimeouts(ApiModel):
     """How long a DICOM peer may keep the receiver waiting. Each bound frees what a slow or
     silent peer holds (a connection, an association slot, the association's thread): a
@@ -162,6 +174,8 @@ class GatewayConfig(ApiModel):
     """TLS material; when set, plain connections are refused."""
     storage: StoragePaths
     """Tier directories and ages."""
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
+    """The catalog's database."""
     completion: Completion = Field(default_factory=Completion)
     """When a study is complete."""
     dimse: Dimse = Field(default_factory=Dimse)

@@ -7,13 +7,13 @@ comes from Debian (`make test` installs it); a missing tool fails the test, neve
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,6 +35,9 @@ from telerad.api.config import GatewayConfig, TLSFiles, WorkerConfig
 from telerad.api.site import Completion, Notifications, Webhook
 from telerad.devcluster.pki import CertificateAuthority
 from telerad.runtime.gateway.example import ensure_token, example_config
+from telerad.runtime.store import backends
+from telerad.runtime.store.catalog import StoredInstance
+from telerad.runtime.store.sql.catalog import SQLCatalog
 from telerad.runtime.worker.example import example_config as worker_example
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -344,8 +347,38 @@ def stow(
     )
 
 
-def catalog(gateway: GatewayProcess) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{gateway.hot / 'catalog.sqlite'}?mode=ro", uri=True)
+@contextlib.contextmanager
+def catalog(gateway: GatewayProcess) -> Iterator[SQLCatalog]:
+    """The gateway's catalog, through its own backend (a second connection)."""
+    opened = backends.open(
+        gateway.config.catalog.url or backends.default_url(gateway.hot),
+        site=gateway.config.site,
+        password_file=gateway.config.catalog.password_file,
+    )
+    assert isinstance(opened, SQLCatalog)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def stored(gateway: GatewayProcess) -> list[StoredInstance]:
+    """Every version of every instance the gateway catalogued."""
+    with catalog(gateway) as opened:
+        return opened.stored()
+
+
+def read_rows(gateway: GatewayProcess, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+    """What a statement reads from the catalog's tables, on whichever backend it has: for
+    what no port shows (rows a deletion must leave behind)."""
+    with catalog(gateway) as opened, opened.db.read() as tx:
+        return list(tx.execute(sql, args).fetchall())
+
+
+def age_studies(gateway: GatewayProcess, seconds: float) -> None:
+    """As if every study's last instance came `seconds` earlier (with the gateway down)."""
+    with catalog(gateway) as opened, opened.db.write() as tx:
+        tx.execute("UPDATE studies SET last_received = last_received - ?", (seconds,))
 
 
 def sop_uid(path: Path) -> str:
@@ -355,7 +388,7 @@ def sop_uid(path: Path) -> str:
 def assert_kept(gateway: GatewayProcess, acknowledged: list[Path]) -> dict[str, str]:
     """Every acknowledged file is catalogued once and kept byte for byte (the data set;
     the file meta is the gateway's own); returns SOP Instance UID -> catalogued path."""
-    rows = catalog(gateway).execute("SELECT sop_uid, tier, path FROM instances").fetchall()
+    rows = [(v.sop_uid, v.tier, v.path) for v in stored(gateway)]
     assert len(rows) == len({sop for sop, _, _ in rows}), "an instance catalogued twice"
     tiers = {"hot": gateway.hot, "warm": gateway.config.storage.warm_dir}
     catalogued = {sop: path for sop, _, path in rows}

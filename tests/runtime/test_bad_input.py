@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import sqlite3
 import struct
 import zlib
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from pynetdicom.pdu import P_DATA_TF
 
 from telerad import synthetic
 
-from .conftest import GatewayFactory, GatewayProcess, dataset_bytes
+from .conftest import GatewayFactory, GatewayProcess, dataset_bytes, stored
 from .test_roundtrip import BROKEN, PYDICOM_FILES, REAL_IMAGES
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
@@ -87,8 +86,7 @@ def store(gateway: GatewayProcess, path: Path) -> Dataset:
 
 
 def catalogued(gateway: GatewayProcess) -> list[tuple[str, str]]:
-    db = sqlite3.connect(f"file:{gateway.hot / 'catalog.sqlite'}?mode=ro", uri=True)
-    return sorted(db.execute("SELECT sop_uid, path FROM instances").fetchall())
+    return sorted((v.sop_uid, v.path) for v in stored(gateway))
 
 
 @pytest.mark.reliability("attack", "malformed data sets over C-STORE")

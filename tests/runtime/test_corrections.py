@@ -17,7 +17,7 @@ from telerad.runtime.gateway.ingest import file_meta
 from telerad.runtime.store.catalog import HOT
 from telerad.runtime.store.files import Tier, instance_path
 
-from .conftest import GatewayFactory, GatewayProcess, catalog, send_datasets
+from .conftest import GatewayFactory, GatewayProcess, read_rows, send_datasets, stored
 from .test_worker import retrieve
 
 STUDY_INSTANCES = "00201208"
@@ -64,9 +64,7 @@ def test_a_corrected_resend_is_what_queries_find_at_every_level(gateway: Gateway
     (row,) = found(gateway, f"/studies/{study}/series", includefield="0008103E")
     assert value(row, "0008103E") == "NEW SERIES" and value(row, SERIES_INSTANCES) == 4
     # The old patient is gone with its last study; the new one is served by WADO-RS too.
-    assert catalog(gateway).execute("SELECT patient_name FROM patients").fetchall() == [
-        ("NEW^PATIENT",)
-    ]
+    assert read_rows(gateway, "SELECT patient_name FROM patients") == [("NEW^PATIENT",)]
     served = retrieve(gateway, study, series, str(original[0].SOPInstanceUID))
     assert served.StudyDescription == "NEW STUDY"
 
@@ -77,16 +75,13 @@ def test_a_then_b_then_a_again_serves_a(gateway: GatewayProcess) -> None:
     for sent in (a, b, a):
         assert send_datasets(gateway, [sent]) == [0]
     study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-    versions = catalog(gateway).execute(
-        "SELECT version FROM instances WHERE sop_uid = ? ORDER BY version", (sop,)
-    )
-    assert versions.fetchall() == [(1,), (2,), (3,)]
+    assert [v.version for v in stored(gateway) if v.sop_uid == sop] == [1, 2, 3]
     assert retrieve(gateway, study, series, sop).StudyDescription == "AAA STUDY"
     assert found(gateway, "/studies", StudyDescription="AAA*")
     assert not found(gateway, "/studies", StudyDescription="BBB*")
     # The same A once more is a duplicate of the current version: nothing new is kept.
     assert send_datasets(gateway, [a]) == [0]
-    assert catalog(gateway).execute("SELECT count(*) FROM instances").fetchone() == (3,)
+    assert len(stored(gateway)) == 3
 
 
 @pytest.mark.reliability("fault", "a file written but not catalogued when the gateway died")
@@ -120,8 +115,7 @@ def test_a_file_a_crash_left_uncatalogued_is_swept_and_its_resend_is_version_1(
     gateway.start()
     assert not hot.path(relative).exists(), "the uncatalogued file is still there"
     assert send_datasets(gateway, [left]) == [0]
-    versions = catalog(gateway).execute("SELECT version FROM instances WHERE sop_uid = ?", (sop,))
-    assert versions.fetchall() == [(1,)]
+    assert [v.version for v in stored(gateway) if v.sop_uid == sop] == [1]
     assert "different content" not in gateway.log.read_text()
     # One count, wherever it is read.
     (item,) = found(gateway, "/studies", StudyInstanceUID=study)

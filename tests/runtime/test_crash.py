@@ -5,7 +5,6 @@ can simply be sent again."""
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import threading
 import time
@@ -21,9 +20,10 @@ from telerad import synthetic
 from .conftest import (
     GatewayFactory,
     GatewayProcess,
+    age_studies,
     assert_kept,
-    catalog,
     env_nodelay,
+    stored,
     stow,
     temporaries,
     tool,
@@ -86,13 +86,12 @@ def test_kill_9_mid_study_loses_no_acknowledged_instance(
             killed.set()
     sender.wait(60)
     assert killed.is_set(), "storescu finished before the gateway could be killed"
-    stored = acknowledged(lines)
-    assert KILL_AFTER <= len(stored) < SLICES, "the kill must land mid-study"
+    acked = acknowledged(lines)
+    assert KILL_AFTER <= len(acked) < SLICES, "the kill must land mid-study"
     assert sender.returncode != 0, "storescu must notice the gateway died"
 
     gateway.start()
-    db = catalog(gateway)
-    catalogued = assert_kept(gateway, stored)
+    catalogued = assert_kept(gateway, acked)
     # What was caught mid-write was never acknowledged: no temporary file survives the
     # restart, nor a file written but not catalogued (its sender was never told it is
     # stored; the start sweeps it, and sending it again stores it as version 1).
@@ -104,10 +103,11 @@ def test_kill_9_mid_study_loses_no_acknowledged_instance(
     again = storescu(gateway, files)
     output, _ = again.communicate(timeout=120)
     assert again.returncode == 0, output[-2000:]
-    total = db.execute("SELECT count(*), count(DISTINCT sop_uid) FROM instances").fetchone()
-    assert total == (SLICES, SLICES)
-    versions = db.execute("SELECT DISTINCT version FROM instances").fetchall()
-    assert versions == [(1,)], "a re-send of a file the crash left became a second version"
+    versions = stored(gateway)
+    assert (len(versions), len({v.sop_uid for v in versions})) == (SLICES, SLICES)
+    assert {v.version for v in versions} == {1}, (
+        "a re-send of a file the crash left became a second version"
+    )
 
 
 STOW_CLIENTS = 4
@@ -173,8 +173,8 @@ def test_kill_9_during_stow_loses_no_acknowledged_instance(
     for start in range(0, len(files), 25):
         answer = stow(gateway, [p.read_bytes() for p in files[start : start + 25]])
         assert answer.status_code == 200, answer.text
-    total = catalog(gateway).execute("SELECT count(*), count(DISTINCT sop_uid) FROM instances")
-    assert total.fetchone() == (len(files), len(files))
+    versions = stored(gateway)
+    assert (len(versions), len({v.sop_uid for v in versions})) == (len(files), len(files))
 
 
 @pytest.mark.reliability("fault", "kill -9 of the gateway during a move to the warm tier")
@@ -198,8 +198,7 @@ def test_kill_9_mid_move_to_warm_keeps_one_good_copy(
     gateway.wait_for(lambda: gateway.metric("telerad_gateway_studies_completed_total") == 1)
     gateway.stop()
     # Eight days old: past the site's seven days on the hot tier, inside its retention.
-    with sqlite3.connect(gateway.hot / "catalog.sqlite") as db:
-        db.execute("UPDATE studies SET last_received = last_received - 8 * 86400")
+    age_studies(gateway, 8 * 86400)
 
     gateway.launch()  # the first lifecycle pass runs at once
     deadline = time.monotonic() + 60
@@ -212,8 +211,7 @@ def test_kill_9_mid_move_to_warm_keeps_one_good_copy(
 
     gateway.start()
     gateway.wait_for(lambda: not list((gateway.hot / "studies").rglob("*.dcm")))
-    rows = catalog(gateway).execute("SELECT DISTINCT tier FROM instances").fetchall()
-    assert rows == [("warm",)]
+    assert {v.tier for v in stored(gateway)} == {"warm"}
     assert_kept(gateway, files)
     assert len(list((warm / "studies").rglob("*.dcm"))) == SLICES
     assert not temporaries(gateway.hot, warm)

@@ -27,7 +27,6 @@ import struct
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from telerad import synthetic
 from telerad.runtime.dataset import parse
 from telerad.runtime.gateway.ingest import meta_length
 
-from .conftest import GatewayProcess, catalog, temporaries
+from .conftest import GatewayProcess, stored, temporaries
 
 # raw_sending is autouse: with it pynetdicom sends each mutated data set verbatim.
 from .test_bad_input import (
@@ -455,9 +454,7 @@ def send(gateway: GatewayProcess, rq: bytes, exchange: Exchange) -> bytes:
 
 def catalogued(gateway: GatewayProcess) -> dict[tuple[str, int], tuple[str, str]]:
     """(SOP Instance UID, version) -> (path in the hot tier, transfer syntax)."""
-    with closing(catalog(gateway)) as db:
-        rows = db.execute("SELECT sop_uid, version, path, transfer_syntax FROM instances")
-        return {(sop, version): (path, ts) for sop, version, path, ts in rows}
+    return {(v.sop_uid, v.version): (v.path, v.transfer_syntax) for v in stored(gateway)}
 
 
 def assert_hot_tier_consistent(gateway: GatewayProcess) -> dict[tuple[str, int], Path]:

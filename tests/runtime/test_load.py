@@ -28,7 +28,7 @@ from telerad import synthetic
 from telerad.api.site import Completion
 from telerad.runtime.gateway.openapi import MAX_PAGE
 
-from .conftest import GatewayFactory, GatewayProcess, catalog, env_nodelay, stow, tool
+from .conftest import GatewayFactory, GatewayProcess, env_nodelay, stored, stow, tool
 from .test_crash import acknowledged
 
 ASSOCIATIONS = 20
@@ -173,9 +173,7 @@ def test_load_loses_nothing_and_memory_stays_flat(
 
     # Every instance a sender was told is stored is catalogued, once.
     # (The workers' SRs, stored meanwhile, are results, not what was sent.)
-    sent = "SELECT sop_uid FROM instances WHERE result_of IS NULL"
-    rows = catalog(gateway).execute(sent).fetchall()
-    catalogued = [sop for (sop,) in rows]
+    catalogued = [v.sop_uid for v in stored(gateway) if v.result_of is None]
     assert len(catalogued) == len(set(catalogued)) == len(tally.stored)
     assert set(catalogued) == tally.stored
 

@@ -206,8 +206,9 @@ def retrieved_digest(gateway: GatewayProcess, large: Large) -> str:
 
 
 def stored_size(gateway: GatewayProcess, sop: str) -> int:
-    rows = catalog(gateway).execute("SELECT size FROM instances WHERE sop_uid = ?", (sop,))
-    return int(rows.fetchone()[0])
+    with catalog(gateway) as opened:
+        (version,) = opened.versions(sop)
+    return version.size
 
 
 def remove_large_files(gateway: GatewayProcess) -> None:

@@ -5,7 +5,6 @@ and alerts follow the newest result, and a reader's report routes nothing."""
 from __future__ import annotations
 
 import io
-import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from .conftest import (
     GatewayFactory,
     GatewayProcess,
     Sink,
+    age_studies,
     done_jobs,
     results,
     send_datasets,
@@ -69,8 +69,7 @@ def test_a_study_cut_by_a_crash_waits_a_fresh_quiet_window_after_the_restart(
     assert send_datasets(gateway, datasets[:15]) == [0] * 15
     gateway.kill()
     # Down for an hour: its quiet time passes while no sender can reach it.
-    with sqlite3.connect(gateway.hot / "catalog.sqlite") as db:
-        db.execute("UPDATE studies SET last_received = last_received - 3600")
+    age_studies(gateway, 3600)
 
     gateway.start()
     assert entry(gateway, study)["complete"] is False, "completed with what came before the crash"

@@ -7,7 +7,6 @@ must know the instance."""
 
 from __future__ import annotations
 
-import sqlite3
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import UID
 from pynetdicom import AE, _config
 
-from .conftest import GatewayProcess, dataset_bytes
+from .conftest import GatewayProcess, dataset_bytes, stored
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 REAL_IMAGES = Path(str(get_testdata_file("RG1_UNCR.dcm", download=False))).parent
@@ -108,26 +107,18 @@ def test_every_sample_round_trips_byte_identical(gateway: GatewayProcess) -> Non
     assert statuses == [0] * len(SAMPLES), [
         (p.name, hex(s)) for p, s in zip(SAMPLES, statuses, strict=True) if s
     ]
-    catalog = sqlite3.connect(f"file:{gateway.hot / 'catalog.sqlite'}?mode=ro", uri=True)
-    rows = {
-        sop: (path, ts, version)
-        for sop, path, ts, version in catalog.execute(
-            "SELECT sop_uid, path, transfer_syntax, version FROM instances"
-        )
-    }
+    versions = stored(gateway)
+    rows = {v.sop_uid: (v.path, v.transfer_syntax, v.version) for v in versions}
     # A few samples are the same instance in several encodings: those become versions.
     expected_sops = {
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in SAMPLES
     }
     assert {sop for sop in rows} == expected_sops
-    stored = {
-        (sop, v): gateway.hot / path
-        for sop, path, v in catalog.execute("SELECT sop_uid, path, version FROM instances")
-    }
-    by_content = {dataset_bytes(p) for p in stored.values()}
+    files = {(v.sop_uid, v.version): gateway.hot / v.path for v in versions}
+    by_content = {dataset_bytes(p) for p in files.values()}
     for path in SAMPLES:
         assert dataset_bytes(path) in by_content, f"{path.name} not stored byte-identical"
-    stored_meta = pydicom.filereader.read_file_meta_info(next(iter(stored.values())))
+    stored_meta = pydicom.filereader.read_file_meta_info(next(iter(files.values())))
     assert stored_meta.ImplementationVersionName == "TELERAD_010"
     assert stored_meta.SourceApplicationEntityTitle == "PYNETDICOM"
 

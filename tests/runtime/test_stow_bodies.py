@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 
 from telerad.api.config import HttpLimits
 
-from .conftest import GatewayFactory, GatewayProcess, catalog, stow, temporaries
+from .conftest import GatewayFactory, GatewayProcess, stored, stow, temporaries
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 BOUNDARY = "telerad-test-bodies-93ad"
@@ -60,7 +60,7 @@ def answer(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def nothing_stored(gateway: GatewayProcess) -> None:
-    assert catalog(gateway).execute("SELECT count(*) FROM instances").fetchone() == (0,)
+    assert stored(gateway) == []
     assert not list((gateway.hot / "studies").rglob("*.dcm"))
     assert not temporaries(gateway.hot)
     assert not list((gateway.hot / "incoming").glob("*"))
@@ -108,7 +108,7 @@ def test_malformed_stow_bodies_are_400_and_store_nothing(gateway: GatewayProcess
     assert "Traceback" not in gateway.log.read_text()
     # Still serving: the same instance in a well-formed body is stored.
     assert stow(gateway, [CT]).status_code == 200
-    assert catalog(gateway).execute("SELECT count(*) FROM instances").fetchone() == (1,)
+    assert len(stored(gateway)) == 1
 
 
 @pytest.mark.reliability("attack", "a STOW body announced and never sent")

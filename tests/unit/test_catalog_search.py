@@ -17,9 +17,10 @@ from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.dicomweb import qido
 from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
-from telerad.runtime.store.catalog import HOT, Level
+from telerad.runtime.store import backends
+from telerad.runtime.store.catalog import HOT
 from telerad.runtime.store.files import Tier
-from telerad.runtime.store.sqlite import SQLiteCatalog
+from telerad.runtime.store.search import Level
 from tests.unit.test_runtime_store import store_bytes
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
@@ -28,7 +29,7 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 
 class Archive:
     def __init__(self, root: Path) -> None:
-        self.catalog = SQLiteCatalog(root / "catalog.sqlite")
+        self.catalog = backends.open(backends.default_url(root), site="example")
         self.ingest = Ingest(self.catalog, {HOT: Tier(HOT, root)}, GatewayMetrics("test"), 0)
 
     def store(self, **attributes: object) -> pydicom.Dataset:

@@ -22,7 +22,7 @@ from pydicom.encaps import get_frame
 
 from telerad.runtime.dataset import EXPLICIT_LE, IMPLICIT_LE
 from telerad.runtime.dicomweb import media, multipart, qido, wado
-from telerad.runtime.store.catalog import Kind, Level
+from telerad.runtime.store.search import Kind, Level
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
 MULTIFRAME = Path(str(get_testdata_file("emri_small.dcm")))

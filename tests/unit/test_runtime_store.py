@@ -21,9 +21,10 @@ from telerad.runtime.gateway.flow import DAY, Flow
 from telerad.runtime.gateway.ingest import Ingest, Outcome, file_meta
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.receivers import default_count
-from telerad.runtime.store.catalog import HOT, WARM
+from telerad.runtime.store import backends
+from telerad.runtime.store.catalog import HOT, WARM, Catalog
 from telerad.runtime.store.files import Tier, study_dir
-from telerad.runtime.store.sqlite import SQLiteCatalog
+from telerad.runtime.store.sql.catalog import SQLCatalog
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
 RAW = CT.read_bytes()
@@ -59,7 +60,7 @@ class Site:
         paths = self.config.storage
         assert paths.warm_dir is not None
         self.hot, self.warm = Tier(HOT, paths.hot_dir), Tier(WARM, paths.warm_dir)
-        self.catalog = SQLiteCatalog(paths.hot_dir / "catalog.sqlite")
+        self.catalog = backends.open(backends.default_url(paths.hot_dir), site="example")
         self.metrics = GatewayMetrics("test")
         deid = Deidentifier(paths.hot_dir / "deid.key")
         self.flow = Flow(self.config, self.catalog, self.hot, self.warm, self.metrics, deid=deid)
@@ -77,6 +78,16 @@ class Site:
             )
             assert outcome.status == StoreStatus.SUCCESS
         return study
+
+
+def age_study(catalog: Catalog, study_uid: str, seconds: float) -> None:
+    """As if the study's last instance came `seconds` earlier (on any SQL backend)."""
+    assert isinstance(catalog, SQLCatalog)
+    with catalog.db.write() as tx:
+        tx.execute(
+            "UPDATE studies SET last_received = last_received - ? WHERE study_uid = ?",
+            (seconds, study_uid),
+        )
 
 
 def _encode(ds: pydicom.Dataset) -> bytes:
@@ -158,10 +169,7 @@ def test_lifecycle_moves_then_deletes(site: Site) -> None:
     old, recent = site.store_study(), site.store_study()
     now = time.time()
     assert site.flow.complete_due(now + 60) == 2
-    site.catalog._db.execute(  # the old study was last touched 8 days ago
-        "UPDATE studies SET last_received = last_received - ? WHERE study_uid = ?",
-        (8 * DAY, old),
-    )
+    age_study(site.catalog, old, 8 * DAY)  # the old study was last touched 8 days ago
     hot_files = files_of(site.hot, old)
     contents = [site.hot.read(p) for p in hot_files]
     site.flow.lifecycle(now)
@@ -193,10 +201,7 @@ def test_lifecycle_recovers_from_a_pass_cut_short(site: Site) -> None:
     # Crash 2: a study was marked for deletion, and one of its files already removed.
     site.catalog.mark_deleting(deleting)
     site.hot.path(files_of(site.hot, deleting)[0]).unlink()
-    site.catalog._db.execute(
-        "UPDATE studies SET last_received = last_received - ? WHERE study_uid = ?",
-        (8 * DAY, moving),
-    )
+    age_study(site.catalog, moving, 8 * DAY)
     site.flow.lifecycle(now)
     assert len(files_of(site.warm, moving)) == 2
     assert files_of(site.hot, moving) == []
@@ -222,10 +227,7 @@ def test_an_instance_arriving_while_its_study_moves_to_warm_stays_safe(site: Sit
     study = site.store_study(2)
     now = time.time()
     site.flow.complete_due(now + 60)
-    site.catalog._db.execute(
-        "UPDATE studies SET last_received = last_received - ? WHERE study_uid = ?",
-        (8 * DAY, study),
-    )
+    age_study(site.catalog, study, 8 * DAY)
     (picked,) = site.catalog.lifecycle_candidates(HOT, now - 7 * DAY, 10)
     late = pydicom.dcmread(CT)
     late.StudyInstanceUID = study

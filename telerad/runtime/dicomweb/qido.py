@@ -31,15 +31,15 @@ from typing import Any, Final
 from pydicom.datadict import keyword_dict, keyword_for_tag, tag_for_keyword
 
 from telerad.runtime.dataset import valid_uid
-from telerad.runtime.store.catalog import (
+from telerad.runtime.store.search import (
     ATTRIBUTES,
     Kind,
     Level,
     Match,
     Search,
     SearchResult,
+    keywords,
 )
-from telerad.runtime.store.query import keywords
 
 __all__ = [
     "MATCHING_KEYS",

@@ -35,7 +35,7 @@ from telerad.runtime.dicomweb.qido import (
     VALUE_PATTERNS,
     Level,
 )
-from telerad.runtime.store.catalog import ATTRIBUTES
+from telerad.runtime.store.search import ATTRIBUTES
 
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$"
 Schema = dict[str, Any]

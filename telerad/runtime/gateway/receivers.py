@@ -30,12 +30,11 @@ from telerad.runtime.gateway.access import AUDIT_DIR, Audit
 from telerad.runtime.gateway.dimse import DimseServer, Slots
 from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
-from telerad.runtime.store.catalog import HOT, WARM
+from telerad.runtime.store import backends
+from telerad.runtime.store.catalog import HOT, WARM, Catalog
 from telerad.runtime.store.files import Tier
-from telerad.runtime.store.sqlite import SQLiteCatalog
 
 log = logging.getLogger(__name__)
-CATALOG_FILE = "catalog.sqlite"
 _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 20.0
 START_TIMEOUT_S = 60.0
@@ -61,7 +60,7 @@ class Receiver:
 
     hot: Tier
     tiers: dict[str, Tier]
-    catalog: SQLiteCatalog
+    catalog: Catalog
     metrics: GatewayMetrics
     ingest: Ingest
     dimse: DimseServer
@@ -73,7 +72,11 @@ class Receiver:
         tiers = {HOT: hot}
         if config.storage.warm_dir is not None:
             tiers[WARM] = Tier(WARM, config.storage.warm_dir)
-        catalog = SQLiteCatalog(config.storage.hot_dir / CATALOG_FILE)
+        catalog = backends.open(
+            config.catalog.url or backends.default_url(config.storage.hot_dir),
+            site=config.site,
+            password_file=config.catalog.password_file,
+        )
         ingest = Ingest(
             catalog, tiers, metrics, config.storage.min_free_bytes, rules=config.routing
         )

@@ -25,9 +25,8 @@ from telerad.runtime.gateway.http import build_app
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.outbox import Outbox
 from telerad.runtime.gateway.receivers import STOP_GRACE_S, Pool, Receiver, default_count
-from telerad.runtime.store.catalog import WARM
+from telerad.runtime.store.catalog import WARM, Catalog
 from telerad.runtime.store.files import Tier
-from telerad.runtime.store.sqlite import SQLiteCatalog
 
 log = logging.getLogger(__name__)
 COMPLETION_TICK_S = 1.0
@@ -229,7 +228,7 @@ def _certificate_expiry(config: GatewayConfig) -> datetime.datetime | None:
     return expires
 
 
-def _catalog_ok(catalog: SQLiteCatalog) -> bool:
+def _catalog_ok(catalog: Catalog) -> bool:
     try:
         catalog.queue_depth(time.time())
     except Exception:

@@ -1,21 +1,24 @@
-"""The catalog and job queue, as one small interface.
+"""The catalog and job queue, as narrow ports named after what they hold, and `Catalog`,
+all of them, for the gateway that wires them.
 
-SQLite implements it for one gateway per site (`telerad.runtime.store.sqlite`); a
-PostgreSQL backend for scale-out implements the same methods. Callers pass `now`
-(seconds since the epoch) so that time is one decision of the caller, and tests can move it.
+`telerad.runtime.store.backends.open` gives one from a URL: SQLite for one gateway per
+site, PostgreSQL for several gateways and several sites on one database. Callers pass
+`now` (seconds since the epoch) so that time is one decision of the caller, and tests can
+move it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from pathlib import PurePosixPath
-from typing import Final, Protocol
+from typing import Protocol
 
 from telerad.api.jobs import Finding, Job, WorklistEntry
 from telerad.api.types import Priority
 from telerad.runtime.dataset import Header
+from telerad.runtime.store.search import Search, SearchResult
 
 HOT = "hot"
 WARM = "warm"
@@ -31,98 +34,8 @@ class StoredInstance:
     path: str
     size: int
     transfer_syntax: str
-
-
-class Level(IntEnum):
-    """Query/retrieve levels, outermost first."""
-
-    STUDY = 0
-    SERIES = 1
-    INSTANCE = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Attribute:
-    """An attribute the catalog can search on or return."""
-
-    level: Level
-    vr: str
-    matchable: bool = True
-    """False for computed attributes (counts), which are only returned."""
-
-
-# What the catalog holds, by DICOM keyword: the QIDO-RS keys and return attributes of
-# PS3.18 table 10.6.3-3..5 that a study's data carries (plus body part, used in routing).
-ATTRIBUTES: Final[dict[str, Attribute]] = {
-    # That of the latest instance of the study, series or instance a result is.
-    "SpecificCharacterSet": Attribute(Level.STUDY, "CS", matchable=False),
-    "StudyInstanceUID": Attribute(Level.STUDY, "UI"),
-    "StudyDate": Attribute(Level.STUDY, "DA"),
-    "StudyTime": Attribute(Level.STUDY, "TM"),
-    "AccessionNumber": Attribute(Level.STUDY, "SH"),
-    "StudyID": Attribute(Level.STUDY, "SH"),
-    "StudyDescription": Attribute(Level.STUDY, "LO"),
-    "ReferringPhysicianName": Attribute(Level.STUDY, "PN"),
-    "PatientName": Attribute(Level.STUDY, "PN"),
-    "PatientID": Attribute(Level.STUDY, "LO"),
-    "PatientBirthDate": Attribute(Level.STUDY, "DA"),
-    "PatientSex": Attribute(Level.STUDY, "CS"),
-    "ModalitiesInStudy": Attribute(Level.STUDY, "CS"),
-    "NumberOfStudyRelatedSeries": Attribute(Level.STUDY, "IS", matchable=False),
-    "NumberOfStudyRelatedInstances": Attribute(Level.STUDY, "IS", matchable=False),
-    "SeriesInstanceUID": Attribute(Level.SERIES, "UI"),
-    "Modality": Attribute(Level.SERIES, "CS"),
-    "SeriesNumber": Attribute(Level.SERIES, "IS"),
-    "SeriesDescription": Attribute(Level.SERIES, "LO"),
-    "BodyPartExamined": Attribute(Level.SERIES, "CS"),
-    "NumberOfSeriesRelatedInstances": Attribute(Level.SERIES, "IS", matchable=False),
-    "SOPInstanceUID": Attribute(Level.INSTANCE, "UI"),
-    "SOPClassUID": Attribute(Level.INSTANCE, "UI"),
-    "InstanceNumber": Attribute(Level.INSTANCE, "IS"),
-    "Rows": Attribute(Level.INSTANCE, "US"),
-    "Columns": Attribute(Level.INSTANCE, "US"),
-    "BitsAllocated": Attribute(Level.INSTANCE, "US"),
-    "NumberOfFrames": Attribute(Level.INSTANCE, "IS"),
-    "AvailableTransferSyntaxUID": Attribute(Level.INSTANCE, "UI", matchable=False),
-}
-
-
-class Kind(StrEnum):
-    EXACT = "exact"
-    """Equal to the value (case-insensitive for person names)."""
-    WILDCARD = "wildcard"
-    """`*` any run, `?` one character (case-insensitive for person names)."""
-    ANY_OF = "any-of"
-    """Matches one of the values, each exact or (on text) a wildcard: UID list matching,
-    and value lists of other attributes."""
-    RANGE = "range"
-    """Between two values, either open; compared on the bound's precision."""
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    keyword: str
-    kind: Kind
-    values: tuple[str, ...]
-    """One value; several for ANY_OF; (low, high) for RANGE with "" for an open end."""
-
-
-@dataclass(frozen=True, slots=True)
-class Search:
-    level: Level
-    matches: tuple[Match, ...] = ()
-    study_uid: str | None = None
-    series_uid: str | None = None
-    limit: int = 100
-    offset: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SearchResult:
-    rows: list[dict[str, str | int | None]]
-    """Every catalogued attribute of the level and those above it, by keyword."""
-    more: bool
-    """More rows match beyond the limit."""
+    result_of: int | None = None
+    """The job whose result it is; None for what a sender sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,10 +162,20 @@ class UnknownJob(KeyError):
     """No job has this id."""
 
 
-class Catalog(Protocol):
-    # -- instances -------------------------------------------------------------
+class SchemaError(Exception):
+    """The database's schema is not one this version of telerad can use (written by a
+    newer telerad, or not a telerad catalog); nothing was changed."""
+
+
+class Instances(Protocol):
+    """Instances and their versions."""
+
     def versions(self, sop_uid: str) -> list[StoredInstance]:
         """Every stored version of an instance, oldest first."""
+
+    def stored(self) -> list[StoredInstance]:
+        """Every stored version of every instance of the site, in arrival order: the
+        inventory a consistency check compares with the files."""
 
     def add_instance(self, header: Header, received: Received, now: float) -> Added:
         """Catalogue a durably written instance under the version its file took. A later
@@ -262,17 +185,24 @@ class Catalog(Protocol):
     def catalogued_paths(self, tier: str, study_uid: str) -> set[str]:
         """Paths of the study's instance files (every version) catalogued on `tier`."""
 
-    def search(self, search: Search) -> SearchResult:
-        """Studies, series or instances (their latest versions) that every match fits, in
-        the order they arrived; none being deleted."""
-
     def locate(
         self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
     ) -> list[Located]:
         """The latest version of each instance of a study (or one of its series, or one
         instance), in series and instance-number order; none while it is being deleted."""
 
-    # -- completion ------------------------------------------------------------
+
+class Queries(Protocol):
+    """QIDO-RS searches."""
+
+    def search(self, search: Search) -> SearchResult:
+        """Studies, series or instances (their latest versions) that every match fits, in
+        the order they arrived; none being deleted."""
+
+
+class Studies(Protocol):
+    """Studies and their completion."""
+
     def due_studies(self, quiet_before: float) -> list[str]:
         """Receiving studies quiet since `quiet_before`, or that reached their expected count."""
 
@@ -285,10 +215,18 @@ class Catalog(Protocol):
     def complete_study(
         self, study_uid: str, round_: int, jobs: list[NewJob], now: float, max_attempts: int
     ) -> Completion | None:
-        """Mark complete and queue jobs, unless an instance arrived since `summary`
-        (then None). A model whose job for this study still waits gets no second one."""
+        """Mark complete and queue jobs, unless an instance arrived since `summary`, or
+        another process completed it first (then None): a compare-and-set on the round, so
+        exactly one completion creates the study's jobs. A model whose job for this study
+        still waits gets no second one."""
 
-    # -- jobs ------------------------------------------------------------------
+    def worklist(self, limit: int, offset: int) -> list[WorklistEntry]:
+        """Most urgent first; critical findings first within a priority; then oldest."""
+
+
+class Jobs(Protocol):
+    """Jobs and their leases."""
+
     def claim(self, model: str, owner: str, lease_seconds: int, now: float) -> Job | None: ...
 
     def extend(self, job_id: int, token: str, lease_seconds: int, now: float) -> Job: ...
@@ -338,9 +276,6 @@ class Catalog(Protocol):
     def job_states(self) -> dict[tuple[str, str], int]:
         """Jobs by model and state."""
 
-    def worklist(self, limit: int, offset: int) -> list[WorklistEntry]:
-        """Most urgent first; critical findings first within a priority; then oldest."""
-
     def results(self, job_id: int) -> list[Located]:
         """The instances stored as the job's result."""
 
@@ -348,7 +283,10 @@ class Catalog(Protocol):
         """The results this job's result replaces: those of the newest earlier done job of
         its model on its study (a study re-opened and routed again)."""
 
-    # -- outbox ----------------------------------------------------------------
+
+class Deliveries(Protocol):
+    """The outbox: alerts and exports, sent until their target takes them."""
+
     def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
         """Pending deliveries whose next attempt is due, oldest first."""
 
@@ -362,7 +300,10 @@ class Catalog(Protocol):
     def delivery_states(self) -> dict[tuple[str, str], int]:
         """Deliveries by kind and state (pending, delivered, parked)."""
 
-    # -- lifecycle -------------------------------------------------------------
+
+class Lifecycle(Protocol):
+    """Where studies live, and their deletion."""
+
     def lifecycle_candidates(
         self, tier: str, last_received_before: float, limit: int
     ) -> list[StudyFiles]: ...
@@ -376,5 +317,12 @@ class Catalog(Protocol):
     def mark_deleting(self, study_uid: str) -> None: ...
 
     def forget_study(self, study_uid: str) -> None: ...
+
+
+class Catalog(Instances, Queries, Studies, Jobs, Deliveries, Lifecycle, Protocol):
+    """Every port, on one connection to one backend, for one site."""
+
+    backend: str
+    """Which backend holds it ("sqlite", "postgresql"): for logs and metrics."""
 
     def close(self) -> None: ...

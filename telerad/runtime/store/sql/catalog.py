@@ -1,28 +1,23 @@
-"""The catalog and job queue in SQLite on the hot volume (WAL, full sync).
+"""The catalog's ports in SQL, on any backend's `Database`.
 
-`synchronous=FULL` makes every commit durable before it returns: the C-STORE response
-waits for it. All writes take the write lock up front (`BEGIN IMMEDIATE`) so a claim or a
-completion never interleaves with another; several processes may share the file.
+Every statement is written once, for SQLite and PostgreSQL alike, with `?` parameters; the
+phrases the two spell differently come from the backend's `Dialect` (constants: they are
+the only text formatted into a statement, never a value). A backend keeps its
+sites apart below these statements (a file per site; row-level security on a shared
+database), so none of them names a site.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import secrets
-import sqlite3
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from telerad.api.jobs import Finding, Job, JobState, Lease, WorklistEntry, WorklistJob
 from telerad.api.types import Priority
 from telerad.runtime.dataset import Header
-from telerad.runtime.store import query
 from telerad.runtime.store.catalog import (
     HOT,
     Added,
@@ -34,87 +29,14 @@ from telerad.runtime.store.catalog import (
     NewDelivery,
     NewJob,
     Received,
-    Search,
-    SearchResult,
     StoredInstance,
     StudyFiles,
     StudySummary,
     UnknownJob,
 )
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS patients (
-    patient_key TEXT PRIMARY KEY,  -- patient id + issuer-free name, as the study carried it
-    patient_id TEXT, patient_name TEXT, birth_date TEXT, sex TEXT
-);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    patient_key TEXT REFERENCES patients(patient_key),
-    study_date TEXT, study_time TEXT, accession_number TEXT, study_id TEXT,
-    description TEXT, referring_physician TEXT,
-    state TEXT NOT NULL DEFAULT 'receiving',        -- receiving | complete
-    tier TEXT NOT NULL DEFAULT 'hot',
-    deleting INTEGER NOT NULL DEFAULT 0,
-    round INTEGER NOT NULL DEFAULT 1,
-    expected_instances INTEGER,
-    instance_count INTEGER NOT NULL DEFAULT 0,
-    first_received REAL NOT NULL, last_received REAL NOT NULL, completed_at REAL,
-    priority INTEGER, critical INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS studies_state ON studies(state, last_received);
-CREATE INDEX IF NOT EXISTS studies_tier ON studies(tier, last_received);
-CREATE INDEX IF NOT EXISTS studies_date ON studies(study_date);
-CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession_number);
-CREATE INDEX IF NOT EXISTS patients_id ON patients(patient_id);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
-    modality TEXT, body_part TEXT, series_number TEXT, description TEXT
-);
-CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT NOT NULL, version INTEGER NOT NULL,
-    study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL, transfer_syntax TEXT NOT NULL, instance_number TEXT,
-    calling_ae TEXT NOT NULL, tier TEXT NOT NULL, path TEXT NOT NULL,
-    size INTEGER NOT NULL, received_at REAL NOT NULL,
-    rows INTEGER, columns INTEGER, bits_allocated INTEGER, number_of_frames TEXT,
-    specific_character_set TEXT,
-    PRIMARY KEY (sop_uid, version)
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid TEXT NOT NULL, model TEXT NOT NULL, priority INTEGER NOT NULL,
-    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
-    rule TEXT NOT NULL, deidentify INTEGER NOT NULL, notify INTEGER NOT NULL,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL, not_before REAL NOT NULL,
-    lease_owner TEXT, lease_token TEXT, lease_expires REAL,
-    reason TEXT, findings TEXT NOT NULL DEFAULT '[]', critical INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_claim ON jobs(model, state, priority, created_at);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL, target TEXT NOT NULL, key TEXT NOT NULL UNIQUE,
-    job_id INTEGER NOT NULL, study_uid TEXT NOT NULL, payload TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',          -- pending | delivered | parked
-    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL,
-    created_at REAL NOT NULL, delivered_at REAL, error TEXT
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid);
-"""
-
-ADDED_INSTANCE_COLUMNS = (
-    ("rows", "INTEGER"),
-    ("columns", "INTEGER"),
-    ("bits_allocated", "INTEGER"),
-    ("number_of_frames", "TEXT"),
-    ("result_of", "INTEGER"),
-    ("specific_character_set", "TEXT"),
-)
+from telerad.runtime.store.search import Search, SearchResult
+from telerad.runtime.store.sql import search as searches
+from telerad.runtime.store.sql.database import Database, Transaction
 
 # Header names of the studies columns study_date .. referring_physician, in order.
 _STUDY_KEYS = (
@@ -142,69 +64,47 @@ def _time(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
-class SQLiteCatalog:
-    """`Catalog` on one SQLite file; safe to share between the process's threads."""
+class SQLCatalog:
+    """`Catalog` on one backend's `Database`, for the site that database serves."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
-        self.path = path
-        self._db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
-        )
-        self._lock = threading.RLock()
-        self._writer_lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o640)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._write() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            # Catalogs written before these columns existed get them (empty for old rows).
-            have = {row[1] for row in db.execute("PRAGMA table_info(instances)")}
-            for column, kind in ADDED_INSTANCE_COLUMNS:
-                if column not in have:
-                    db.execute(f"ALTER TABLE instances ADD COLUMN {column} {kind}")
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.backend = db.dialect.name
+        self._dialect = db.dialect
+        with db.write() as tx:
             # Names this catalog in idempotency keys, so that two sites' job 1 differ.
-            db.execute(
+            tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('instance', ?) ON CONFLICT DO NOTHING",
                 (secrets.token_hex(8),),
             )
-            self.instance_id: str = db.execute(
+            self.instance_id: str = tx.execute(
                 "SELECT value FROM meta WHERE key = 'instance'"
             ).fetchone()[0]
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        # Writers in other processes queue on a file lock, which wakes the next one the
-        # moment it is released; SQLite's own busy handler would sleep 1, 2, 5, 10 ms...
-        with self._lock:
-            fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            finally:
-                fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        with self.db.read() as tx:
+            return tx.execute(sql, args).fetchall()
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def _lock_study(self, tx: Transaction, study_uid: str) -> None:
+        if self._dialect.lock_study is not None:
+            tx.execute(self._dialect.lock_study, (study_uid,))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-            os.close(self._writer_lock)
+        self.db.close()
 
     # -- instances -------------------------------------------------------------
     def versions(self, sop_uid: str) -> list[StoredInstance]:
         rows = self._read(
-            "SELECT sop_uid, version, tier, path, size, transfer_syntax FROM instances"
+            "SELECT sop_uid, version, tier, path, size, transfer_syntax, result_of FROM instances"
             " WHERE sop_uid = ? ORDER BY version",
             (sop_uid,),
+        )
+        return [StoredInstance(*row) for row in rows]
+
+    def stored(self) -> list[StoredInstance]:
+        rows = self._read(
+            "SELECT sop_uid, version, tier, path, size, transfer_syntax, result_of FROM instances"
+            " ORDER BY received_at, sop_uid, version"
         )
         return [StoredInstance(*row) for row in rows]
 
@@ -213,7 +113,8 @@ class SQLiteCatalog:
         sop = header.sop_instance_uid
         patient_key = f"{v('patient_id') or ''}\x1f{v('patient_name') or ''}"
         expected = header.integer("study_related_instances")
-        with self._write() as db:
+        with self.db.write() as db:
+            self._lock_study(db, header.study_uid)
             version = received.version
             if db.execute(
                 "SELECT 1 FROM instances WHERE sop_uid = ? AND version = ?", (sop, version)
@@ -280,8 +181,9 @@ class SQLiteCatalog:
                         (row[1], row[1]),
                     )
             db.execute(
-                "INSERT INTO series (series_uid, study_uid, modality, body_part, series_number,"
-                " description) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (series_uid) DO UPDATE"
+                "INSERT INTO series (series_uid, study_uid, modality, body_part, series_number,"  # noqa: S608
+                " description) VALUES (?, ?, ?, ?, ?, ?)"
+                f" ON CONFLICT {self._dialect.conflict('series_uid')} DO UPDATE"
                 " SET modality = excluded.modality, body_part = excluded.body_part,"
                 " series_number = excluded.series_number, description = excluded.description"
                 " WHERE ?",
@@ -324,14 +226,14 @@ class SQLiteCatalog:
             )
         return Added(reopened=reopened)
 
-    @staticmethod
     def _index_patient(
-        db: sqlite3.Connection, patient_key: str, header: Header, *, corrects: bool
+        self, db: Transaction, patient_key: str, header: Header, *, corrects: bool
     ) -> None:
         v = header.get
         db.execute(
-            "INSERT INTO patients (patient_key, patient_id, patient_name, birth_date, sex)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_key) DO UPDATE"
+            "INSERT INTO patients (patient_key, patient_id, patient_name, birth_date, sex)"  # noqa: S608
+            f" VALUES (?, ?, ?, ?, ?) ON CONFLICT {self._dialect.conflict('patient_key')}"
+            " DO UPDATE"
             " SET birth_date = excluded.birth_date, sex = excluded.sex WHERE ?",
             (
                 patient_key,
@@ -344,7 +246,7 @@ class SQLiteCatalog:
         )
 
     def search(self, search: Search) -> SearchResult:
-        sql, args, names = query.build(search)
+        sql, args, names = searches.build(search, self._dialect)
         rows = self._read(sql, tuple(args))
         return SearchResult(
             rows=[dict(zip(names, row, strict=True)) for row in rows[: search.limit]],
@@ -361,13 +263,13 @@ class SQLiteCatalog:
         self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
     ) -> list[Located]:
         rows = self._read(
-            "SELECT i.study_uid, i.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,"
+            "SELECT i.study_uid, i.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,"  # noqa: S608
             " i.tier, i.path, i.size FROM instances i"
             " JOIN studies s ON s.study_uid = i.study_uid AND s.deleting = 0"
-            " WHERE i.study_uid = ? AND (? IS NULL OR i.series_uid = ?)"
-            " AND (? IS NULL OR i.sop_uid = ?)"
+            " WHERE i.study_uid = ? AND (CAST(? AS TEXT) IS NULL OR i.series_uid = ?)"
+            " AND (CAST(? AS TEXT) IS NULL OR i.sop_uid = ?)"
             " AND i.version = (SELECT MAX(version) FROM instances v WHERE v.sop_uid = i.sop_uid)"
-            " ORDER BY i.series_uid, CAST(i.instance_number AS INTEGER), i.sop_uid",
+            f" ORDER BY i.series_uid, {self._dialect.integer('i.instance_number')}, i.sop_uid",
             (study_uid, series_uid, series_uid, sop_uid, sop_uid),
         )
         return [Located(*row) for row in rows]
@@ -383,7 +285,7 @@ class SQLiteCatalog:
         return [r[0] for r in rows]
 
     def renew_quiet(self, now: float) -> int:
-        with self._write() as db:
+        with self.db.write() as db:
             return db.execute(
                 "UPDATE studies SET last_received = ? WHERE state = 'receiving' AND"
                 " deleting = 0 AND last_received < ?",
@@ -391,18 +293,18 @@ class SQLiteCatalog:
             ).rowcount
 
     def summary(self, study_uid: str) -> StudySummary:
-        with self._lock:
-            study = self._db.execute(
+        with self.db.read() as tx:
+            study = tx.execute(
                 "SELECT round, description, instance_count, first_received FROM studies"
                 " WHERE study_uid = ?",
                 (study_uid,),
             ).fetchone()
             if study is None:
                 raise KeyError(study_uid)
-            series = self._db.execute(
+            series = tx.execute(
                 "SELECT modality, body_part FROM series WHERE study_uid = ?", (study_uid,)
             ).fetchall()
-            instances = self._db.execute(
+            instances = tx.execute(
                 "SELECT DISTINCT sop_class_uid, calling_ae FROM instances WHERE study_uid = ?",
                 (study_uid,),
             ).fetchall()
@@ -421,7 +323,8 @@ class SQLiteCatalog:
     def complete_study(
         self, study_uid: str, round_: int, jobs: list[NewJob], now: float, max_attempts: int
     ) -> Completion | None:
-        with self._write() as db:
+        with self.db.write() as db:
+            self._lock_study(db, study_uid)
             row = db.execute(
                 "SELECT round, state, first_received FROM studies WHERE study_uid = ?",
                 (study_uid,),
@@ -442,7 +345,7 @@ class SQLiteCatalog:
                 cursor = db.execute(
                     "INSERT INTO jobs (study_uid, model, priority, state, max_attempts, rule,"
                     " deidentify, notify, created_at, updated_at, not_before)"
-                    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                     (
                         study_uid,
                         job.model,
@@ -456,24 +359,24 @@ class SQLiteCatalog:
                         now,
                     ),
                 )
-                ids.append(cursor.lastrowid)
+                ids.append(cursor.fetchone()[0])
             db.execute(
                 "UPDATE studies SET state = 'complete', completed_at = ? WHERE study_uid = ?",
                 (now, study_uid),
             )
             self._rank(db, study_uid)
-            created = [self._job(db, i) for i in ids if i is not None]
+            created = [self._job(db, i) for i in ids]
         return Completion(jobs=created, first_received=row[2])
 
     # -- jobs ------------------------------------------------------------------
     def claim(self, model: str, owner: str, lease_seconds: int, now: float) -> Job | None:
-        with self._write() as db:
+        with self.db.write() as db:
             while True:
                 row = db.execute(
-                    "SELECT id, attempts, max_attempts, state FROM jobs WHERE model = ? AND"
+                    "SELECT id, attempts, max_attempts, state FROM jobs WHERE model = ? AND"  # noqa: S608
                     " ((state = 'queued' AND not_before <= ?) OR"
                     " (state = 'leased' AND lease_expires <= ?))"
-                    " ORDER BY priority, created_at, id LIMIT 1",
+                    f" ORDER BY priority, created_at, id LIMIT 1{self._dialect.skip_locked}",
                     (model, now, now),
                 ).fetchone()
                 if row is None:
@@ -494,7 +397,7 @@ class SQLiteCatalog:
                 )
                 return self._job(db, job_id)
 
-    def _leased(self, db: sqlite3.Connection, job_id: int, token: str) -> None:
+    def _leased(self, db: Transaction, job_id: int, token: str) -> None:
         row = db.execute("SELECT state, lease_token FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise UnknownJob(job_id)
@@ -505,7 +408,7 @@ class SQLiteCatalog:
             raise LeaseLost(f"job {job_id} is {state} and not leased under this token")
 
     def extend(self, job_id: int, token: str, lease_seconds: int, now: float) -> Job:
-        with self._write() as db:
+        with self.db.write() as db:
             self._leased(db, job_id, token)
             db.execute(
                 "UPDATE jobs SET lease_expires = ?, updated_at = ? WHERE id = ?",
@@ -514,9 +417,9 @@ class SQLiteCatalog:
             return self._job(db, job_id)
 
     def leased_job(self, job_id: int, token: str) -> Job:
-        with self._lock:
-            self._leased(self._db, job_id, token)
-            return self._job(self._db, job_id)
+        with self.db.read() as tx:
+            self._leased(tx, job_id, token)
+            return self._job(tx, job_id)
 
     def complete_job(
         self,
@@ -528,7 +431,7 @@ class SQLiteCatalog:
         *,
         deliveries: Sequence[NewDelivery] = (),
     ) -> Job:
-        with self._write() as db:
+        with self.db.write() as db:
             self._leased(db, job_id, token)
             db.execute(
                 "UPDATE jobs SET state = 'done', findings = ?, critical = ?, reason = NULL,"
@@ -565,16 +468,16 @@ class SQLiteCatalog:
             return self._job(db, job_id)
 
     @staticmethod
-    def _rank(db: sqlite3.Connection, study_uid: str) -> None:
+    def _rank(db: Transaction, study_uid: str) -> None:
         """The study's worklist priority and critical flag, from the newest job of each of
         its models: the most urgent of their priorities, stat when the newest done one of
         some model found something critical (a re-read that finds nothing lowers it)."""
         rank, critical = db.execute(
             "SELECT (SELECT MIN(priority) FROM jobs WHERE id IN"
-            " (SELECT MAX(id) FROM jobs WHERE study_uid = ?1 GROUP BY model)),"
+            " (SELECT MAX(id) FROM jobs WHERE study_uid = ? GROUP BY model)),"
             " (SELECT MAX(critical) FROM jobs WHERE id IN"
-            " (SELECT MAX(id) FROM jobs WHERE study_uid = ?1 AND state = 'done' GROUP BY model))",
-            (study_uid,),
+            " (SELECT MAX(id) FROM jobs WHERE study_uid = ? AND state = 'done' GROUP BY model))",
+            (study_uid, study_uid),
         ).fetchone()
         if critical:
             rank = Priority.STAT.rank
@@ -586,7 +489,7 @@ class SQLiteCatalog:
     def fail_job(
         self, job_id: int, token: str, reason: str, retry_at: float | None, now: float
     ) -> Job:
-        with self._write() as db:
+        with self.db.write() as db:
             self._leased(db, job_id, token)
             attempts, max_attempts = db.execute(
                 "SELECT attempts, max_attempts FROM jobs WHERE id = ?", (job_id,)
@@ -639,7 +542,7 @@ class SQLiteCatalog:
         ]
 
     def delivered(self, delivery_id: int, now: float) -> None:
-        with self._write() as db:
+        with self.db.write() as db:
             db.execute(
                 "UPDATE outbox SET state = 'delivered', delivered_at = ?, error = NULL,"
                 " attempts = attempts + 1 WHERE id = ?",
@@ -649,7 +552,7 @@ class SQLiteCatalog:
     def delivery_failed(
         self, delivery_id: int, error: str, retry_at: float | None, now: float
     ) -> None:
-        with self._write() as db:
+        with self.db.write() as db:
             db.execute(
                 "UPDATE outbox SET state = ?, error = ?, attempts = attempts + 1,"
                 " next_attempt = ? WHERE id = ?",
@@ -666,8 +569,8 @@ class SQLiteCatalog:
         return {(k, s): n for k, s, n in rows}
 
     def job(self, job_id: int) -> Job:
-        with self._lock:
-            return self._job(self._db, job_id)
+        with self.db.read() as tx:
+            return self._job(tx, job_id)
 
     def jobs(
         self,
@@ -679,16 +582,17 @@ class SQLiteCatalog:
         claimable_at: float | None = None,
     ) -> list[Job]:
         rows = self._read(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) AND"  # noqa: S608
-            " (?2 IS NULL OR model = ?2) AND (?5 IS NULL OR"
-            " (state = 'queued' AND not_before <= ?5) OR"
-            " (state = 'leased' AND lease_expires <= ?5))"
-            " ORDER BY priority, created_at, id LIMIT ?3 OFFSET ?4",
-            (state, model, limit, offset, claimable_at),
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE"  # noqa: S608
+            " (CAST(? AS TEXT) IS NULL OR state = ?) AND (CAST(? AS TEXT) IS NULL OR model = ?)"
+            " AND (CAST(? AS DOUBLE PRECISION) IS NULL OR"
+            " (state = 'queued' AND not_before <= ?) OR"
+            " (state = 'leased' AND lease_expires <= ?))"
+            " ORDER BY priority, created_at, id LIMIT ? OFFSET ?",
+            (state, state, model, model, *[claimable_at] * 3, limit, offset),
         )
         return [_job_of(row) for row in rows]
 
-    def _job(self, db: sqlite3.Connection, job_id: int) -> Job:
+    def _job(self, db: Transaction, job_id: int) -> Job:
         row = db.execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",  # noqa: S608
             (job_id,),
@@ -718,8 +622,8 @@ class SQLiteCatalog:
         return {(m, s): n for m, s, n in rows}
 
     def worklist(self, limit: int, offset: int) -> list[WorklistEntry]:
-        with self._lock:
-            studies = self._db.execute(
+        with self.db.read() as tx:
+            studies = tx.execute(
                 "SELECT study_uid, priority, state, critical, first_received, completed_at,"
                 " instance_count FROM studies WHERE deleting = 0"
                 " ORDER BY priority IS NULL, priority, critical DESC, first_received"
@@ -730,7 +634,7 @@ class SQLiteCatalog:
             for uid, prio, state, critical, first, completed, count in studies:
                 modalities = [
                     r[0]
-                    for r in self._db.execute(
+                    for r in tx.execute(
                         "SELECT DISTINCT modality FROM series WHERE study_uid = ? AND"
                         " modality IS NOT NULL ORDER BY modality",
                         (uid,),
@@ -738,7 +642,7 @@ class SQLiteCatalog:
                 ]
                 jobs = [
                     WorklistJob(id=i, model=m, state=JobState(s), critical=bool(c))
-                    for i, m, s, c in self._db.execute(
+                    for i, m, s, c in tx.execute(
                         "SELECT id, model, state, critical FROM jobs WHERE study_uid = ?"
                         " ORDER BY id",
                         (uid,),
@@ -771,25 +675,24 @@ class SQLiteCatalog:
         return [self._files(r[0]) for r in rows]
 
     def deleting_studies(self) -> list[StudyFiles]:
-        return [
-            self._files(r[0]) for r in self._read("SELECT study_uid FROM studies WHERE deleting")
-        ]
+        rows = self._read("SELECT study_uid FROM studies WHERE deleting = 1")
+        return [self._files(r[0]) for r in rows]
 
     def _files(self, study_uid: str) -> StudyFiles:
-        with self._lock:
-            tier, deleting = self._db.execute(
+        with self.db.read() as tx:
+            tier, deleting = tx.execute(
                 "SELECT tier, deleting FROM studies WHERE study_uid = ?", (study_uid,)
             ).fetchone()
             paths = [
                 r[0]
-                for r in self._db.execute(
+                for r in tx.execute(
                     "SELECT path FROM instances WHERE study_uid = ? ORDER BY path", (study_uid,)
                 )
             ]
         return StudyFiles(study_uid=study_uid, tier=tier, deleting=bool(deleting), paths=paths)
 
     def set_tier(self, study_uid: str, tier: str, paths: list[str]) -> None:
-        with self._write() as db:
+        with self.db.write() as db:
             db.execute("UPDATE studies SET tier = ? WHERE study_uid = ?", (tier, study_uid))
             db.executemany(
                 "UPDATE instances SET tier = ? WHERE study_uid = ? AND path = ?",
@@ -797,11 +700,11 @@ class SQLiteCatalog:
             )
 
     def mark_deleting(self, study_uid: str) -> None:
-        with self._write() as db:
+        with self.db.write() as db:
             db.execute("UPDATE studies SET deleting = 1 WHERE study_uid = ?", (study_uid,))
 
     def forget_study(self, study_uid: str) -> None:
-        with self._write() as db:
+        with self.db.write() as db:
             for table in ("jobs", "instances", "series", "studies"):
                 db.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))  # noqa: S608
             db.execute(

@@ -1,22 +1,21 @@
 """Catalog searches as SQL: one parameterised statement per `Search`, never a value
 formatted into the text.
 
-Person names match case-insensitively (LIKE folds ASCII case), as users of other PACS
-expect; everything else is case-sensitive (GLOB). Ranges compare on the bound's own
-precision, so `-1200` takes 12:00:59 too and `20240101-` takes every later date.
+Person names match case-insensitively, as users of other PACS expect; everything else is
+case-sensitive. Ranges compare on the bound's own precision, so `-1200` takes 12:00:59 too
+and `20240101-` takes every later date.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from telerad.runtime.store.catalog import ATTRIBUTES, Kind, Level, Match, Search
+from telerad.runtime.store.search import ATTRIBUTES, Kind, Level, Match, Search, keywords
+from telerad.runtime.store.sql.database import Dialect
 
 _LATEST = "i.version = (SELECT MAX(v.version) FROM instances v WHERE v.sop_uid = i.sop_uid)"
-_MODALITIES = (
-    "(SELECT group_concat(modality, '\\') FROM (SELECT DISTINCT m.modality FROM series m"
-    " WHERE m.study_uid = s.study_uid AND m.modality IS NOT NULL ORDER BY m.modality))"
-)
+# Text columns compared as numbers.
+_NUMBERS = ("SeriesNumber", "InstanceNumber")
 
 # Keyword -> SQL expression over s (studies), p (patients), se (series), i (instances).
 COLUMNS: dict[str, str] = {
@@ -31,7 +30,6 @@ COLUMNS: dict[str, str] = {
     "PatientID": "p.patient_id",
     "PatientBirthDate": "p.birth_date",
     "PatientSex": "p.sex",
-    "ModalitiesInStudy": _MODALITIES,
     "NumberOfStudyRelatedSeries": (
         "(SELECT COUNT(*) FROM series c WHERE c.study_uid = s.study_uid)"
     ),
@@ -70,17 +68,21 @@ _FROM = {
     " JOIN studies s ON s.study_uid = i.study_uid"
     " LEFT JOIN patients p ON p.patient_key = s.patient_key",
 }
-_ORDER = {
-    Level.STUDY: "s.first_received, s.study_uid",
-    Level.SERIES: "s.first_received, s.study_uid, se.rowid",
-    Level.INSTANCE: "s.first_received, s.study_uid, se.rowid,"
-    " CAST(i.instance_number AS INTEGER), i.sop_uid",
-}
 
 
-def keywords(level: Level) -> list[str]:
-    """What a search at `level` returns: its attributes and those of the levels above."""
-    return [k for k, a in ATTRIBUTES.items() if a.level <= level]
+def _order(level: Level, dialect: Dialect) -> str:
+    order = ["s.first_received", "s.study_uid"]
+    if level >= Level.SERIES:
+        order.append(dialect.series_order)
+    if level == Level.INSTANCE:
+        order += [dialect.integer("i.instance_number"), "i.sop_uid"]
+    return ", ".join(order)
+
+
+def _column(keyword: str, level: Level, dialect: Dialect) -> str:
+    if keyword == "ModalitiesInStudy":
+        return dialect.modalities
+    return _AT_LEVEL.get((keyword, level), COLUMNS[keyword])
 
 
 def _glob(value: str) -> str:
@@ -93,26 +95,28 @@ def _like(value: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def _condition(match: Match) -> tuple[str, list[Any]]:  # noqa: PLR0911  (one per kind)
+def _condition(  # noqa: PLR0911  (one per kind)
+    match: Match, dialect: Dialect
+) -> tuple[str, list[Any]]:
     attribute = ATTRIBUTES[match.keyword]
-    column = COLUMNS[match.keyword]
+    column = COLUMNS.get(match.keyword, "")
     if match.keyword == "ModalitiesInStudy":
         # A study matches when any of its series does.
-        inner, args = _condition(Match("Modality", match.kind, match.values))
+        inner, args = _condition(Match("Modality", match.kind, match.values), dialect)
         return (
             f"EXISTS (SELECT 1 FROM series se WHERE se.study_uid = s.study_uid AND {inner})",  # noqa: S608
             args,
         )
-    if attribute.vr in ("US",) or match.keyword in ("SeriesNumber", "InstanceNumber"):
-        column = f"CAST({column} AS INTEGER)"
+    number = attribute.vr == "US" or match.keyword in _NUMBERS
+    if match.keyword in _NUMBERS:
+        column = dialect.integer(column)
     if match.kind == Kind.ANY_OF:
         if attribute.vr == "PN" or any("*" in v or "?" in v for v in match.values):
-            ors = [_condition(Match(match.keyword, _kind(v), (v,))) for v in match.values]
+            ors = [_condition(Match(match.keyword, _kind(v), (v,)), dialect) for v in match.values]
             text = " OR ".join(f"({c})" for c, _ in ors)
             return f"({text})", [a for _, args in ors for a in args]
         marks = ", ".join("?" for _ in match.values)
-        cast = column.startswith("CAST(")
-        return f"{column} IN ({marks})", [int(v) if cast else v for v in match.values]
+        return f"{column} IN ({marks})", [int(v) if number else v for v in match.values]
     if match.kind == Kind.RANGE:
         low, high = match.values
         parts, args = [], []
@@ -122,22 +126,22 @@ def _condition(match: Match) -> tuple[str, list[Any]]:  # noqa: PLR0911  (one pe
         if high:
             parts.append(f"substr({column}, 1, {len(high)}) <= ?")
             args.append(high)
-        return " AND ".join(parts) or "1", args
+        return " AND ".join(parts) or "1 = 1", args
     (value,) = match.values
     if attribute.vr == "PN":
-        return f"{column} LIKE ? ESCAPE '\\'", [_like(value)]
+        return f"{column} {dialect.nocase} ? ESCAPE '\\'", [_like(value)]
     if match.kind == Kind.WILDCARD:
-        return f"{column} GLOB ?", [_glob(value)]
-    if column.startswith("CAST("):
-        return f"{column} = ?", [int(value)]
-    return f"{column} = ?", [value]
+        if dialect.wildcard == "GLOB":
+            return f"{column} GLOB ?", [_glob(value)]
+        return f"{column} {dialect.wildcard} ? ESCAPE '\\'", [_like(value)]
+    return f"{column} = ?", [int(value) if number else value]
 
 
 def _kind(value: str) -> Kind:
     return Kind.WILDCARD if "*" in value or "?" in value else Kind.EXACT
 
 
-def build(search: Search) -> tuple[str, list[Any], list[str]]:
+def build(search: Search, dialect: Dialect) -> tuple[str, list[Any], list[str]]:
     """The statement, its arguments and the keywords of its result columns. One row more
     than the limit is asked for, to tell whether there are more."""
     names = keywords(search.level)
@@ -152,13 +156,14 @@ def build(search: Search) -> tuple[str, list[Any], list[str]]:
         where.append("se.series_uid = ?")
         args.append(search.series_uid)
     for match in search.matches:
-        condition, values = _condition(match)
+        condition, values = _condition(match, dialect)
         where.append(f"({condition})")
         args.extend(values)
-    columns = ", ".join(_AT_LEVEL.get((n, search.level), COLUMNS[n]) for n in names)
+    columns = ", ".join(_column(n, search.level, dialect) for n in names)
     # Only this module's constants are formatted in; every value is a parameter.
     sql = (
         f"SELECT {columns} FROM {_FROM[search.level]}"  # noqa: S608
-        f" WHERE {' AND '.join(where)} ORDER BY {_ORDER[search.level]} LIMIT ? OFFSET ?"
+        f" WHERE {' AND '.join(where)} ORDER BY {_order(search.level, dialect)}"
+        " LIMIT ? OFFSET ?"
     )
     return sql, [*args, search.limit + 1, search.offset], names
