@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The real DICOM peers the tests and benchmarks run against, from Debian: dcmtk (storescu,
-# storescp, echoscu, findscu), Orthanc with its DICOMweb plugin, dicom3tools (dciodvfy),
-# and Prometheus (the autoscaler's Prometheus source; promtool checks the alert rules).
+# The real peers the tests and benchmarks run against, from Debian: dcmtk (storescu,
+# storescp, echoscu, findscu), Orthanc with its DICOMweb and PostgreSQL plugins,
+# dicom3tools (dciodvfy), Prometheus (the autoscaler's Prometheus source; promtool checks
+# the alert rules), and PostgreSQL 15 (throwaway clusters for the PostgreSQL catalog's
+# tests, tests/postgres.py).
 # A no-op when they are installed already.
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb dicom3tools prometheus)
+packages=(dcmtk orthanc orthanc-dicomweb orthanc-postgresql dicom3tools prometheus postgresql-15)
 need=()
 for cmd_pkg in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools prometheus:prometheus; do
   command -v "${cmd_pkg%%:*}" >/dev/null || need+=("${cmd_pkg#*:}")
 done
 [[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need+=(orthanc-dicomweb)
+[[ -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ]] || need+=(orthanc-postgresql)
+# Not on PATH: Debian keeps each major version's server binaries apart.
+[[ -x /usr/lib/postgresql/15/bin/initdb && -x /usr/lib/postgresql/15/bin/pg_ctl ]] \
+  || need+=(postgresql-15)
 [[ ${#need[@]} -eq 0 ]] && exit 0
 sudo=()
 [[ $(id -u) -eq 0 ]] || sudo=(sudo)

@@ -1,4 +1,4 @@
-"""Suite-wide: the `reliability` marker's report.
+"""Suite-wide: the `reliability` marker's report, and the `postgres` fixture.
 
 A test marked `@pytest.mark.reliability("fault" | "attack" | "load" | "fuzz", "what was
 tried")` is a row of RELIABILITY.md. Every such test asserts that nothing acknowledged was
@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.postgres import PostgresServer
 
 
 @pytest.hookimpl(wrapper=True)
@@ -51,3 +53,15 @@ def _cases(item: pytest.Item) -> int:
         return recorded
     stats = getattr(item, "hypothesis_statistics", "")
     return sum(int(n) for n in re.findall(r"(\d+) passing", stats)) or 1
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL 15 for the session, started by the first test that asks for it;
+    its log is postgres.log in the fixture's tmp dir."""
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
