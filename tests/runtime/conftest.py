@@ -350,11 +350,7 @@ def stow(
 @contextlib.contextmanager
 def catalog(gateway: GatewayProcess) -> Iterator[SQLCatalog]:
     """The gateway's catalog, through its own backend (a second connection)."""
-    opened = backends.open(
-        gateway.config.catalog.url or backends.default_url(gateway.hot),
-        site=gateway.config.site,
-        password_file=gateway.config.catalog.password_file,
-    )
+    opened = backends.open_site(gateway.config)
     assert isinstance(opened, SQLCatalog)
     try:
         yield opened

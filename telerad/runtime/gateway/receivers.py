@@ -72,11 +72,7 @@ class Receiver:
         tiers = {HOT: hot}
         if config.storage.warm_dir is not None:
             tiers[WARM] = Tier(WARM, config.storage.warm_dir)
-        catalog = backends.open(
-            config.catalog.url or backends.default_url(config.storage.hot_dir),
-            site=config.site,
-            password_file=config.catalog.password_file,
-        )
+        catalog = backends.open_site(config)
         ingest = Ingest(
             catalog, tiers, metrics, config.storage.min_free_bytes, rules=config.routing
         )

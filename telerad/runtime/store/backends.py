@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from telerad.api.config import CatalogConfig, GatewayConfig
 from telerad.runtime.store.catalog import Catalog
 from telerad.runtime.store.sql.catalog import SQLCatalog
 from telerad.runtime.store.sql.migrate import migrate
@@ -24,7 +25,25 @@ def default_url(hot_dir: Path) -> str:
     return f"sqlite:///{hot_dir.absolute() / CATALOG_FILE}"
 
 
-def open(url: str, *, site: str, password_file: Path | None = None) -> Catalog:
+def open_site(config: GatewayConfig) -> Catalog:
+    """The catalog a gateway's configuration names."""
+    url, password = connection(config.catalog, config.storage.hot_dir)
+    return open(url, site=config.site, password=password)
+
+
+def connection(config: CatalogConfig, hot_dir: Path) -> tuple[str, str | None]:
+    """The URL (never with a password) and the password of the configured catalog."""
+    url = config.url or default_url(hot_dir)
+    password = None
+    if config.password_file is not None:
+        try:
+            password = config.password_file.read_text().strip()
+        except OSError as exc:
+            raise CatalogUnavailable(f"catalog password file: {exc}") from None
+    return url, password
+
+
+def open(url: str, *, site: str, password: str | None = None) -> Catalog:
     """The catalog at `url` for `site`: `sqlite:///PATH` or `postgresql://...`."""
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
