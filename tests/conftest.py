@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from telerad.api.config import CatalogConfig
 from tests.postgres import PostgresServer
 
 
@@ -65,3 +67,14 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_config(request: pytest.FixtureRequest) -> CatalogConfig:
+    """Each backend in turn: SQLite in the hot tier (the default), or a fresh database of
+    its own on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return CatalogConfig()
+    server: PostgresServer = request.getfixturevalue("postgres")
+    database = server.create_database(f"t{secrets.token_hex(6)}")
+    return CatalogConfig(url=database.url, password_file=database.password_file)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from telerad.api.config import CatalogConfig
 from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.dicomweb import qido
 from telerad.runtime.gateway.ingest import Ingest
@@ -28,8 +29,9 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 
 
 class Archive:
-    def __init__(self, root: Path) -> None:
-        self.catalog = backends.open(backends.default_url(root), site="example")
+    def __init__(self, root: Path, catalog: CatalogConfig) -> None:
+        url, password = backends.connection(catalog, root)
+        self.catalog = backends.open(url, site="example", password=password)
         self.ingest = Ingest(self.catalog, {HOT: Tier(HOT, root)}, GatewayMetrics("test"), 0)
 
     def store(self, **attributes: object) -> pydicom.Dataset:
@@ -69,8 +71,8 @@ def uids(results: list[dict[str, object]], tag: str = "0020000D") -> set[str]:
 
 
 @pytest.fixture
-def archive(tmp_path: Path) -> Archive:
-    return Archive(tmp_path)
+def archive(tmp_path: Path, catalog_config: CatalogConfig) -> Archive:
+    return Archive(tmp_path, catalog_config)
 
 
 def test_matching_kinds(archive: Archive) -> None:
@@ -180,6 +182,13 @@ def test_pages_are_stable_and_say_when_more_remain(archive: Archive) -> None:
 _ALPHABET = "ab%_[]*?^"
 
 
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Archive]:
+    """One archive per backend for the examples of a property, emptied after each."""
+    return {}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @settings(max_examples=60, deadline=None)
 @given(
     names=st.lists(
@@ -187,17 +196,33 @@ _ALPHABET = "ab%_[]*?^"
     ),
     pattern=st.text(alphabet=_ALPHABET, min_size=1, max_size=6),
 )
-def test_wildcards_match_as_dicom_says(
-    tmp_path_factory: pytest.TempPathFactory, names: list[str], pattern: str
+def test_wildcards_match_as_dicom_says(  # noqa: PLR0917  (fixtures and examples)
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+    archives: dict[str, Archive],
+    backend: str,
+    names: list[str],
+    pattern: str,
 ) -> None:
-    """SQL GLOB and LIKE with escaping agree with a reference: fnmatch with only * and ?
-    special, on study descriptions (case-sensitive) and patient names (case-insensitive)."""
-    archive = Archive(tmp_path_factory.mktemp("wild"))
+    """The backend's pattern matching with escaping agrees with a reference: fnmatch with
+    only * and ? special, on study descriptions (case-sensitive) and patient names
+    (case-insensitive)."""
+    if backend not in archives:
+        catalog = CatalogConfig()
+        if backend == "postgresql":
+            database = request.getfixturevalue("postgres").create_database(f"wild{backend[:2]}")
+            catalog = CatalogConfig(url=database.url, password_file=database.password_file)
+        archives[backend] = Archive(tmp_path_factory.mktemp("wild"), catalog)
+    archive = archives[backend]
     by_name = {
         name: archive.store(StudyDescription=name, PatientName=name.upper()).StudyInstanceUID
         for name in names
     }
-    literal = pattern.replace("[", "[[]")  # fnmatch treats [ as a class; DICOM does not
-    expected = {uid for name, uid in by_name.items() if fnmatch.fnmatchcase(name, literal)}
-    assert uids(archive.find(Level.STUDY, ("StudyDescription", pattern))) == expected
-    assert uids(archive.find(Level.STUDY, ("PatientName", pattern))) == expected
+    try:
+        literal = pattern.replace("[", "[[]")  # fnmatch treats [ as a class; DICOM does not
+        expected = {uid for name, uid in by_name.items() if fnmatch.fnmatchcase(name, literal)}
+        assert uids(archive.find(Level.STUDY, ("StudyDescription", pattern))) == expected
+        assert uids(archive.find(Level.STUDY, ("PatientName", pattern))) == expected
+    finally:
+        for uid in by_name.values():
+            archive.catalog.forget_study(uid)

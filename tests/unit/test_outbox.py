@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from telerad.api.config import CatalogConfig
 from telerad.api.jobs import Finding, Job, JobState
 from telerad.api.site import Destination, DicomWebPeer, Notifications, Webhook
 from telerad.api.types import Priority
@@ -35,8 +36,8 @@ PACS = Destination(name="pacs", dicomweb=DicomWebPeer(url="http://127.0.0.1:9/di
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Site:
-    site = Site(tmp_path)
+def site(tmp_path: Path, catalog_config: CatalogConfig) -> Site:
+    site = Site(tmp_path, catalog_config)
     site.config = site.config.model_copy(update={"notifications": HOOKS, "destinations": [PACS]})
     site.flow.config = site.config
     return site

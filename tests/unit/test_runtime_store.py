@@ -13,7 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from telerad.api.config import GatewayConfig
+from telerad.api.config import CatalogConfig, GatewayConfig
 from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.example import example_config
@@ -51,7 +51,7 @@ def store_bytes(  # noqa: PLR0917  (the receivers' own arguments)
 
 
 class Site:
-    def __init__(self, tmp: Path, **storage: object) -> None:
+    def __init__(self, tmp: Path, catalog: CatalogConfig | None = None, **storage: object) -> None:
         config = example_config(11112, 8080, tmp)
         paths = config.storage.model_copy(update={"min_free_bytes": 0, **storage})
         self.config = GatewayConfig.model_validate(
@@ -60,7 +60,8 @@ class Site:
         paths = self.config.storage
         assert paths.warm_dir is not None
         self.hot, self.warm = Tier(HOT, paths.hot_dir), Tier(WARM, paths.warm_dir)
-        self.catalog = backends.open(backends.default_url(paths.hot_dir), site="example")
+        self.config = self.config.model_copy(update={"catalog": catalog or CatalogConfig()})
+        self.catalog = backends.open_site(self.config)
         self.metrics = GatewayMetrics("test")
         deid = Deidentifier(paths.hot_dir / "deid.key")
         self.flow = Flow(self.config, self.catalog, self.hot, self.warm, self.metrics, deid=deid)
@@ -98,8 +99,8 @@ def _encode(ds: pydicom.Dataset) -> bytes:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return Site(tmp_path)
+def site(tmp_path: Path, catalog_config: CatalogConfig) -> Site:
+    return Site(tmp_path, catalog_config)
 
 
 def files_of(tier: Tier, study: str) -> list[PurePosixPath]:

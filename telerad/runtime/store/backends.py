@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psycopg_pool
+
 from telerad.api.config import CatalogConfig, GatewayConfig
 from telerad.runtime.store.catalog import Catalog
+from telerad.runtime.store.postgres import schema as postgres_schema
+from telerad.runtime.store.postgres.database import MIGRATION_LOCK, PostgresDatabase
 from telerad.runtime.store.sql.catalog import SQLCatalog
 from telerad.runtime.store.sql.migrate import migrate
 from telerad.runtime.store.sqlite import schema as sqlite_schema
@@ -54,7 +58,20 @@ def open(url: str, *, site: str, password: str | None = None) -> Catalog:
         migrate(db, sqlite_schema.MIGRATIONS, unversioned=sqlite_schema.unversioned)
         return SQLCatalog(db)
     if scheme in ("postgresql", "postgres"):
-        raise CatalogUnavailable(
-            f"{scheme}://: the PostgreSQL catalog is not built yet (issue 17); use sqlite://"
-        )
+        try:
+            pg = PostgresDatabase(url, site=site, password=password)
+        except psycopg_pool.PoolTimeout as exc:
+            raise CatalogUnavailable(f"{_safe(url)}: cannot connect: {exc}") from None
+        try:
+            migrate(pg, postgres_schema.MIGRATIONS, lock=MIGRATION_LOCK)
+            return SQLCatalog(pg)
+        except BaseException:
+            pg.close()
+            raise
     raise CatalogUnavailable(f"{url!r}: a catalog URL starts with sqlite:// or postgresql://")
+
+
+def _safe(url: str) -> str:
+    """The URL as logs may show it: scheme, host, port and database, no user or query."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 5432}{parts.path}"

@@ -71,6 +71,7 @@ class SQLCatalog:
         self.db = db
         self.backend = db.dialect.name
         self._dialect = db.dialect
+        self._skip_locked = f"{db.dialect.for_update} SKIP LOCKED" if db.dialect.for_update else ""
         with db.write() as tx:
             # Names this catalog in idempotency keys, so that two sites' job 1 differ.
             tx.execute(
@@ -376,7 +377,7 @@ class SQLCatalog:
                     "SELECT id, attempts, max_attempts, state FROM jobs WHERE model = ? AND"  # noqa: S608
                     " ((state = 'queued' AND not_before <= ?) OR"
                     " (state = 'leased' AND lease_expires <= ?))"
-                    f" ORDER BY priority, created_at, id LIMIT 1{self._dialect.skip_locked}",
+                    f" ORDER BY priority, created_at, id LIMIT 1{self._skip_locked}",
                     (model, now, now),
                 ).fetchone()
                 if row is None:
@@ -398,7 +399,10 @@ class SQLCatalog:
                 return self._job(db, job_id)
 
     def _leased(self, db: Transaction, job_id: int, token: str) -> None:
-        row = db.execute("SELECT state, lease_token FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = db.execute(
+            f"SELECT state, lease_token FROM jobs WHERE id = ?{self._dialect.for_update}",  # noqa: S608
+            (job_id,),
+        ).fetchone()
         if row is None:
             raise UnknownJob(job_id)
         state, held = row
@@ -467,11 +471,12 @@ class SQLCatalog:
                 )
             return self._job(db, job_id)
 
-    @staticmethod
-    def _rank(db: Transaction, study_uid: str) -> None:
+    def _rank(self, db: Transaction, study_uid: str) -> None:
         """The study's worklist priority and critical flag, from the newest job of each of
         its models: the most urgent of their priorities, stat when the newest done one of
         some model found something critical (a re-read that finds nothing lowers it)."""
+        # Two jobs of a study done at once each see the other's change.
+        self._lock_study(db, study_uid)
         rank, critical = db.execute(
             "SELECT (SELECT MIN(priority) FROM jobs WHERE id IN"
             " (SELECT MAX(id) FROM jobs WHERE study_uid = ? GROUP BY model)),"

@@ -60,5 +60,7 @@ class Dialect:
     lock_study: str | None
     """A statement taking a transaction-long lock on one study (its UID the parameter), so
     that concurrent writers of a study take turns; None where every write takes turns."""
-    skip_locked: str
-    """Appended to a claim's SELECT, so that concurrent claims take different rows."""
+    for_update: str
+    """Appended to a SELECT of rows the transaction goes on to change, so that concurrent
+    writers of a row take turns ("" where every write takes turns); with SKIP LOCKED, a
+    claim takes a row no other claim holds."""

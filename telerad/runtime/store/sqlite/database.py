@@ -31,7 +31,7 @@ DIALECT = Dialect(
     conflict=lambda key: f"({key})",
     # Every write holds the database's one write lock.
     lock_study=None,
-    skip_locked="",
+    for_update="",
 )
 
 
