@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,12 +69,24 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
         server.close()
 
 
+CatalogFactory = Callable[[], CatalogConfig]
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def catalog_config(request: pytest.FixtureRequest) -> CatalogConfig:
-    """Each backend in turn: SQLite in the hot tier (the default), or a fresh database of
-    its own on the session's PostgreSQL."""
+def new_catalog(request: pytest.FixtureRequest) -> CatalogFactory:
+    """Each backend in turn: new catalogs on it, each SQLite in its hot tier (the default)
+    or a fresh database of its own on the session's PostgreSQL."""
     if request.param == "sqlite":
-        return CatalogConfig()
+        return CatalogConfig
     server: PostgresServer = request.getfixturevalue("postgres")
-    database = server.create_database(f"t{secrets.token_hex(6)}")
-    return CatalogConfig(url=database.url, password_file=database.password_file)
+
+    def database() -> CatalogConfig:
+        created = server.create_database(f"t{secrets.token_hex(6)}")
+        return CatalogConfig(url=created.url, password_file=created.password_file)
+
+    return database
+
+
+@pytest.fixture
+def catalog_config(new_catalog: CatalogFactory) -> CatalogConfig:
+    return new_catalog()

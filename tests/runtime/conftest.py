@@ -39,6 +39,7 @@ from telerad.runtime.store import backends
 from telerad.runtime.store.catalog import StoredInstance
 from telerad.runtime.store.sql.catalog import SQLCatalog
 from telerad.runtime.worker.example import example_config as worker_example
+from tests.conftest import CatalogFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 TELERAD = Path(sys.executable).parent / "telerad"
@@ -225,8 +226,11 @@ GatewayFactory = Callable[..., GatewayProcess]
 
 
 @pytest.fixture
-def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
-    """Start gateways from the example config with field overrides (Python names)."""
+def start_gateway(
+    tmp_path_factory: pytest.TempPathFactory, new_catalog: CatalogFactory
+) -> Iterator[GatewayFactory]:
+    """Start gateways from the example config with field overrides (Python names), each
+    with a catalog of its own on the backend under test unless `catalog` is given."""
     started: list[GatewayProcess] = []
 
     def start(**overrides: Any) -> GatewayProcess:
@@ -236,6 +240,7 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayF
         config = config.model_copy(
             update={
                 "storage": config.storage.model_copy(update=storage),
+                "catalog": overrides.pop("catalog", None) or new_catalog(),
                 **overrides,
             }
         )
