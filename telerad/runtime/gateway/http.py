@@ -47,6 +47,7 @@ from telerad.runtime.gateway.exports import Exporter, ExportError
 from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.pacing import BodyTimeout, paced
+from telerad.runtime.gateway.waiters import MAX_WAIT_S, Waiters
 from telerad.runtime.store.catalog import LeaseLost, UnknownJob
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,7 @@ def build_app(
     dicomweb: DicomWeb,
     exporter: Exporter,
     limits: HttpLimits,
+    waiters: Waiters,
     public_url: str | None = None,
 ) -> web.Application:
     routes = web.RouteTableDef()
@@ -358,8 +360,14 @@ def build_app(
 
     @routes.post("/jobs/claim")
     async def claim(request: web.Request) -> web.Response:
+        wait = _int(request, "wait", 0, MAX_WAIT_S)
         body = await _body(request, ClaimRequest)
-        job = await run(flow.claim, body.model, body.owner, body.lease_seconds)
+
+        async def once() -> Job | None:
+            found: Job | None = await run(flow.claim, body.model, body.owner, body.lease_seconds)
+            return found
+
+        job = await waiters.claim(body.model, wait, once)
         return web.Response(status=204) if job is None else _json(shown(job))
 
     @routes.post("/jobs/{job:[0-9]{1,18}}/extend")

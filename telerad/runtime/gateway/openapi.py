@@ -35,6 +35,7 @@ from telerad.runtime.dicomweb.qido import (
     VALUE_PATTERNS,
     Level,
 )
+from telerad.runtime.gateway.waiters import MAX_WAIT_S
 from telerad.runtime.store.search import ATTRIBUTES
 
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$"
@@ -276,6 +277,12 @@ def _post(model: type[BaseModel], response: Schema, *problems: int, **extra: Sch
     }
 
 
+def _with_parameters(operation: Schema, *parameters: Schema) -> Schema:
+    (method,) = operation.values()
+    method["parameters"] = [*method["parameters"], *parameters]
+    return operation
+
+
 def _page(limits: str, max_limit: int, max_offset: int) -> list[Schema]:
     return [
         _query(
@@ -402,10 +409,18 @@ def document() -> Schema:
                 },
             }
         },
-        "/jobs/claim": _post(
-            ClaimRequest,
-            _json(job, "A job, leased to the caller."),
-            **{"204": {"description": "No job waits for this model."}},
+        "/jobs/claim": _with_parameters(
+            _post(
+                ClaimRequest,
+                _json(job, "A job, leased to the caller."),
+                **{"204": {"description": "No job waits for this model (within `wait`)."}},
+            ),
+            _query(
+                "wait",
+                "Seconds to wait for a job when none waits now: the answer comes as soon as"
+                " one of the model is queued, by this gateway or another of the site.",
+                {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_S},
+            ),
         ),
         "/jobs/{job}/extend": {**_post(ExtendRequest, _json(job, "Lease extended."), 404, 409)},
         "/jobs/{job}/complete": _post(CompleteRequest, _json(job, "Job done."), 404, 409),

@@ -25,6 +25,7 @@ from telerad.runtime.gateway.http import build_app
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.outbox import Outbox
 from telerad.runtime.gateway.receivers import STOP_GRACE_S, Pool, Receiver, default_count
+from telerad.runtime.gateway.waiters import Waiters
 from telerad.runtime.store.catalog import WARM, Catalog
 from telerad.runtime.store.files import Tier
 
@@ -71,6 +72,7 @@ class Gateway:
         self.tokens = Tokens(config.namespace, config.tokens_dir)
         self.audit = Audit(config.audit_dir or storage.hot_dir / AUDIT_DIR)
         self._runner: web.AppRunner | None = None
+        self.waiters: Waiters | None = None
         self.outbox: Outbox | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -128,6 +130,8 @@ class Gateway:
         self.dimse.start(listener)
         tiers = self.receiver.tiers
         exporter = Exporter(self.config, self.catalog, tiers, self.config.ae_title)
+        self.waiters = Waiters(asyncio.get_running_loop())
+        self.catalog.subscribe(self.waiters.wake)
         self.outbox = Outbox(self.config, self.catalog, exporter, self.metrics, self.audit.write)
         app = build_app(
             flow=self.flow,
@@ -144,6 +148,7 @@ class Gateway:
             ),
             exporter=exporter,
             limits=self.config.http,
+            waiters=self.waiters,
             public_url=self.config.public_url,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -193,6 +198,8 @@ class Gateway:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.waiters is not None:
+            self.waiters.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.outbox is not None:

@@ -9,7 +9,7 @@ move it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import PurePosixPath
@@ -228,6 +228,11 @@ class Jobs(Protocol):
     """Jobs and their leases."""
 
     def claim(self, model: str, owner: str, lease_seconds: int, now: float) -> Job | None: ...
+
+    def subscribe(self, wake: Callable[[str], None]) -> None:
+        """Call `wake(model)` (from any thread) whenever a job of that model is queued or
+        queued again, by whichever process sharing the catalog: claims wait on it. An
+        empty model means any (notices may have been missed, as while reconnecting)."""
 
     def extend(self, job_id: int, token: str, lease_seconds: int, now: float) -> Job: ...
 

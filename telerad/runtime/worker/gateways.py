@@ -27,7 +27,7 @@ from telerad.runtime.dicomweb import client
 
 # Job calls are small; a gateway that does not answer one in this time is treated as down
 # (the session's own timeout is for moving whole studies).
-API_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+API_TIMEOUT_S = 30.0
 
 
 class GatewayError(Exception):
@@ -71,7 +71,13 @@ class Gateway:
         return out
 
     async def _call(
-        self, method: str, path: str, body: BaseModel | None = None, **params: str
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | None = None,
+        *,
+        longer: float = 0,
+        **params: str,
     ) -> Any:
         try:
             async with self._session.request(
@@ -80,7 +86,7 @@ class Gateway:
                 json=body.model_dump(mode="json", by_alias=True) if body else None,
                 params=params or None,
                 headers=self.headers(),
-                timeout=API_TIMEOUT,
+                timeout=aiohttp.ClientTimeout(total=API_TIMEOUT_S + longer, sock_connect=5),
             ) as answer:
                 if answer.status == 204:
                     return None
@@ -102,9 +108,14 @@ class Gateway:
         jobs = await self._call("GET", "/jobs", claimable="true", model=model, limit="1")
         return Job.model_validate(jobs[0]) if jobs else None
 
-    async def claim(self, model: str, owner: str, lease_seconds: int) -> Job | None:
+    async def claim(
+        self, model: str, owner: str, lease_seconds: int, *, wait: int = 0
+    ) -> Job | None:
+        """The most urgent waiting job, leased; with `wait`, the gateway answers as soon as
+        one is queued within that many seconds."""
         request = ClaimRequest(model=model, owner=owner, lease_seconds=lease_seconds)
-        job = await self._call("POST", "/jobs/claim", request)
+        extra = {"wait": str(wait)} if wait else {}
+        job = await self._call("POST", "/jobs/claim", request, longer=wait, **extra)
         return None if job is None else Job.model_validate(job)
 
     def _token(self, job: Job) -> str:

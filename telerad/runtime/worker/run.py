@@ -36,6 +36,8 @@ from telerad.runtime.worker.gateways import Gateway, GatewayError, LeaseLost, se
 from telerad.runtime.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+LONG_POLL_S = 20
+"""How long one claim waits at the gateway for a job to be queued."""
 # highdicom logs the UIDs of the data sets it copies from at INFO; UIDs stay out of logs.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 T = TypeVar("T")
@@ -118,8 +120,8 @@ class Worker:
                     self._alive = time.monotonic()
                     claimed = await self._claim(gateways)
                     if claimed is None:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._stopping.wait(), self.config.poll_seconds)
+                        claimed = await self._wait_for_job(gateways)
+                    if claimed is None:
                         continue
                     await self._process(*claimed)
         finally:
@@ -145,6 +147,39 @@ class Worker:
             if job is not None:
                 return gateway, job
         return None
+
+    async def _wait_for_job(self, gateways: list[Gateway]) -> tuple[Gateway, Job] | None:
+        """Nothing to do: one gateway is asked to answer as soon as a job is queued (a
+        long poll); among several, which would get the next job is unknown, so they are
+        asked again after the poll interval."""
+        waiting: asyncio.Task[Job | None] | None = None
+        if len(gateways) == 1:
+            waiting = asyncio.create_task(
+                gateways[0].claim(
+                    self.queue, self.owner, self.config.lease_seconds, wait=LONG_POLL_S
+                )
+            )
+        stop = asyncio.create_task(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {t for t in (waiting, stop) if t is not None},
+                timeout=None if waiting is not None else self.config.poll_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stop.cancel()
+        if waiting is None or waiting not in done:
+            if waiting is not None:
+                # Stopping: a job the gateway leases meanwhile goes back when its lease ends.
+                waiting.cancel()
+            return None
+        try:
+            job = waiting.result()
+        except GatewayError as exc:
+            log.warning("%s", exc)
+            await asyncio.sleep(self.config.poll_seconds)
+            return None
+        return None if job is None else (gateways[0], job)
 
     async def _process(self, gateway: Gateway, job: Job) -> None:
         ref = phi.ref(job.study_uid)

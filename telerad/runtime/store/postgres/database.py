@@ -8,14 +8,19 @@ by default. So the catalog's statements never name a site and cannot reach anoth
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from telerad.runtime.store.sql.database import Dialect
+
+log = logging.getLogger(__name__)
 
 
 def _integer(column: str) -> str:
@@ -40,17 +45,21 @@ DIALECT = Dialect(
         "SELECT pg_advisory_xact_lock(hashtextextended(current_setting('telerad.site')"
         " || '/' || ?, 0))"
     ),
+    # Payloads are the site and a model name, never patient data; the channel is the
+    # database's, so listeners keep their own site's.
+    notify="SELECT pg_notify(?, current_setting('telerad.site') || '/' || ?)",
     for_update=" FOR UPDATE",
 )
+LISTEN_RETRY_S = 1.0
 
 MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(1953655140, 1)"
 """Migrators of one database take turns (a key of its own: the two-key space)."""
 
 
 @functools.lru_cache(maxsize=512)
-def _statement(sql: str) -> str:
+def _statement(text: str) -> str:
     # The catalog's `?` become psycopg's %s; a literal % (none is a value) is doubled.
-    return sql.replace("%", "%%").replace("?", "%s")
+    return text.replace("%", "%%").replace("?", "%s")
 
 
 class _Transaction:
@@ -80,13 +89,15 @@ class PostgresDatabase:
         max_connections: int = 16,
         connect_timeout_s: float = 10.0,
     ) -> None:
+        self._url, self._site, self._password = url, site, password
+        self._closed = threading.Event()
+        self._listeners: list[threading.Thread] = []
+
         def configure(conn: psycopg.Connection[Any]) -> None:
             conn.execute("SELECT set_config('telerad.site', %s, false)", (site,))
             conn.commit()
 
-        kwargs: dict[str, Any] = {"connect_timeout": max(1, round(connect_timeout_s))}
-        if password is not None:
-            kwargs["password"] = password
+        kwargs = self._connect_kwargs(connect_timeout_s)
         self.pool = ConnectionPool(
             url,
             kwargs=kwargs,
@@ -111,5 +122,41 @@ class PostgresDatabase:
         with self.pool.connection() as conn:
             yield _Transaction(conn)
 
+    def _connect_kwargs(self, timeout_s: float) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"connect_timeout": max(1, round(timeout_s))}
+        if self._password is not None:
+            kwargs["password"] = self._password
+        return kwargs
+
+    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        """On a connection of its own (a pooled one would miss notices between uses), in a
+        thread that reconnects after the database comes back."""
+        thread = threading.Thread(
+            target=self._listen, args=(channel, handler), name=f"listen-{channel}", daemon=True
+        )
+        self._listeners.append(thread)
+        thread.start()
+
+    def _listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        mine = f"{self._site}/"
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(
+                    self._url, autocommit=True, **self._connect_kwargs(LISTEN_RETRY_S * 5)
+                ) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    # Whatever was queued while this was not listening.
+                    handler("")
+                    while not self._closed.is_set():
+                        for notice in conn.notifies(timeout=LISTEN_RETRY_S):
+                            if notice.payload.startswith(mine):
+                                handler(notice.payload.removeprefix(mine))
+            except psycopg.Error as exc:
+                log.warning("catalog notices: %s; listening again in %.0f s", exc, LISTEN_RETRY_S)
+                self._closed.wait(LISTEN_RETRY_S)
+
     def close(self) -> None:
+        self._closed.set()
+        for thread in self._listeners:
+            thread.join(LISTEN_RETRY_S * 2)
         self.pool.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +37,9 @@ from telerad.runtime.store.catalog import (
 from telerad.runtime.store.search import Search, SearchResult
 from telerad.runtime.store.sql import search as searches
 from telerad.runtime.store.sql.database import Database, Transaction
+
+JOBS_CHANNEL = "telerad_jobs"
+"""Where a catalog says that jobs were queued (the payload names their model)."""
 
 # Header names of the studies columns study_date .. referring_physician, in order.
 _STUDY_KEYS = (
@@ -71,6 +74,7 @@ class SQLCatalog:
         self.db = db
         self.backend = db.dialect.name
         self._dialect = db.dialect
+        self._subscribers: list[Callable[[str], None]] = []
         self._skip_locked = f"{db.dialect.for_update} SKIP LOCKED" if db.dialect.for_update else ""
         with db.write() as tx:
             # Names this catalog in idempotency keys, so that two sites' job 1 differ.
@@ -81,6 +85,24 @@ class SQLCatalog:
             self.instance_id: str = tx.execute(
                 "SELECT value FROM meta WHERE key = 'instance'"
             ).fetchone()[0]
+
+    def subscribe(self, wake: Callable[[str], None]) -> None:
+        if not self._subscribers:
+            self.db.listen(JOBS_CHANNEL, self._heard)
+        self._subscribers.append(wake)
+
+    def _heard(self, model: str) -> None:
+        for wake in self._subscribers:
+            wake(model)
+
+    def _queued(self, db: Transaction, models: Iterable[str]) -> list[str]:
+        """Tell the other processes, on commit, that jobs of these models wait; returns
+        the models, for this process's own subscribers once the commit is done."""
+        models = sorted(set(models))
+        if self._dialect.notify is not None:
+            for model in models:
+                db.execute(self._dialect.notify, (JOBS_CHANNEL, model))
+        return models
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self.db.read() as tx:
@@ -367,6 +389,9 @@ class SQLCatalog:
             )
             self._rank(db, study_uid)
             created = [self._job(db, i) for i in ids]
+            models = self._queued(db, (j.model for j in created))
+        for model in models:
+            self._heard(model)
         return Completion(jobs=created, first_received=row[2])
 
     # -- jobs ------------------------------------------------------------------
@@ -499,6 +524,7 @@ class SQLCatalog:
             attempts, max_attempts = db.execute(
                 "SELECT attempts, max_attempts FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
+            models: list[str] = []
             if retry_at is None or attempts >= max_attempts:
                 db.execute(
                     "UPDATE jobs SET state = 'parked', reason = ?, lease_token = NULL,"
@@ -512,7 +538,12 @@ class SQLCatalog:
                     " updated_at = ? WHERE id = ?",
                     (reason, retry_at, now, job_id),
                 )
-            return self._job(db, job_id)
+            job = self._job(db, job_id)
+            if retry_at is not None and retry_at <= now and job.state == JobState.QUEUED:
+                models = self._queued(db, [job.model])
+        for model in models:
+            self._heard(model)
+        return job
 
     def results(self, job_id: int) -> list[Located]:
         rows = self._read(

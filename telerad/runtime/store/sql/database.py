@@ -36,6 +36,10 @@ class Database(Protocol):
     def read(self) -> AbstractContextManager[Transaction]:
         """A transaction that only reads, seeing one consistent state."""
 
+    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        """Call `handler(payload)` for each notice sent on `channel` by other connections
+        (a no-op where one process queues every job)."""
+
     def close(self) -> None: ...
 
 
@@ -60,6 +64,9 @@ class Dialect:
     lock_study: str | None
     """A statement taking a transaction-long lock on one study (its UID the parameter), so
     that concurrent writers of a study take turns; None where every write takes turns."""
+    notify: str | None
+    """A statement sending a notice (channel, payload the parameters) when the
+    transaction commits; None where no other process listens."""
     for_update: str
     """Appended to a SELECT of rows the transaction goes on to change, so that concurrent
     writers of a row take turns ("" where every write takes turns); with SKIP LOCKED, a

@@ -11,7 +11,7 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +31,7 @@ DIALECT = Dialect(
     conflict=lambda key: f"({key})",
     # Every write holds the database's one write lock.
     lock_study=None,
+    notify=None,
     for_update="",
 )
 
@@ -76,6 +77,9 @@ class SQLiteDatabase:
                 yield self._db
             finally:
                 self._db.execute("COMMIT")
+
+    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        """Nothing to hear: one gateway process queues every job of its site."""
 
     def close(self) -> None:
         with self._lock:
