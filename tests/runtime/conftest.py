@@ -341,6 +341,7 @@ def stow(
         content=content,
         headers={**gateway.auth, "Content-Type": content_type},
         timeout=30,
+        verify=gateway.verify,
     )
 
 

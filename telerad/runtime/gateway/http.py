@@ -158,14 +158,66 @@ async def _errors(  # noqa: PLR0911  (one answer per kind of failure)
         return problem(500, "Internal error", "the gateway failed; see its log")
 
 
+# Lingering close, as nginx's lingering_time and lingering_timeout: how long the rest of a
+# refused body is read and dropped in all, and how long without a byte of it coming.
+_LINGER_SECONDS = 2.0
+_LINGER_IDLE_SECONDS = 0.5
+
+
 async def _closing(request: web.Request, response: web.Response) -> web.Response:
     """`response`, sent at once, and the connection closed after it: aiohttp would
-    otherwise go on reading (for 10 s) the rest of a body that is broken or not coming."""
+    otherwise go on reading (for 10 s) the rest of a body that is broken or not coming.
+
+    Closing a socket with bytes of the body still unread makes the kernel reset the
+    connection, and a reset that reaches the client before it read the answer destroys
+    the answer. So the write side is shut first (the client sees the answer, then the
+    end of the stream) and what the client still sends is dropped until it stops, is
+    silent for a while or has had its time; only then is the connection closed."""
     response.force_close()
     await response.prepare(request)
     await response.write_eof()
+    transport = request.transport
+    if transport is not None:
+        if transport.can_write_eof():  # TLS cannot half-close; it still lingers
+            transport.write_eof()
+        await _linger(transport, request.protocol)
     request.protocol.force_close()
     return response
+
+
+class _Drain(asyncio.Protocol):
+    """Stands in for aiohttp's protocol while a connection lingers: drops what arrives,
+    and hands a connection that ends (the transport closes itself at end of stream) back
+    to aiohttp, which must hear of it to forget the connection."""
+
+    def __init__(self, owner: asyncio.BaseProtocol) -> None:
+        self.owner = owner
+        self.ended = False
+        self.stirred = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self.stirred.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        self.stirred.set()
+        self.owner.connection_lost(exc)
+
+
+async def _linger(transport: asyncio.Transport, owner: asyncio.BaseProtocol) -> None:
+    drain = _Drain(owner)
+    transport.set_protocol(drain)
+    # aiohttp stops reading when a body's buffer fills, as a refused one's may have.
+    transport.resume_reading()
+    try:
+        async with asyncio.timeout(_LINGER_SECONDS):
+            while not drain.ended:
+                drain.stirred.clear()
+                await asyncio.wait_for(drain.stirred.wait(), _LINGER_IDLE_SECONDS)
+    except TimeoutError:
+        pass
+    finally:
+        transport.set_protocol(owner)
 
 
 def _denial(verdict: Verdict, configured: bool, authorization: str | None) -> web.Response:
