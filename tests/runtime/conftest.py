@@ -349,6 +349,7 @@ def stow(
         content=content,
         headers={**gateway.auth, "Content-Type": content_type},
         timeout=30,
+        verify=gateway.verify,
     )
 
 

@@ -1,12 +1,16 @@
 """STOW-RS bodies that are not what they announce, sent over raw sockets to a real
 gateway: each malformed one is a 400 problem document saying what was wrong and stores
 nothing, and a body announced and never sent is cut off (408, connection closed) after
-the configured window, with nothing stored; the gateway goes on serving throughout."""
+the configured window, with nothing stored; the gateway goes on serving throughout. The
+answer reaches a client that is still sending the rest of a refused body, and a client
+that goes on sending after it is cut off all the same."""
 
 from __future__ import annotations
 
 import json
 import socket
+import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ from pydicom.data import get_testdata_file
 
 from telerad.api.config import HttpLimits
 
-from .conftest import GatewayFactory, GatewayProcess, stored, stow, temporaries
+from .conftest import GatewayFactory, GatewayProcess, TlsMaterial, stored, stow, temporaries
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 BOUNDARY = "telerad-test-bodies-93ad"
@@ -41,7 +45,10 @@ def request_head(gateway: GatewayProcess, length: int) -> bytes:
 def connect(gateway: GatewayProcess) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", gateway.config.http_port))
     sock.settimeout(60)  # far past the gateway's own deadline: a hang fails, never blocks
-    return sock
+    if gateway.config.tls is None:
+        return sock
+    context = ssl.create_default_context(cafile=gateway.verify)
+    return context.wrap_socket(sock, server_hostname="127.0.0.1")
 
 
 def read_all(sock: socket.socket) -> bytes:
@@ -122,5 +129,57 @@ def test_a_stow_body_announced_and_never_sent_is_cut_off(start_gateway: GatewayF
         status, _, detail = answer(read_all(sock))  # returns only once it is closed
     assert status == 408, (status, detail[:300])
     assert "stopped" in json.loads(detail)["detail"]
+    nothing_stored(gateway)
+    assert stow(gateway, [CT]).status_code == 200
+
+
+@pytest.mark.parametrize("over", ["tcp", "tls"])
+def test_a_refused_body_with_megabytes_left_still_gets_its_400(
+    over: str, start_gateway: GatewayFactory, tls: TlsMaterial
+) -> None:
+    """The gateway refuses at the 8190th byte of a part header line and 8 MB of the body
+    are still coming. A client that sends all it announced before it reads (as most do)
+    still reads the whole problem document and then the end of the stream: the gateway
+    reads and drops the rest instead of closing on it, which would reset the connection
+    and destroy the answer before the client read it. TLS cannot half-close, so there
+    the end of the stream comes once the client has stopped sending."""
+    gateway = start_gateway(tls=tls.server_files(mutual=False) if over == "tls" else None)
+    body = (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\nX-Filler: ".encode()
+        + b"x" * (8 << 20)
+        + b"\r\n\r\n"
+        + CT
+        + b"\r\n"
+        + closing()
+    )
+    with connect(gateway) as sock:
+        # Far more than the socket buffers hold: this returns only once the gateway has
+        # read most of it, and raises ConnectionResetError if it closed on the rest.
+        sock.sendall(request_head(gateway, len(body)) + body)
+        status, headers, detail = answer(read_all(sock))  # returns only at end of stream
+    assert status == 400, (status, detail[:300], gateway.log_tail())
+    assert headers["content-type"].startswith("application/problem+json")
+    assert "a part header line is longer than 8190 bytes" in json.loads(detail)["detail"]
+    nothing_stored(gateway)
+    assert stow(gateway, [CT]).status_code == 200
+
+
+def test_a_client_trickling_after_a_refusal_is_cut_off(gateway: GatewayProcess) -> None:
+    """Reading and dropping the rest of a refused body has an end: a client that reads
+    its 400 and then goes on sending a byte at a time is cut off all the same."""
+    body, words = MALFORMED["100 KB part header"]
+    with connect(gateway) as sock:
+        sock.sendall(request_head(gateway, len(body)) + body)
+        status, _, detail = answer(read_all(sock))
+        assert status == 400 and words in json.loads(detail)["detail"]
+        cut_off = False
+        for _ in range(600):  # 30 s: far past the gateway's own bound
+            try:
+                sock.send(b"x")
+            except OSError:
+                cut_off = True
+                break
+            time.sleep(0.05)
+    assert cut_off
     nothing_stored(gateway)
     assert stow(gateway, [CT]).status_code == 200
