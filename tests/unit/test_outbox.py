@@ -22,7 +22,7 @@ from telerad.api.types import Priority
 from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway import outbox
 from telerad.runtime.gateway.example import example_config
-from telerad.runtime.store.catalog import DeliveryKind
+from telerad.runtime.store.catalog import Delivery, DeliveryKind
 from tests.unit.test_runtime_store import CT, CT_CLASS, EXPLICIT, Site, _encode, store_bytes
 
 HOOKS = Notifications(
@@ -41,6 +41,14 @@ def site(tmp_path: Path, catalog_config: CatalogConfig) -> Site:
     site.config = site.config.model_copy(update={"notifications": HOOKS, "destinations": [PACS]})
     site.flow.config = site.config
     return site
+
+
+LEASES = {DeliveryKind.ALERT: 60.0, DeliveryKind.EXPORT: 60.0}
+
+
+def claimed(site: Site, now: float) -> list[Delivery]:
+    """What a sender would take at `now` (each taken then for a minute)."""
+    return site.catalog.claim_deliveries("test-sender", now, 10, LEASES)
 
 
 def store(site: Site, study: str, result_of: int | None = None) -> str:
@@ -86,7 +94,7 @@ def test_a_critical_completion_queues_alerts_and_exports_in_one_step(site: Site)
     store_result(site, study, job_id)
     finding = Finding(label="hyperdensity", score=0.97, critical=True)
     site.flow.complete(job_id, token, [finding], "https://gw.example:8080/")
-    due = site.catalog.due_deliveries(time.time(), 10)
+    due = claimed(site, time.time())
     kinds = sorted((d.kind, d.target) for d in due)
     # The example's head CT rule is stat, which every webhook's lowest priority admits.
     assert kinds == [
@@ -147,24 +155,45 @@ def test_an_alert_goes_to_the_webhooks_whose_lowest_priority_the_job_reaches(
     assert [d.target for d in planned if d.kind == DeliveryKind.EXPORT] == ["pacs"]
 
 
+def test_two_senders_never_hold_one_delivery_and_a_restart_takes_its_own_back(
+    site: Site,
+) -> None:
+    _, job_id, token = completed_job(site)
+    site.flow.complete(job_id, token, [Finding(label="x", score=1.0, critical=True)], GATEWAY)
+    now = time.time()
+    first = site.catalog.claim_deliveries("gw-a:8080", now, 2, LEASES)
+    second = site.catalog.claim_deliveries("gw-b:8080", now, 10, LEASES)
+    assert len(first) == 2 and len(second) == 1
+    assert not {d.id for d in first} & {d.id for d in second}
+    assert site.catalog.claim_deliveries("gw-b:8080", now + 1, 10, LEASES) == []
+    # The leases run out (A died, B hung): what A held goes to B, with B's own.
+    late = site.catalog.claim_deliveries("gw-b:8080", now + 61, 10, LEASES)
+    assert {d.id for d in late} == {d.id for d in first + second}
+    # B starts again before its leases end: what it held is due at once, for anyone.
+    assert site.catalog.release_deliveries("gw-b:8080", now + 62) == 3
+    assert len(site.catalog.claim_deliveries("gw-a:8080", now + 62, 10, LEASES)) == 3
+    site.catalog.delivered(first[0].id, now + 63)
+    assert site.catalog.release_deliveries("gw-a:8080", now + 63) == 2
+
+
 def test_a_quiet_completion_exports_but_does_not_alert(site: Site) -> None:
     _, job_id, token = completed_job(site)
     site.flow.complete(job_id, token, [Finding(label="hyperdensity", score=0.1)], GATEWAY)
-    due = site.catalog.due_deliveries(time.time(), 10)
+    due = claimed(site, time.time())
     assert [(d.kind, d.target) for d in due] == [(DeliveryKind.EXPORT, "pacs")]
 
 
 def test_failed_deliveries_back_off_then_park_with_one_key(site: Site) -> None:
     _, job_id, token = completed_job(site)
     site.flow.complete(job_id, token, [Finding(label="x", score=1.0, critical=True)], GATEWAY)
-    (alert,) = [d for d in site.catalog.due_deliveries(time.time(), 10) if d.target == "on-call"]
+    (alert,) = [d for d in claimed(site, time.time()) if d.target == "on-call"]
     now = time.time()
     site.catalog.delivery_failed(alert.id, "503", now + 60, now)
-    assert all(d.id != alert.id for d in site.catalog.due_deliveries(now + 1, 10))
-    (again,) = [d for d in site.catalog.due_deliveries(now + 61, 10) if d.id == alert.id]
+    assert all(d.id != alert.id for d in claimed(site, now + 1))
+    (again,) = [d for d in claimed(site, now + 61) if d.id == alert.id]
     assert again.key == alert.key and again.attempts == 1
     site.catalog.delivery_failed(alert.id, "503", None, now)
-    assert all(d.id != alert.id for d in site.catalog.due_deliveries(now + 10**6, 10))
+    assert all(d.id != alert.id for d in claimed(site, now + 10**6))
     assert site.catalog.delivery_states()[("alert", "parked")] == 1
 
 

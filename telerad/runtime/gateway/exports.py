@@ -25,7 +25,8 @@ from telerad.runtime.store.catalog import Catalog, Located
 from telerad.runtime.store.files import Tier
 
 log = logging.getLogger(__name__)
-TIMEOUT = aiohttp.ClientTimeout(total=3600, sock_connect=10, sock_read=300)
+EXPORT_TIMEOUT_S = 3600
+TIMEOUT = aiohttp.ClientTimeout(total=EXPORT_TIMEOUT_S, sock_connect=10, sock_read=300)
 DIMSE_TIMEOUT_S = 60
 
 

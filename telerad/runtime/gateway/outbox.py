@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -27,12 +28,14 @@ from telerad.api.jobs import Job
 from telerad.api.site import Webhook
 from telerad.api.types import Priority
 from telerad.runtime import phi
+from telerad.runtime.gateway import exports
 from telerad.runtime.gateway.exports import Exporter, ExportError, read_secret
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.store.catalog import Catalog, Delivery, DeliveryKind, NewDelivery
 
 log = logging.getLogger(__name__)
-TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+ALERT_TIMEOUT_S = 30
+TIMEOUT = aiohttp.ClientTimeout(total=ALERT_TIMEOUT_S, sock_connect=5)
 BATCH = 32
 SIGNATURE_HEADER = "Telerad-Signature"
 
@@ -100,6 +103,19 @@ class Outbox:
         self.record = record
         self._hooks = {h.name: h for h in config.notifications.webhooks}
         self._session: aiohttp.ClientSession | None = None
+        self.owner = f"{socket.gethostname()}:{config.http_port}"
+        """This sender, on its leases: the same after a restart in place."""
+        # Longer than one attempt of each kind can take, with a margin.
+        self._leases = {
+            DeliveryKind.ALERT: ALERT_TIMEOUT_S * 2,
+            DeliveryKind.EXPORT: exports.EXPORT_TIMEOUT_S + 60,
+        }
+
+    async def resume(self) -> None:
+        """Take back at once what this sender held when it stopped."""
+        released = await asyncio.to_thread(self.catalog.release_deliveries, self.owner, time.time())
+        if released:
+            log.info("%d deliveries interrupted by a stop are due again", released)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -107,7 +123,9 @@ class Outbox:
 
     async def send_due(self) -> int:
         """One pass: send every due delivery (a batch at a time, concurrently)."""
-        due = await asyncio.to_thread(self.catalog.due_deliveries, time.time(), BATCH)
+        due = await asyncio.to_thread(
+            self.catalog.claim_deliveries, self.owner, time.time(), BATCH, self._leases
+        )
         if due:
             await asyncio.gather(*(self._attempt(d) for d in due))
         return len(due)

@@ -162,6 +162,7 @@ class Gateway:
         )
         await site.start()
         await asyncio.to_thread(self.flow.resume, time.time())
+        await self.outbox.resume()
         storage = self.config.storage
         self._tasks = [
             asyncio.create_task(self._every(COMPLETION_TICK_S, self.flow.complete_due)),

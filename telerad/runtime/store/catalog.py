@@ -9,7 +9,7 @@ move it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import PurePosixPath
@@ -292,8 +292,17 @@ class Jobs(Protocol):
 class Deliveries(Protocol):
     """The outbox: alerts and exports, sent until their target takes them."""
 
-    def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
-        """Pending deliveries whose next attempt is due, oldest first."""
+    def claim_deliveries(
+        self, owner: str, now: float, limit: int, lease_seconds: Mapping[DeliveryKind, float]
+    ) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, oldest first, leased to `owner`
+        for as long as an attempt of their kind may take: no other sender sees them until
+        the lease ends (delivered, failed, or its sender gone), so two senders never send
+        one at once."""
+
+    def release_deliveries(self, owner: str, now: float) -> int:
+        """Due again now, those `owner` held: a sender that started again does not wait
+        for the leases of its previous life; returns how many."""
 
     def delivered(self, delivery_id: int, now: float) -> None: ...
 

@@ -113,4 +113,6 @@ MIGRATIONS: list[Migration] = [
         )""",
         *(statement for table in TABLES for statement in _own_site(table)),
     ),
+    # 2: outbox rows leased to the sender that sends them.
+    ("ALTER TABLE outbox ADD COLUMN lease_owner TEXT",),
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -565,23 +565,40 @@ class SQLCatalog:
         return [] if earlier is None else self.results(earlier)
 
     # -- outbox ----------------------------------------------------------------
-    def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
-        rows = self._read(
-            "SELECT id, kind, target, key, job_id, study_uid, payload, attempts, created_at"
-            " FROM outbox WHERE state = 'pending' AND next_attempt <= ?"
-            " ORDER BY next_attempt, id LIMIT ?",
-            (now, limit),
-        )
+    def claim_deliveries(
+        self, owner: str, now: float, limit: int, lease_seconds: Mapping[DeliveryKind, float]
+    ) -> list[Delivery]:
+        with self.db.write() as db:
+            rows = db.execute(
+                "SELECT id, kind, target, key, job_id, study_uid, payload, attempts, created_at"  # noqa: S608
+                " FROM outbox WHERE state = 'pending' AND next_attempt <= ?"
+                f" ORDER BY next_attempt, id LIMIT ?{self._skip_locked}",
+                (now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE outbox SET lease_owner = ?, next_attempt = ? WHERE id = ?",
+                [(owner, now + lease_seconds[DeliveryKind(r[1])], r[0]) for r in rows],
+            )
         return [
             Delivery(r[0], DeliveryKind(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8])
             for r in rows
         ]
 
+    def release_deliveries(self, owner: str, now: float) -> int:
+        with self.db.write() as db:
+            return int(
+                db.execute(
+                    "UPDATE outbox SET lease_owner = NULL, next_attempt = ?"
+                    " WHERE state = 'pending' AND lease_owner = ?",
+                    (now, owner),
+                ).rowcount
+            )
+
     def delivered(self, delivery_id: int, now: float) -> None:
         with self.db.write() as db:
             db.execute(
                 "UPDATE outbox SET state = 'delivered', delivered_at = ?, error = NULL,"
-                " attempts = attempts + 1 WHERE id = ?",
+                " lease_owner = NULL, attempts = attempts + 1 WHERE id = ?",
                 (now, delivery_id),
             )
 
@@ -591,7 +608,7 @@ class SQLCatalog:
         with self.db.write() as db:
             db.execute(
                 "UPDATE outbox SET state = ?, error = ?, attempts = attempts + 1,"
-                " next_attempt = ? WHERE id = ?",
+                " lease_owner = NULL, next_attempt = ? WHERE id = ?",
                 (
                     "parked" if retry_at is None else "pending",
                     error,

@@ -108,6 +108,8 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid)
         """,
     ),
+    # 2: outbox rows leased to the sender that sends them.
+    ("ALTER TABLE outbox ADD COLUMN lease_owner TEXT",),
 ]
 
 # Columns that catalogs from before versioned migrations gained one by one.
