@@ -25,6 +25,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
 from telerad import synthetic
+from telerad.api.config import CatalogConfig
 
 from .conftest import GatewayFactory, GatewayProcess, dataset_bytes, stored
 from .test_roundtrip import BROKEN, PYDICOM_FILES, REAL_IMAGES
@@ -254,12 +255,13 @@ def test_oversized_pdu_and_aborted_transfer_leave_nothing_behind(
     "fault", "hot tier without room for a 30 MB data set (free-space watermark)"
 )
 def test_a_data_set_larger_than_the_free_space_is_refused_cleanly(
-    start_gateway: GatewayFactory, tmp_path: Path
+    start_gateway: GatewayFactory, catalog_config: CatalogConfig, tmp_path: Path
 ) -> None:
     """The gateway reads such a data set to its end without keeping it, answers Out of
-    Resources, and goes on taking instances that fit."""
+    Resources, and goes on taking instances that fit. (The catalog, which may be a
+    PostgreSQL database on this disk, is made before the free space is measured.)"""
     free = shutil.disk_usage(tmp_path).free
-    gateway = start_gateway(storage={"min_free_bytes": free - (8 << 20)})
+    gateway = start_gateway(catalog=catalog_config, storage={"min_free_bytes": free - (16 << 20)})
     big = synthetic.chest_xray(seed=5, size=(3872, 3872))  # about 30 MB
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(big.SOPClassUID, EXPLICIT)
