@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 import yaml
@@ -14,6 +15,9 @@ from pydantic import TypeAdapter, ValidationError
 from telerad import __version__, logs
 from telerad.api.base import ApiModel
 from telerad.api.crd import KINDS
+
+if TYPE_CHECKING:
+    from telerad.api.config import CatalogConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,6 +145,20 @@ def _print_example(component: str, config: ApiModel) -> None:
     click.echo(f"# telerad {component} configuration for a local run\n" + text, nl=False)
 
 
+def _catalog(url: str | None, password_file: Path | None) -> CatalogConfig:
+    from telerad.api.config import CREDENTIALS_IN_URL, CatalogConfig, url_password  # noqa: PLC0415
+
+    # Refused before validation, whose message would not say which option is at fault.
+    if url is not None and url_password(url):
+        raise click.BadParameter(CREDENTIALS_IN_URL, param_hint="--catalog-url")
+    absolute = password_file.absolute() if password_file is not None else None
+    try:
+        return CatalogConfig(url=url, password_file=absolute)
+    except ValidationError as exc:
+        reasons = "; ".join(e["msg"] for e in exc.errors(include_input=False))
+        raise click.BadParameter(reasons, param_hint="--catalog-url") from None
+
+
 @cli.command()
 @click.option(
     "--config",
@@ -164,6 +182,17 @@ def _print_example(component: str, config: ApiModel) -> None:
     show_default=True,
     help="With --example-config: where the tiers and the catalog go.",
 )
+@click.option(
+    "--catalog-url",
+    metavar="URL",
+    help="With --example-config: the catalog's database, e.g. postgresql://USER@HOST:PORT/DB "
+    "(default: SQLite in the data directory). Never with a password in it.",
+)
+@click.option(
+    "--catalog-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --example-config: the file holding the catalog database's password.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def gateway(
     *,
@@ -172,6 +201,8 @@ def gateway(
     port: int,
     http_port: int,
     data_dir: Path,
+    catalog_url: str | None,
+    catalog_password_file: Path | None,
     verbose: bool,
 ) -> None:
     """Run a site gateway: DICOM receiver, archive, catalog and job queue.
@@ -180,6 +211,8 @@ def gateway(
     Start one locally:
       telerad gateway --example-config > gateway.yaml
       telerad gateway --config gateway.yaml
+    Gateways given the same --catalog-url and --data-dir (and their own ports) serve
+    one site together.
     """
     import asyncio  # noqa: PLC0415
     import os  # noqa: PLC0415
@@ -196,7 +229,7 @@ def gateway(
             example_config as build,
         )
 
-        config = build(port, http_port, data_dir)
+        config = build(port, http_port, data_dir, _catalog(catalog_url, catalog_password_file))
         token = ensure_token(config)
         _print_example("gateway", config)
         click.echo(f"HTTP clients send the bearer token in {token}", err=True)
@@ -211,14 +244,32 @@ def gateway(
     async def serve() -> None:
         await Gateway(config).run()
 
+    from telerad.api.conditions import CATALOG_UNAVAILABLE  # noqa: PLC0415
     from telerad.runtime.gateway.access import TokenFileError  # noqa: PLC0415
+    from telerad.runtime.store.backends import CatalogUnavailable  # noqa: PLC0415
 
     try:
         asyncio.run(serve())
+    except CatalogUnavailable as exc:
+        message = f"{CATALOG_UNAVAILABLE}: {exc}"
+        _termination_message(message)
+        raise click.ClickException(f"cannot start the gateway: {message}") from None
     except (OSError, TokenFileError) as exc:
         raise click.ClickException(f"cannot start the gateway: {exc}") from None
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+TERMINATION_LOG = Path("/dev/termination-log")
+"""Where Kubernetes has a container leave the message of its exit (the container's
+terminationMessagePath), which the operator reads back from the pod's status."""
+
+
+def _termination_message(message: str) -> None:
+    # Only inside a pod: elsewhere the file does not exist and stderr says it all.
+    if TERMINATION_LOG.exists():
+        with contextlib.suppress(OSError):
+            TERMINATION_LOG.write_text(message[:4096])
 
 
 @cli.command()

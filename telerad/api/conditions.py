@@ -65,3 +65,7 @@ the reason, while it stands aside (paused, fixed replicas, another autoscaler)."
 METRICS_UNAVAILABLE: Final = "MetricsUnavailable"
 """Reason of an AIModel's Degraded condition while the autoscaler holds for lack of
 metrics; the autoscaler alone sets and clears it."""
+CATALOG_UNAVAILABLE: Final = "CatalogUnavailable"
+"""Reason of an ImagingSite's Degraded condition while its gateway cannot reach its
+catalog; also how a gateway that exits for that reason begins its termination message,
+which is how the operator tells that exit from others."""

@@ -5,12 +5,13 @@ spec parts are reused as they are, so a field means the same thing everywhere.""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, field_validator
 
 from telerad.api.aimodel import InferenceServer, IntendedUse, ModelRef, Thresholds
-from telerad.api.base import ApiModel
+from telerad.api.base import ApiModel, Rule
 from telerad.api.routing import Match
 from telerad.api.site import AllowedCaller, Completion, Destination, Dimse, Notifications
 from telerad.api.types import AETitle, DNSLabel, HttpUrl, Priority
@@ -51,8 +52,37 @@ class StoragePaths(ApiModel):
     """How often the hot -> warm -> deleted pass runs."""
 
 
+def url_password(url: str) -> bool:
+    """Whether a database URL carries a password, in its authority or as libpq's
+    `password` query parameter."""
+    parts = urlsplit(url)
+    return parts.password is not None or "password" in parse_qs(parts.query)
+
+
+CREDENTIALS_IN_URL = (
+    "the catalog URL carries a password: give it in a file instead (passwordFile, "
+    "--catalog-password-file), so that no ConfigMap or command line holds it"
+)
+
+
 class CatalogConfig(ApiModel):
-    """Where the site's catalog, job queue and outbox live."""
+    """Where the site's catalog, job queue and outbox live: `url`, `secretDir`, or neither
+    (SQLite in the hot tier)."""
+
+    # A refused URL may hold a password: errors never repeat what was given.
+    model_config = ApiModel.model_config | ConfigDict(hide_input_in_errors=True)
+    __rules__: ClassVar = (
+        Rule(
+            "!(has(self.url) && has(self.secretDir))",
+            "a catalog sets url or secretDir, not both",
+            lambda c: c.url is None or c.secret_dir is None,
+        ),
+        Rule(
+            "!(has(self.secretDir) && has(self.passwordFile))",
+            "with secretDir the password is the Secret's own `password` key: no passwordFile",
+            lambda c: c.secret_dir is None or c.password_file is None,
+        ),
+    )
 
     url: str | None = Field(default=None, pattern=r"^(sqlite|postgresql|postgres)://")
     """`sqlite:///PATH` (one gateway per site; the default is `catalog.sqlite` in the hot
@@ -61,6 +91,18 @@ class CatalogConfig(ApiModel):
     from `passwordFile`."""
     password_file: Path | None = None
     """The database password, from the mounted Secret."""
+    secret_dir: Path | None = None
+    """A mounted Secret with the keys of CloudNativePG's `<cluster>-app` Secret: `uri`, or
+    `host`, `port`, `dbname`, `user` and `password`; optionally `sslmode`, and `ca.crt`, the
+    CA the server's certificate must chain to. The operator mounts `spec.catalog.secretRef`
+    here."""
+
+    @field_validator("url")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        if url is not None and url_password(url):
+            raise ValueError(CREDENTIALS_IN_URL)
+        return url
 
 
 class DimseTimeouts(ApiModel):
@@ -155,6 +197,9 @@ class HttpLimits(ApiModel):
 
 class GatewayConfig(ApiModel):
     """Everything a site gateway needs; rendered by the operator into the site's ConfigMap."""
+
+    # Its catalog URL may hold a password by mistake: errors never repeat what was given.
+    model_config = ApiModel.model_config | ConfigDict(hide_input_in_errors=True)
 
     site: DNSLabel
     """ImagingSite name (used in metric labels and logs)."""

@@ -18,6 +18,7 @@ from telerad.api.types import (
     Quantity,
     ResourceRequirements,
     SecretKeyRef,
+    SecretRef,
     Status,
     name_rule,
 )
@@ -126,6 +127,18 @@ class Storage(ApiModel):
     removes them with the site."""
 
 
+class Catalog(ApiModel):
+    """The site's catalog in the tenant's PostgreSQL."""
+
+    secret_ref: SecretRef
+    """Secret with the database's address and credentials, the keys of CloudNativePG's
+    `<cluster>-app` Secret: `uri` (`postgresql://USER:PASSWORD@HOST:PORT/DB`, its query may
+    set `sslmode`), or `host`, `port`, `dbname`, `user` and `password`; optionally
+    `sslmode`, and `ca.crt` for the CA the server's certificate must chain to (then
+    `sslmode` defaults to `verify-full`). Mounted read-only into the gateway at
+    /var/run/telerad/catalog; the operator never reads it."""
+
+
 class Completion(ApiModel):
     """When a study counts as complete and is routed."""
 
@@ -226,6 +239,14 @@ class ImagingSiteSpec(ApiModel):
     """How the gateway is exposed."""
     storage: Storage = Field(default_factory=Storage)
     """Storage tiers and retention."""
+    catalog: Catalog | None = None
+    """The catalog (studies, jobs, outbox, audit trail) in the tenant's PostgreSQL;
+    without it, SQLite on the hot tier. The database is the platform's, never installed
+    by telerad. Two ways to provide it: a CloudNativePG Cluster, naming its
+    `<cluster>-app` Secret (`secretRef: {name: tenant-db-app}`); or a managed database
+    (RDS, Cloud SQL, Azure), naming a Secret you create with `uri`, or with `host`,
+    `port`, `dbname`, `user` and `password` (and `ca.crt` to verify the server). See
+    docs/catalog.md. `Degraded` (`CatalogUnavailable`) when the gateway cannot reach it."""
     completion: Completion = Field(default_factory=Completion)
     """When a study counts as complete."""
     destinations: Annotated[list[Destination], list_map("name")] = Field(

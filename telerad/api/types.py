@@ -151,6 +151,13 @@ class SecretKeyRef(ApiModel):
     """Key within the Secret."""
 
 
+class SecretRef(ApiModel):
+    """A Secret in the same namespace, as a whole."""
+
+    name: DNSLabel
+    """Name of the Secret."""
+
+
 class ConditionStatus(StrEnum):
     TRUE = "True"
     FALSE = "False"

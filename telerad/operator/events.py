@@ -24,6 +24,8 @@ class Reason(StrEnum):
     """The site certificate in the TLS Secret has expired: peers refuse it."""
     CERTIFICATE_INVALID = "CertificateInvalid"
     """The TLS Secret's tls.crt holds no PEM certificate: the gateway cannot start."""
+    CATALOG_UNAVAILABLE = "CatalogUnavailable"
+    """The site's gateway cannot reach its catalog's database (spec.catalog)."""
     REFUSED = "Refused"
     """A RoutingPolicy was not accepted."""
     ACCEPTED = "Accepted"

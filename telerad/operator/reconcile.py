@@ -26,12 +26,17 @@ from telerad.api.base import ApiModel
 from telerad.api.routing import RoutingPolicy
 from telerad.api.site import ImagingSite
 from telerad.api.types import Condition
+from telerad.operator import catalog
 from telerad.operator.autoscale.scaler import FIXED, Autoscaler
+from telerad.operator.autoscale.scaler import ready as pod_ready
+from telerad.operator.autoscale.scaler import target as metrics_target
+from telerad.operator.autoscale.signals import Sample
+from telerad.operator.autoscale.sources import Direct, ReadError
 from telerad.operator.builders import model as model_builders
 from telerad.operator.builders import routing
 from telerad.operator.builders import site as site_builders
 from telerad.operator.events import Reason
-from telerad.operator.k8s import Forbidden, Kube
+from telerad.operator.k8s import Forbidden, Kube, KubeError
 from telerad.operator.metrics import RECONCILE_SECONDS, RECONCILES
 from telerad.operator.settings import OperatorSettings
 
@@ -181,8 +186,15 @@ class Reconciler:
         self.kube = kube
         self.settings = settings
         self.scaler = scaler
+        # The gateways' own /metrics, whatever source the autoscaler reads.
+        self.gateways = Direct(settings.scrape_timeout_seconds)
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._again: set[tuple[str, str, str]] = set()
+
+    async def close(self) -> None:
+        if self.scaler is not None:
+            await self.scaler.close()
+        await self.gateways.close()
 
     # ------------------------------------------------------------------ entry points
 
@@ -342,6 +354,8 @@ class Reconciler:
         )
 
         problem = await self._tls_problem(ns, site.spec.tls.secret_name) if site.spec.tls else None
+        if site.spec.catalog is not None and (problem is None or not problem.blocks_ready):
+            problem = await self._catalog_problem(ns, name, site) or problem
         gateway = names.site_child(name, "gateway")
         deployment = world.children.get(("Deployment", gateway))
         available = _available(deployment)
@@ -416,6 +430,30 @@ class Reconciler:
         return _SiteProblem(
             Reason.CERTIFICATE_EXPIRING, f"{described}; renew it before then", blocks_ready=False
         )
+
+    async def _catalog_problem(
+        self, namespace: str, name: str, site: ImagingSite
+    ) -> _SiteProblem | None:
+        """Whether the site's gateways say they cannot reach the catalog `spec.catalog`
+        names. A gateway that cannot be asked is no evidence either way."""
+        try:
+            pods = await self.kube.pods(namespace, names.selector_labels(name, "gateway"))
+            ca = server = None
+            if site.spec.tls is not None:
+                ca = await self.kube.secret_key(namespace, site.spec.tls.secret_name, "ca.crt")
+                server = f"{names.site_child(name, 'gateway')}.{namespace}.svc"
+        except KubeError as err:
+            log.warning("catalog check of site %s/%s: %s", namespace, name, err)
+            return None
+        scraped: dict[str, list[Sample] | None] = {}
+        for pod in filter(pod_ready, pods):
+            found = metrics_target(pod, "http", ca, server)
+            try:
+                scraped[found.pod] = await self.gateways.scrape(found.url, found)
+            except ReadError:
+                scraped[found.pod] = None
+        message = catalog.problem(pods, scraped)
+        return _SiteProblem(Reason.CATALOG_UNAVAILABLE, message) if message else None
 
     async def _model(self, world: World, name: str) -> Outcome:
         loaded = await self._load(AIModel, world, name)

@@ -67,8 +67,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
 
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
-        if memo["reconciler"].scaler is not None:
-            await memo["reconciler"].scaler.close()
+        await memo["reconciler"].close()
         await memo["kube"].close()
 
     def _autoscaler(kube: Kube) -> Autoscaler | None:

@@ -8,6 +8,8 @@ import hashlib
 import re
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 # The parts of telerad a platform team runs or reads about; each must be in the picture.
@@ -41,3 +43,21 @@ def test_the_committed_picture_is_rendered_from_the_current_source() -> None:
     )
     assert (DOCS / "architecture.png").stat().st_size > 10_000
     assert "architecture.svg" in (ROOT / "README.md").read_text()
+
+
+def test_the_catalog_guide_examples_are_valid_sites() -> None:
+    """docs/catalog.md: each ImagingSite it shows is one the API accepts, and the
+    CloudNativePG one names the Secret its Cluster creates (`<cluster>-app`)."""
+    from telerad.api.site import ImagingSite  # noqa: PLC0415  (the shipping tests import little)
+
+    text = (DOCS / "catalog.md").read_text()
+    documents = [
+        d
+        for block in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+        for d in yaml.safe_load_all(block)
+    ]
+    sites = [ImagingSite.from_wire(d) for d in documents if d["kind"] == "ImagingSite"]
+    assert len(sites) == 2
+    (cluster,) = [d for d in documents if d["kind"] == "Cluster"]
+    refs = {s.spec.catalog.secret_ref.name for s in sites if s.spec.catalog is not None}
+    assert f"{cluster['metadata']['name']}-app" in refs

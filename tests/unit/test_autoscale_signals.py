@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from pydicom.uid import generate_uid
 
 from telerad.api.types import Priority
+from telerad.operator import catalog
 from telerad.operator.autoscale import signals
 from telerad.runtime.gpu import Gpus
 from telerad.runtime.worker.metrics import WorkerMetrics
@@ -94,3 +95,27 @@ def test_gateways_report_how_long_the_oldest_job_of_each_priority_has_waited(
     assert ages[("ct-head-hyperdensity", "stat")] == pytest.approx(42, abs=1)
     assert ages[("ct-head-hyperdensity", "routine")] == 0
     assert ages[("cxr-opacity", "stat")] == 0
+
+
+def test_a_gateway_says_whether_its_catalog_answers_and_hides_what_it_cannot_read(
+    tmp_path: Path,
+) -> None:
+    """`telerad_gateway_catalog_up` as the operator reads it for CatalogUnavailable: 1
+    from a working catalog; 0 once its database is gone, and then no queue series at
+    all, which the autoscaler reads as unknown rather than as an empty queue."""
+    site = Site(tmp_path)
+    store(site, generate_uid())
+    site.metrics.watch(site.catalog, [site.hot], site.flow.models)
+    samples = signals.parse(generate_latest(site.metrics.exposed).decode())
+    assert catalog.catalog_up(samples) is True
+    site.catalog.close()  # every read now fails, as with a database that went away
+    samples = signals.parse(generate_latest(site.metrics.exposed).decode())
+    assert catalog.catalog_up(samples) is False
+    assert signals.queue_depth(samples, "ct-head-hyperdensity") is None
+    from_catalog = {
+        "telerad_queue_oldest_seconds",
+        "telerad_gateway_jobs",
+        "telerad_gateway_outbox",
+    }
+    assert not from_catalog & {s.name for s in samples}
+    assert "telerad_gateway_free_bytes" in {s.name for s in samples}

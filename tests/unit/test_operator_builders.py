@@ -380,3 +380,39 @@ def test_api_errors_back_off_exponentially_to_a_ceiling() -> None:
     assert delays[:4] == [2, 4, 8, 16]
     assert delays == sorted(delays)
     assert delays[-1] == RETRY_MAX
+
+
+def test_a_site_catalog_secret_is_mounted_and_only_its_directory_rendered() -> None:
+    body = owner("st-marys")
+    body["spec"]["catalog"] = {"secretRef": {"name": "tenant-db-app"}}
+    site = ImagingSite.from_wire(body)
+    built = {c["kind"]: c for c in site_builders.children(body, site, [], SETTINGS)}
+    pod = built["Deployment"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "catalog"]
+    # The whole Secret: uri, or host, port, dbname, user, password, as CloudNativePG has it.
+    assert volume["secret"] == {"secretName": "tenant-db-app"}
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "catalog"]
+    assert mount == {
+        "name": "catalog",
+        "mountPath": "/var/run/telerad/catalog",
+        "readOnly": True,
+    }
+    config = yaml.safe_load(built["ConfigMap"]["data"][site_builders.CONFIG_FILE])
+    assert config["catalog"] == {"secretDir": "/var/run/telerad/catalog"}
+    assert "tenant-db-app" not in built["ConfigMap"]["data"][site_builders.CONFIG_FILE]
+    # A new catalog is a new configuration: the pod rolls onto it.
+    plain = site_children("st-marys")["Deployment/st-marys-gateway"]["spec"]["template"]
+    rolled = built["Deployment"]["spec"]["template"]
+    assert (
+        rolled["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+        != plain["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    )
+
+
+def test_without_a_site_catalog_it_stays_sqlite_on_the_hot_tier() -> None:
+    children = site_children("st-marys")
+    pod = children["Deployment/st-marys-gateway"]["spec"]["template"]["spec"]
+    assert "catalog" not in {v["name"] for v in pod["volumes"]}
+    config = yaml.safe_load(children["ConfigMap/st-marys-gateway"]["data"]["gateway.yaml"])
+    assert config["catalog"] == {}
+    assert config["storage"]["hotDir"] == "/var/lib/telerad/hot"

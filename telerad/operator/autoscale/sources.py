@@ -105,7 +105,7 @@ class Direct:
             self._contexts[ca] = ssl.create_default_context(cadata=ca.decode())
         return self._contexts[ca]
 
-    async def _scrape(self, url: str, target: Target | None = None) -> list[Sample]:
+    async def scrape(self, url: str, target: Target | None = None) -> list[Sample]:
         options: dict[str, object] = {}
         if target is not None and target.ca is not None:
             options = {"ssl": self._context(target.ca), "server_hostname": target.server_name}
@@ -133,7 +133,7 @@ class Direct:
             *(("dcgm", url, None) for url in (self._dcgm if targets.workers else [])),
         ]
         results = await asyncio.gather(
-            *(self._scrape(url, target) for _, url, target in jobs), return_exceptions=True
+            *(self.scrape(url, target) for _, url, target in jobs), return_exceptions=True
         )
         samples: list[Sample] = []
         queue_problems: list[str] = []

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from telerad.api import names
-from telerad.api.config import CompiledRule, GatewayConfig, StoragePaths, TLSFiles
+from telerad.api.config import CatalogConfig, CompiledRule, GatewayConfig, StoragePaths, TLSFiles
 from telerad.api.site import ImagingSite
 from telerad.operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
@@ -31,6 +31,7 @@ TLS_DIR = CONFIG_DIR / "tls"
 TOKENS_DIR = CONFIG_DIR / "tokens"
 SECRETS_DIR = CONFIG_DIR / "secrets"
 DATA_DIR = Path("/var/lib/telerad")
+CATALOG_DIR = Path("/var/run/telerad/catalog")
 TIER_LABEL = f"{names.GROUP}/tier"
 
 
@@ -59,6 +60,8 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
             hot_days=spec.storage.hot.days,
             retention_days=spec.storage.retention_days,
         ),
+        # Only where the Secret is mounted: its content never enters the ConfigMap.
+        catalog=CatalogConfig(secret_dir=CATALOG_DIR) if spec.catalog else CatalogConfig(),
         completion=spec.completion,
         dimse=spec.dimse,
         routing=rules,
@@ -126,6 +129,10 @@ def deployment(
         volumes.append(
             {"name": "tokens", "secret": {"secretName": site.spec.access.token_secret_name}}
         )
+    if site.spec.catalog is not None:
+        mounts.append({"name": "catalog", "mountPath": str(CATALOG_DIR), "readOnly": True})
+        secret_name = site.spec.catalog.secret_ref.name
+        volumes.append({"name": "catalog", "secret": {"secretName": secret_name}})
     for index, (secret, keys) in enumerate(sorted(_mounted_secrets(site).items())):
         volume = f"secret-{index}"
         mounts.append({"name": volume, "mountPath": str(SECRETS_DIR / secret), "readOnly": True})

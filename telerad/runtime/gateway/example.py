@@ -8,7 +8,13 @@ import os
 from pathlib import Path
 
 from telerad.api.aimodel import IntendedUse, Thresholds
-from telerad.api.config import CompiledRule, GatewayConfig, ModelRoute, StoragePaths
+from telerad.api.config import (
+    CatalogConfig,
+    CompiledRule,
+    GatewayConfig,
+    ModelRoute,
+    StoragePaths,
+)
 from telerad.api.routing import Match
 from telerad.api.site import AllowedCaller, Completion
 from telerad.api.types import Priority
@@ -28,7 +34,11 @@ LOCAL = ["127.0.0.0/8", "::1/128"]
 LOCAL_SENDERS = ("STORESCU", "ECHOSCU", "FINDSCU", "PYNETDICOM", "TELERAD")
 
 
-def example_config(port: int, http_port: int, data_dir: Path) -> GatewayConfig:
+def example_config(
+    port: int, http_port: int, data_dir: Path, catalog: CatalogConfig | None = None
+) -> GatewayConfig:
+    """A local site named `example`: gateways given the same catalog URL and data
+    directory (each its own ports) are replicas of one site."""
     data_dir = data_dir.absolute()
     return GatewayConfig(
         site="example",
@@ -49,6 +59,7 @@ def example_config(port: int, http_port: int, data_dir: Path) -> GatewayConfig:
             retention_days=30,
             min_free_bytes=256 << 20,
         ),
+        catalog=catalog or CatalogConfig(),
         completion=Completion(quiet_seconds=5),
         routing=[
             CompiledRule(

@@ -171,12 +171,42 @@ class _StateCollector(Collector):
         self._zeros = {(m, p): 0 for m in models for p in Priority}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "telerad_gateway_catalog_up",
+            "1 when the catalog's database answers, 0 when it does not (stores and job"
+            " claims fail meanwhile); the operator's CatalogUnavailable condition reads it.",
+            labels=["site"],
+        )
+        try:
+            # Read whole before anything is yielded, so an outage mid-read leaves out
+            # every catalog series rather than a part that reads as an empty queue.
+            from_catalog, answered = list(self._from_catalog(self._clock())), True
+        except Exception:  # whatever the backend raises when its database is gone
+            from_catalog, answered = [], False
+        up.add_metric([self._site], 1 if answered else 0)
+        yield up
+        yield from from_catalog
+        free = GaugeMetricFamily(
+            "telerad_gateway_free_bytes", "Free space of each tier.", labels=["site", "tier"]
+        )
+        for tier in self._tiers:
+            free.add_metric([self._site, tier.name], tier.free_bytes())
+        yield free
+        if self._certificate_expires is not None:
+            expiry = GaugeMetricFamily(
+                "telerad_gateway_certificate_expiry_timestamp_seconds",
+                "When the site certificate the gateway serves (DICOM TLS, HTTPS) expires.",
+                labels=["site"],
+            )
+            expiry.add_metric([self._site], self._certificate_expires)
+            yield expiry
+
+    def _from_catalog(self, now: float) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
             "telerad_queue_depth",
             "Jobs waiting to be claimed.",
             labels=["site", "model", "priority"],
         )
-        now = self._clock()
         waiting = self._zeros | self._catalog.queue_depth(now)
         for (model, priority), n in sorted(waiting.items()):
             depth.add_metric([self._site, model, str(priority)], n)
@@ -205,17 +235,3 @@ class _StateCollector(Collector):
         for (kind, state), n in sorted(self._catalog.delivery_states().items()):
             outbox.add_metric([self._site, kind, state], n)
         yield outbox
-        free = GaugeMetricFamily(
-            "telerad_gateway_free_bytes", "Free space of each tier.", labels=["site", "tier"]
-        )
-        for tier in self._tiers:
-            free.add_metric([self._site, tier.name], tier.free_bytes())
-        yield free
-        if self._certificate_expires is not None:
-            expiry = GaugeMetricFamily(
-                "telerad_gateway_certificate_expiry_timestamp_seconds",
-                "When the site certificate the gateway serves (DICOM TLS, HTTPS) expires.",
-                labels=["site"],
-            )
-            expiry.add_metric([self._site], self._certificate_expires)
-            yield expiry

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg_pool
 
@@ -37,14 +37,78 @@ def open_site(config: GatewayConfig) -> Catalog:
 
 def connection(config: CatalogConfig, hot_dir: Path) -> tuple[str, str | None]:
     """The URL (never with a password) and the password of the configured catalog."""
+    if config.secret_dir is not None:
+        return _from_secret(config.secret_dir)
     url = config.url or default_url(hot_dir)
     password = None
     if config.password_file is not None:
-        try:
-            password = config.password_file.read_text().strip()
-        except OSError as exc:
-            raise CatalogUnavailable(f"catalog password file: {exc}") from None
+        password = _read(config.password_file, "catalog password file")
     return url, password
+
+
+def _from_secret(secret_dir: Path) -> tuple[str, str | None]:
+    """The catalog of a mounted Secret as CloudNativePG's `<cluster>-app` has it: `uri`
+    when present (its password moved out of the URL), else host, port, dbname and user,
+    with the `password` key. `sslmode` and `ca.crt` keys add TLS to either."""
+
+    def key(name: str) -> str | None:
+        path = secret_dir / name
+        return _read(path, f"catalog Secret key {name!r}") if path.exists() else None
+
+    def required(name: str, called: str | None = None) -> str:
+        value = key(name)
+        if not value:
+            raise CatalogUnavailable(
+                f"catalog Secret in {secret_dir} has neither 'uri' nor {called or name!r}"
+            )
+        return value
+
+    if not secret_dir.is_dir():
+        raise CatalogUnavailable(f"catalog Secret directory {secret_dir} does not exist")
+    password = key("password")
+    uri = key("uri")
+    if uri is not None:
+        parts = urlsplit(uri)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise CatalogUnavailable("catalog Secret key 'uri': not a postgresql:// URL")
+        query = parse_qs(parts.query)
+        given = query.pop("password", None)
+        if given:
+            password = given[0]
+        elif parts.password is not None:
+            password = unquote(parts.password)
+        user = quote(unquote(parts.username), safe="") + "@" if parts.username else ""
+        netloc = user + parts.netloc.rpartition("@")[2]
+        base = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    else:
+        host, dbname = required("host"), required("dbname")
+        # CloudNativePG's `<cluster>-app` Secret has both; a hand-made one either.
+        user = key("user") or required("username", "user")
+        port = key("port") or "5432"
+        if not port.isdigit():
+            raise CatalogUnavailable(f"catalog Secret key 'port' is not a port number: {port!r}")
+        netloc = f"{quote(user, safe='')}@{_bracketed(host)}:{port}"
+        base = urlunsplit(("postgresql", netloc, "/" + quote(dbname, safe=""), "", ""))
+        query = {}
+    sslmode = key("sslmode")
+    if sslmode is not None:
+        query["sslmode"] = [sslmode]
+    if (secret_dir / "ca.crt").exists():
+        query.setdefault("sslrootcert", [str(secret_dir / "ca.crt")])
+        query.setdefault("sslmode", ["verify-full"])
+    url = base + ("?" + urlencode(query, doseq=True, safe="/") if query else "")
+    return url, password
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise CatalogUnavailable(f"{what}: {exc}") from None
 
 
 def open(url: str, *, site: str, password: str | None = None) -> Catalog:
