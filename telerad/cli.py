@@ -246,7 +246,7 @@ def gateway(
 
     from telerad.api.conditions import CATALOG_UNAVAILABLE  # noqa: PLC0415
     from telerad.runtime.gateway.access import TokenFileError  # noqa: PLC0415
-    from telerad.runtime.store.backends import CatalogUnavailable  # noqa: PLC0415
+    from telerad.runtime.store.catalog import CatalogUnavailable  # noqa: PLC0415
 
     try:
         asyncio.run(serve())

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from telerad import cli as cli_module
 from telerad.api.config import CatalogConfig, GatewayConfig
 from telerad.cli import cli
-from telerad.runtime.store.backends import CatalogUnavailable, connection, default_url
+from telerad.runtime.store.backends import connection, default_url
+from telerad.runtime.store.catalog import CatalogUnavailable
 
 SECRET = "s3cr%t/pw"  # noqa: S105  (a test password, with characters a URL must escape)
 

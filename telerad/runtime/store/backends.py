@@ -3,26 +3,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg_pool
 
 from telerad.api.config import CatalogConfig, GatewayConfig
-from telerad.runtime.store.catalog import Catalog
+from telerad.runtime.store.catalog import Catalog, CatalogUnavailable
 from telerad.runtime.store.postgres import schema as postgres_schema
 from telerad.runtime.store.postgres.database import MIGRATION_LOCK, PostgresDatabase
 from telerad.runtime.store.sql.catalog import SQLCatalog
-from telerad.runtime.store.sql.migrate import migrate
+from telerad.runtime.store.sql.database import Database
+from telerad.runtime.store.sql.migrate import Migration, migrate
 from telerad.runtime.store.sqlite import schema as sqlite_schema
 from telerad.runtime.store.sqlite.database import SQLiteDatabase
 
 CATALOG_FILE = "catalog.sqlite"
 """The embedded catalog's file in the hot tier."""
-
-
-class CatalogUnavailable(Exception):
-    """The catalog's database cannot be used: the URL says what, the message why."""
 
 
 def default_url(hot_dir: Path) -> str:
@@ -112,26 +111,33 @@ def _read(path: Path, what: str) -> str:
 
 
 def open(url: str, *, site: str, password: str | None = None) -> Catalog:
-    """The catalog at `url` for `site`: `sqlite:///PATH` or `postgresql://...`."""
+    """The catalog at `url` for `site`: `sqlite:///PATH` or `postgresql://...`, its schema
+    migrated (CatalogUnavailable, with nothing changed, when that cannot be done)."""
+    db, migrations, options = _database(url, site, password)
+    try:
+        migrate(db, migrations, **options)
+        return SQLCatalog(db)
+    except BaseException:
+        db.close()
+        raise
+
+
+def _database(
+    url: str, site: str, password: str | None
+) -> tuple[Database, Sequence[Migration], dict[str, Any]]:
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         path = Path(url.removeprefix("sqlite://"))
         if not path.parent.is_dir():
             raise CatalogUnavailable(f"{url}: directory {path.parent} does not exist")
         db = SQLiteDatabase(path)
-        migrate(db, sqlite_schema.MIGRATIONS, unversioned=sqlite_schema.unversioned)
-        return SQLCatalog(db)
+        return db, sqlite_schema.MIGRATIONS, {"unversioned": sqlite_schema.unversioned}
     if scheme in ("postgresql", "postgres"):
         try:
             pg = PostgresDatabase(url, site=site, password=password)
         except psycopg_pool.PoolTimeout as exc:
             raise CatalogUnavailable(f"{_safe(url)}: cannot connect: {exc}") from None
-        try:
-            migrate(pg, postgres_schema.MIGRATIONS, lock=MIGRATION_LOCK)
-            return SQLCatalog(pg)
-        except BaseException:
-            pg.close()
-            raise
+        return pg, postgres_schema.MIGRATIONS, {"lock": MIGRATION_LOCK}
     raise CatalogUnavailable(f"{url!r}: a catalog URL starts with sqlite:// or postgresql://")
 
 

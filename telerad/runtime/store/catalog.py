@@ -162,7 +162,11 @@ class UnknownJob(KeyError):
     """No job has this id."""
 
 
-class SchemaError(Exception):
+class CatalogUnavailable(Exception):
+    """The catalog's database cannot be used: the URL says what, the message why."""
+
+
+class SchemaError(CatalogUnavailable):
     """The database's schema is not one this version of telerad can use (written by a
     newer telerad, or not a telerad catalog); nothing was changed."""
 
