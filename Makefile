@@ -49,6 +49,7 @@ cluster-status:
 bench: setup k8s-bins debs
 	$(BIN)/python bench/controlplane_start.py --bin-dir "$$(hack/build-k8s.sh)"
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/claims.py
 	$(BIN)/python bench/dicomweb.py
 	$(BIN)/python bench/triage.py
 

@@ -13,8 +13,15 @@ Same run, same machine, same files, same sender. Receivers:
   after the C-STORE response is sent (but before the next request is read).
 - ``orthanc``: Orthanc with its own JSON config, SyncStorageArea, no compression, the
   default SQLite index, fresh storage/index directories.
+- ``orthanc-postgresql``: the same with its index in PostgreSQL (Debian's
+  orthanc-postgresql index plugin; the files stay on the file system).
 - ``telerad``: ``telerad gateway --config FILE``, FILE from ``telerad gateway
   --example-config``.
+- ``telerad-postgresql``: the same with ``catalog: {url, passwordFile}`` naming a
+  PostgreSQL database.
+
+The two PostgreSQL receivers share one throwaway PostgreSQL 15 server that the bench starts
+(tests/postgres.py, fsync on) and get a fresh database of their own for every run.
 
 Every run starts the receiver afresh on empty storage, runs 1 or N storescu processes at
 once (files split into N contiguous groups), and records wall seconds from the first
@@ -28,6 +35,8 @@ for a 40 ms delayed ACK and every dcmtk receiver runs at ~22 instances/s.
 
     .venv/bin/python bench/ingest.py                       # all receivers, 3 repeats
     .venv/bin/python bench/ingest.py --receivers storescp,orthanc --quick
+    .venv/bin/python bench/ingest.py --quick \
+        --receivers telerad,telerad-postgresql,orthanc,orthanc-postgresql
 """
 
 from __future__ import annotations
@@ -55,7 +64,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psycopg
 import yaml
+
+from tests.postgres import BIN as POSTGRES_BIN
+from tests.postgres import DatabaseInfo, PostgresServer
 
 MAX_PDU = 131072
 SENDER_AET = "STORESCU"
@@ -74,7 +87,18 @@ KEEP_NOTE = (
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BASELINE = "storescp"
 FSYNC_BASELINE = "storescp-fsync"
-ALL_RECEIVERS = ("storescp", "storescp-fsync", "storescp-execsync", "orthanc", "telerad")
+ALL_RECEIVERS = (
+    "storescp",
+    "storescp-fsync",
+    "storescp-execsync",
+    "orthanc",
+    "orthanc-postgresql",
+    "telerad",
+    "telerad-postgresql",
+)
+POSTGRES_INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
+# The issue-17 goals, as (receiver, peer, least ratio of median inst/s).
+GOALS = (("telerad-postgresql", "orthanc-postgresql", 1.5), ("telerad-postgresql", "telerad", 0.8))
 DEFAULT_RECEIVERS = ",".join(ALL_RECEIVERS)
 
 FSYNC_SHIM_C = r"""
@@ -206,11 +230,53 @@ def receiver_env(tcp_nodelay: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- receivers
 
 
+class SharedPostgres:
+    """The one PostgreSQL server of the run, started on first use; a database per run."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.server: PostgresServer | None = None
+        self.failed = ""
+        self.created = 0
+
+    def database(self, prefix: str) -> DatabaseInfo:
+        if self.failed:
+            raise ReceiverError(self.failed)
+        try:
+            if self.server is None:
+                self.workdir.mkdir(exist_ok=True)
+                self.server = PostgresServer(self.workdir)
+                self.server.start()
+            self.created += 1
+            return self.server.create_database(f"{prefix}_{self.created}")
+        # PostgresMissing and a failed pg_ctl are RuntimeErrors.
+        except (RuntimeError, OSError, psycopg.Error) as err:
+            self.failed = f"PostgreSQL: {err}"
+            raise ReceiverError(self.failed) from err
+
+    @property
+    def pid(self) -> int:
+        """The postmaster's: its backends are its children."""
+        assert self.server is not None
+        return self.server.pid
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
 @dataclass
 class Settings:
     base: Path
     receiver_tcp_nodelay: str
     telerad: Path
+    postgres: SharedPostgres
+    index_connections: int
     shim: Path | None = None
 
 
@@ -252,6 +318,10 @@ class Receiver(abc.ABC):
 
     @abc.abstractmethod
     def describe(self) -> str: ...
+
+    def helper_pids(self) -> list[int]:
+        """Processes outside the receiver's tree whose CPU is its work (its database)."""
+        return []
 
     def spawn(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
         with self.log.open("ab") as log:
@@ -357,6 +427,9 @@ class Orthanc(Receiver):
         self.http_port = 0
 
     def config(self) -> dict[str, object]:
+        return self.base_config()
+
+    def base_config(self) -> dict[str, object]:
         return {
             "Name": "ingest-bench",
             "StorageDirectory": str(self.workdir / "storage"),
@@ -394,17 +467,74 @@ class Orthanc(Receiver):
             raise ReceiverError(f"orthanc: GET /statistics answered {status}")
         return int(json.loads(body)["CountInstances"])
 
-    def describe(self) -> str:
+    def shown_config(self) -> dict[str, object]:
         shown = {
             k: v
             for k, v in self.config().items()
             if k not in ("StorageDirectory", "IndexDirectory")
         }
         shown["HttpPort"] = shown["DicomPort"] = "PORT"
+        return shown
+
+    def describe(self) -> str:
         return (
-            f"`/usr/sbin/Orthanc orthanc.json`, fresh storage and index dirs, {json.dumps(shown)}; "
-            "fsync per stored file (SyncStorageArea), SQLite index with Orthanc's built-in "
-            "JOURNAL_MODE=WAL, SYNCHRONOUS=NORMAL (no fsync per commit)"
+            f"`/usr/sbin/Orthanc orthanc.json`, fresh storage and index dirs, "
+            f"{json.dumps(self.shown_config())}; fsync per stored file (SyncStorageArea), "
+            "SQLite index with Orthanc's built-in JOURNAL_MODE=WAL, SYNCHRONOUS=NORMAL (no "
+            "fsync per commit)"
+        )
+
+
+class OrthancPostgres(Orthanc):
+    name = "orthanc-postgresql"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.db: DatabaseInfo | None = None
+
+    def launch(self) -> None:
+        self.db = self.settings.postgres.database("orthanc")
+        super().launch()
+
+    def config(self) -> dict[str, object]:
+        return {
+            **self.base_config(),
+            "Plugins": [str(POSTGRES_INDEX_PLUGIN)],
+            "PostgreSQL": self.plugin_config(),
+        }
+
+    def plugin_config(self) -> dict[str, object]:
+        """The plugin's options as /etc/orthanc/postgresql.json documents them (4.0)."""
+        assert self.db is not None
+        return {
+            "EnableIndex": True,
+            "EnableStorage": False,
+            "Host": "127.0.0.1",
+            "Port": self.settings.postgres.port,
+            "Database": self.db.name,
+            "Username": self.db.role,
+            "Password": self.db.password,
+            # One Orthanc per database here: no other to lock out.
+            "Lock": False,
+            "EnableSsl": False,
+            # The default, 1, runs one index transaction at a time: as many as the bench
+            # opens associations at once.
+            "IndexConnectionsCount": self.settings.index_connections,
+        }
+
+    def shown_config(self) -> dict[str, object]:
+        hidden = {"Port": "PORT", "Database": "DB", "Username": "DB", "Password": "PASSWORD"}
+        return {**super().shown_config(), "PostgreSQL": {**self.plugin_config(), **hidden}}
+
+    def helper_pids(self) -> list[int]:
+        return [self.settings.postgres.pid]
+
+    def describe(self) -> str:
+        return (
+            f"`/usr/sbin/Orthanc orthanc.json`, fresh storage dir and a fresh database, "
+            f"{json.dumps(self.shown_config())}; fsync per stored file (SyncStorageArea), "
+            "the index in PostgreSQL (the plugin's transactions, committed with the "
+            "server's defaults: fsync=on, synchronous_commit=on)"
         )
 
 
@@ -442,9 +572,13 @@ class Telerad(Receiver):
             raise ReceiverError("telerad: the example config has no top-level `aeTitle:`")
         self.called_ae = loaded["aeTitle"]
         config = self.workdir / "gateway.yaml"
-        config.write_text(self.config_text)
+        config.write_text(self.configured(loaded))
         self.spawn([str(self.settings.telerad), "gateway", "--config", str(config)])
         self.wait_until(lambda: http_get(self.url("/healthz"))[0] == 200, "GET /healthz")
+
+    def configured(self, loaded: dict[str, object]) -> str:
+        """The configuration the gateway runs: the example's, as printed."""
+        return self.config_text
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
@@ -473,16 +607,37 @@ class Telerad(Receiver):
         )
 
 
+class TeleradPostgres(Telerad):
+    name = "telerad-postgresql"
+
+    def configured(self, loaded: dict[str, object]) -> str:
+        db = self.settings.postgres.database("telerad")
+        loaded["catalog"] = {"url": db.url, "passwordFile": str(db.password_file)}
+        return yaml.safe_dump(loaded, sort_keys=False)
+
+    def helper_pids(self) -> list[int]:
+        return [self.settings.postgres.pid]
+
+    def describe(self) -> str:
+        return (
+            "as telerad, with `catalog: {url: postgresql://DB@127.0.0.1:PORT/DB, "
+            "passwordFile: FILE}` in gateway.yaml, a fresh database per run (the catalog's "
+            "transactions committed with the server's defaults: fsync=on, "
+            "synchronous_commit=on)"
+        )
+
+
 def make_receiver(name: str, settings: Settings) -> Receiver:
-    if name == "storescp":
-        return StoreScp(settings, name, "none")
-    if name == "storescp-fsync":
-        return StoreScp(settings, name, "preload")
-    if name == "storescp-execsync":
-        return StoreScp(settings, name, "exec")
-    if name == "orthanc":
-        return Orthanc(settings)
-    return Telerad(settings)
+    fsync_modes = {"storescp": "none", "storescp-fsync": "preload", "storescp-execsync": "exec"}
+    if name in fsync_modes:
+        return StoreScp(settings, name, fsync_modes[name])
+    others: dict[str, type[Receiver]] = {
+        "orthanc": Orthanc,
+        "orthanc-postgresql": OrthancPostgres,
+        "telerad": Telerad,
+        "telerad-postgresql": TeleradPostgres,
+    }
+    return others[name](settings)
 
 
 def build_shim(base: Path) -> Path | None:
@@ -663,8 +818,12 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / CLOCK_TICKS
 
 
+def receiver_cpu_seconds(rx: Receiver) -> float:
+    return sum(tree_cpu_seconds(pid) for pid in [rx.pid, *rx.helper_pids()])
+
+
 def measure(rx: Receiver, wl: Workload, result: RunResult) -> None:
-    cpu0, busy0 = tree_cpu_seconds(rx.pid), machine_busy_seconds()
+    cpu0, busy0 = receiver_cpu_seconds(rx), machine_busy_seconds()
     outcome = send(wl, rx.port, rx.called_ae, rx.workdir)
     result.wall_s, result.sender_cpu_s = outcome.wall_s, outcome.cpu_s
     result.errors += outcome.failures
@@ -673,7 +832,7 @@ def measure(rx: Receiver, wl: Workload, result: RunResult) -> None:
     except ReceiverError as err:
         result.errors.append(str(err))
     time.sleep(SETTLE_S)
-    result.receiver_cpu_s = tree_cpu_seconds(rx.pid) - cpu0
+    result.receiver_cpu_s = receiver_cpu_seconds(rx) - cpu0
     busy = machine_busy_seconds() - busy0
     result.other_cpu_s = max(0.0, busy - result.receiver_cpu_s - result.sender_cpu_s)
     status = rx.exited()
@@ -776,9 +935,15 @@ def versions(telerad: Path, receivers: list[str]) -> list[str]:
     out = [
         f"dcmtk: {first_line(['storescu', '--version'])}; {first_line(['storescp', '--version'])}"
     ]
-    if "orthanc" in receivers:
+    if any(r.startswith("orthanc") for r in receivers):
         out.append(f"Orthanc: {first_line(['/usr/sbin/Orthanc', '--version'])}")
-    if "telerad" in receivers:
+    if "orthanc-postgresql" in receivers:
+        package = ["dpkg-query", "-W", "-f", "${Package} ${Version}", "orthanc-postgresql"]
+        out.append(f"Orthanc index plugin: {POSTGRES_INDEX_PLUGIN} ({first_line(package)})")
+    if any(r.endswith("-postgresql") for r in receivers):
+        postgres = first_line([str(POSTGRES_BIN / "postgres"), "--version"])
+        out.append(f"PostgreSQL: {postgres}, one server for both, a database per run")
+    if any(r.startswith("telerad") for r in receivers):
         rev = first_line(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"])
         out.append(f"telerad: {telerad} (working tree at commit {rev[:12]})")
     return out
@@ -817,10 +982,16 @@ def row(workload: str, assocs: int, rx: str, sums: dict[str, dict[str, float]]) 
     return "| " + " | ".join(cells) + " |"
 
 
-def table(results: list[RunResult], receivers: list[str]) -> list[str]:
+def group(results: list[RunResult]) -> dict[tuple[str, int], dict[str, list[RunResult]]]:
+    """(workload, associations) -> receiver -> its runs, in the order they ran."""
     groups: dict[tuple[str, int], dict[str, list[RunResult]]] = {}
     for r in results:
         groups.setdefault((r.workload, r.associations), {}).setdefault(r.receiver, []).append(r)
+    return groups
+
+
+def table(results: list[RunResult], receivers: list[str]) -> list[str]:
+    groups = group(results)
     measured = {r.receiver for r in results}
     bases = [f"x {b}" for b in (BASELINE, FSYNC_BASELINE) if b in measured]
     head = ["workload", "assoc", "receiver", "inst/s", "best inst/s", "MB/s", "wall s"]
@@ -829,6 +1000,29 @@ def table(results: list[RunResult], receivers: list[str]) -> list[str]:
     for (workload, assocs), by_rx in groups.items():
         sums = {name: summarize(runs) for name, runs in by_rx.items()}
         lines += [row(workload, assocs, rx, sums) for rx in receivers if rx in sums]
+    return lines
+
+
+def goal_lines(results: list[RunResult]) -> list[str]:
+    """A table of each goal's ratio per workload, for the pairs this run measured."""
+    rates: dict[tuple[str, int], dict[str, float]] = {}
+    for (workload, assocs), by_rx in group(results).items():
+        rates[workload, assocs] = {name: summarize(runs)["rate"] for name, runs in by_rx.items()}
+    measured = {r.receiver for r in results}
+    goals = [g for g in GOALS if {g[0], g[1]} <= measured]
+    if not goals:
+        return []
+    head = ["workload", "assoc", *(f"{rx} / {peer} (goal >= {least})" for rx, peer, least in goals)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(goals)]
+    for (workload, assocs), rate in rates.items():
+        cells = [workload, str(assocs)]
+        for rx, peer, least in goals:
+            if rate.get(rx) and rate.get(peer):
+                ratio = rate[rx] / rate[peer]
+                cells.append(f"{ratio:.2f} {'met' if ratio >= least else 'NOT met'}")
+            else:
+                cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -848,6 +1042,12 @@ def report(
     print()
     print("\n".join(table(results, [n for n in names if n not in unavailable])))
     print()
+    goals = goal_lines(results)
+    if goals:
+        print("Goals (issue 17), ratio of median inst/s:")
+        print()
+        print("\n".join(goals))
+        print()
     print("Notes:")
     for name, why in unavailable.items():
         print(f"- {name}: not measured, it did not start: {why.splitlines()[0]}")
@@ -885,6 +1085,12 @@ def notes(
         "switch; storescp and Orthanc link dcmtk, whose default leaves Nagle on and stalls "
         "every C-STORE response on a 40 ms delayed ACK)",
     ]
+    if any(r.receiver.endswith("-postgresql") for r in results):
+        out.append(
+            "the -postgresql rows' receiver CPU includes the PostgreSQL server's (the "
+            "postmaster's process tree, its backends included) over the same window: the "
+            "database does that receiver's work, and no other receiver runs meanwhile"
+        )
     for rx in receivers:
         if rx.name not in unavailable:
             out.append(f"{rx.name}: {rx.describe()}")
@@ -951,8 +1157,10 @@ def check_space(base: Path, workloads: list[Workload], repeats: int, receivers: 
 def check_tools(names: list[str]) -> None:
     needed = ["storescu", "echoscu"] + (["storescp"] if any("storescp" in n for n in names) else [])
     missing = [tool for tool in needed if shutil.which(tool) is None]
-    if "orthanc" in names and not Path("/usr/sbin/Orthanc").exists():
+    if any(n.startswith("orthanc") for n in names) and not Path("/usr/sbin/Orthanc").exists():
         missing.append("/usr/sbin/Orthanc")
+    if "orthanc-postgresql" in names and not POSTGRES_INDEX_PLUGIN.exists():
+        missing.append(f"{POSTGRES_INDEX_PLUGIN} (Debian's orthanc-postgresql)")
     if missing:
         raise SystemExit(f"missing tools: {', '.join(missing)}")
 
@@ -967,9 +1175,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         workloads = make_workloads(args, data_dir)
         check_space(base, workloads, args.repeats, len(names))
         warm_page_cache(workloads)
-        settings = Settings(base, args.receiver_tcp_nodelay, args.telerad, build_shim(base))
+        postgres = SharedPostgres(base / "postgres")
+        settings = Settings(
+            base,
+            args.receiver_tcp_nodelay,
+            args.telerad,
+            postgres,
+            index_connections=max(args.associations),
+            shim=build_shim(base),
+        )
         receivers = [make_receiver(n, settings) for n in names]
-        results, unavailable = run_all(receivers, workloads, args.repeats, base)
+        try:
+            results, unavailable = run_all(receivers, workloads, args.repeats, base)
+        finally:
+            postgres.close()
         if args.json:
             args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
         report(args, results, receivers, unavailable, base)

@@ -1,4 +1,4 @@
-"""A throwaway real PostgreSQL 15 cluster for the PostgreSQL catalog's tests.
+"""A throwaway real PostgreSQL 15 cluster for the PostgreSQL catalog's tests and benches.
 
 Debian's server binaries (`make debs` installs postgresql-15) run the cluster on a free
 loopback port, as the `postgres` OS user when the tests run as root (initdb and postgres
@@ -7,7 +7,9 @@ managed PostgreSQL; only the superuser gets in, without one, over the unix socke
 
 pg_ctl puts the postmaster in a session of its own, so neither Ctrl-C nor the end of
 pytest reaches it: a watchdog process (`python -m tests.postgres DIR`) waits for pytest's
-end, whichever way it comes, and kills the cluster and removes its files.
+end, whichever way it comes, and kills the cluster and removes its files. The benches in
+bench/ start it too (no pytest there): what is missing raises `PostgresMissing`, which
+fails a test as any error does and leaves a bench to report the receiver unavailable.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
-import pytest
 from psycopg import sql
 
 from tests.processes import alive, children
@@ -36,6 +37,7 @@ from tests.processes import alive, children
 BIN = Path("/usr/lib/postgresql/15/bin")
 ROOT = Path(__file__).resolve().parents[1]
 SUPERUSER = "postgres"
+INSTALL = "`make debs` installs postgresql-15"
 # Unquoted in the URL and in SQL alike: lower case, as PostgreSQL folds identifiers.
 NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -55,6 +57,10 @@ class DatabaseInfo:
     url: str  # postgresql://ROLE@127.0.0.1:PORT/DB, no password in it
     password: str
     password_file: Path  # the password alone, mode 0600
+
+
+class PostgresMissing(RuntimeError):
+    """PostgreSQL 15 or its OS user is not installed here."""
 
 
 def free_port() -> int:
@@ -101,7 +107,7 @@ class PostgresServer:
     def __init__(self, workdir: Path) -> None:
         for tool in ("initdb", "pg_ctl", "postgres"):
             if not os.access(BIN / tool, os.X_OK):
-                pytest.fail(f"{BIN / tool} is missing: `make debs` installs postgresql-15")
+                raise PostgresMissing(f"{BIN / tool} is missing: {INSTALL}")
         self.workdir = workdir
         self.log = workdir / "postgres.log"
         self.port = free_port()
@@ -132,7 +138,7 @@ class PostgresServer:
         try:
             return pwd.getpwnam("postgres")
         except KeyError:
-            pytest.fail("no `postgres` OS user: `make debs` installs postgresql-15")
+            raise PostgresMissing(f"no `postgres` OS user: {INSTALL}") from None
 
     @property
     def admin_url(self) -> str:
