@@ -163,7 +163,9 @@ class Ingest:
         finally:
             incoming.discard()
 
-    def _finish(self, incoming: Incoming, study_uid: str | None, result_of: int | None) -> Outcome:
+    def _finish(  # noqa: PLR0911  (one answer per kind of outcome)
+        self, incoming: Incoming, study_uid: str | None, result_of: int | None
+    ) -> Outcome:
         started = time.monotonic()
         checked = self._check(incoming)
         if isinstance(checked, Outcome):
@@ -175,7 +177,13 @@ class Ingest:
                 StoreStatus.STUDY_MISMATCH,
                 "Study Instance UID differs from the request",
             )
-        versions = self._catalog.versions(header.sop_instance_uid)
+        try:
+            versions = self._catalog.versions(header.sop_instance_uid)
+        except Exception:
+            # A catalog that cannot be read (its database down) refuses the store with a
+            # status, as one that cannot be written does: the association goes on.
+            log.exception("catalog read failed for study %s", phi.ref(header.study_uid))
+            return self._refuse("catalog-failed", StoreStatus.OUT_OF_RESOURCES, "catalog failed")
         # A re-send is compared with the current version only: sent A, B, then A again,
         # A is current again (a third version), not a duplicate of the first.
         if versions and self._compare(

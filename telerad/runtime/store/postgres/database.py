@@ -104,6 +104,10 @@ class PostgresDatabase:
             min_size=1,
             max_size=max_connections,
             configure=configure,
+            # A connection the server dropped (a restart, a failover) looks idle in the
+            # pool until used: checked when handed out, it is replaced instead of failing
+            # the request it was given to.
+            check=ConnectionPool.check_connection,
             timeout=connect_timeout_s,
             open=False,
             name=f"catalog-{site}",
