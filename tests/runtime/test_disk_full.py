@@ -15,7 +15,7 @@ import pytest
 
 from telerad import synthetic
 
-from .conftest import GatewayFactory, assert_kept, send_datasets, stow, temporaries
+from .conftest import GatewayFactory, assert_kept, send_datasets, stored, stow, temporaries
 
 SLICES = 80
 INODES = 60  # the catalog, its journal, the audit log and directories take a few
@@ -52,17 +52,17 @@ def test_a_full_hot_tier_refuses_cleanly_and_recovers_when_it_grows(
     datasets = [pydicom.dcmread(p) for p in files]
     statuses = send_datasets(gateway, datasets)
     assert set(statuses) <= {0x0000, 0xA700}, statuses
-    stored = [path for path, status in zip(files, statuses, strict=True) if status == 0]
-    assert 0 < len(stored) < SLICES, "the disk must fill up mid-study"
+    acked = [path for path, status in zip(files, statuses, strict=True) if status == 0]
+    assert 0 < len(acked) < SLICES, "the disk must fill up mid-study"
     # Once full, it stays full: nothing after the first refusal got in.
-    assert statuses.index(0xA700) == len(stored)
+    assert statuses.index(0xA700) == len(acked)
 
     assert gateway.proc is not None and gateway.proc.poll() is None, gateway.log_tail()
-    catalogued = assert_kept(gateway, stored)
-    assert len(catalogued) == len(stored)
-    assert len(list((small_disk / "studies").rglob("*.dcm"))) == len(stored)
+    catalogued = assert_kept(gateway, acked)
+    assert len(catalogued) == len(acked)
+    assert len(list((small_disk / "studies").rglob("*.dcm"))) == len(acked)
     assert not temporaries(small_disk)
-    assert gateway.metric("telerad_gateway_rejections_total") >= SLICES - len(stored)
+    assert gateway.metric("telerad_gateway_rejections_total") >= SLICES - len(acked)
     refused = stow(gateway, [files[-1].read_bytes()])
     assert refused.status_code != 200, "a STOW-RS on a full disk must not be acknowledged"
     assert "No space left on device" in gateway.log_tail(400), "the log must say why"
