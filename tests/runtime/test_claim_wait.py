@@ -1,7 +1,7 @@
 """A claim that waits (`POST /jobs/claim?wait=S`) answers as soon as a job of its model is
 queued: by its own gateway, or, on a shared PostgreSQL catalog, by another gateway of the
-site (LISTEN/NOTIFY). Each claim waits 60 s at the gateway while its client gives up after
-30: only a wake-up, not the end of the wait, can answer in time."""
+site (LISTEN/NOTIFY). Each claim waits 20 s at the gateway while its client gives up after
+15: only a wake-up, not the end of the wait, can answer in time."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.postgres import PostgresServer
 
 from .conftest import GatewayFactory, GatewayProcess, send_datasets
 
-CLIENT_TIMEOUT_S = 30
+CLIENT_TIMEOUT_S = 15
 
 
 class WaitingClaim(threading.Thread):
@@ -34,7 +34,7 @@ class WaitingClaim(threading.Thread):
         try:
             self.answer = httpx.post(
                 f"{self.gateway.url}/jobs/claim",
-                params={"wait": "60"},
+                params={"wait": "20"},
                 json={"model": CT_HEAD.name, "owner": "waiting-worker"},
                 headers=self.gateway.auth,
                 timeout=CLIENT_TIMEOUT_S,

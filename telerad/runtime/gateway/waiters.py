@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
-MAX_WAIT_S = 60
+MAX_WAIT_S = 20
 """The longest a claim may wait for a job (a worker asks again after it)."""
 
 
