@@ -174,9 +174,11 @@ def deployment(
                                 {"name": "dicom", "containerPort": DICOM_PORT, "protocol": "TCP"},
                                 {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                             ],
-                            # Ready: accepting associations (not while draining).
+                            # Ready: accepting associations (not while draining). Live:
+                            # the DICOM port serves; a catalog outage or a full disk is
+                            # /healthz's (a restart would not mend them).
                             "readinessProbe": probe("/readyz", 5),
-                            "livenessProbe": probe("/healthz", 10),
+                            "livenessProbe": probe("/livez", 10),
                             "resources": resources(site.spec.resources),
                             "securityContext": CONTAINER_SECURITY,
                             "volumeMounts": mounts,
