@@ -93,7 +93,7 @@ working() { buildah containers --quiet --filter "ancestor=$1" 2>/dev/null | sort
 
 build() {
   log "building $image"
-  local before
+  local before rc=0
   before="$( (working "$uv_image"; working "$image") | sort)"
   host_ca="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}"
   uv_config="$cache/image/uv.toml"
@@ -104,11 +104,13 @@ build() {
     --volume "$host_ca:/etc/ssl/certs/ca-certificates.crt:ro" \
     --volume "$uv_config:/etc/uv/uv.toml:ro" \
     --build-arg "PYTHON_IMAGE=$base_image" --build-arg "UV_IMAGE=$uv_image" \
-    --tag "$image" "$root" >&2
+    --tag "$image" "$root" >&2 || rc=$?
   # buildah 1.28 leaves the working containers of the uv stage's image and of the last
-  # stage behind after every build (each pins its image): remove the ones it just made.
+  # stage behind after every build, failed or not (each pins its image): remove the ones
+  # it just made.
   comm -13 <(echo "$before") <( (working "$uv_image"; working "$image") | sort) \
     | xargs --no-run-if-empty buildah rm >/dev/null
+  return "$rc"
 }
 
 # Each build of other sources is another half gigabyte: a checkout keeps only its latest

@@ -8,6 +8,10 @@ import pytest
 
 from tests.node.conftest import Image
 
+# The first test to ask for the image may build it from nothing (debootstrap included:
+# about 6 minutes on the shared 2-core machine, bench/RESULTS.md).
+pytestmark = pytest.mark.timeout(1500)
+
 ENTRYPOINTS = ([], ["operator"], ["gateway"], ["worker"], ["crds"], ["token"])
 
 

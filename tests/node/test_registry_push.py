@@ -17,6 +17,8 @@ import yaml
 from tests.node.conftest import ROOT, Image
 from tests.postgres import free_port
 
+pytestmark = pytest.mark.timeout(1500)  # it may be the first to build the image
+
 # buildah pushes an OCI manifest unless told otherwise; the registry serves it only to a
 # client that accepts that type.
 MANIFEST = (
