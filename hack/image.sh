@@ -40,7 +40,7 @@ done
 
 has_image() { buildah images --quiet "$1" >/dev/null 2>&1; }
 
-# The base: debootstrap is the slow part (about a minute), so its root filesystem is kept
+# The base: debootstrap is the slow part (over 3 minutes here), so its root filesystem is kept
 # as a tarball in the cache (which CI keeps), keyed on the recipe.
 base_key="$(echo "$suite $base_packages v1" | sha256sum | cut -c1-12)"
 base_image="localhost/telerad-python:3.11-$suite-$base_key"
@@ -55,7 +55,7 @@ if ! has_image "$base_image"; then
       "$rootfs"/var/log/* "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/*
     mkdir -p "$cache/image"
     # /dev, /proc and /sys are the runtime's to mount; debootstrap leaves device nodes.
-    tar -C "$rootfs" --numeric-owner --exclude=./dev/* --exclude=./proc/* --exclude=./sys/* \
+    tar -C "$rootfs" --numeric-owner --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' \
       -cf "$tarball.part" .
     mv "$tarball.part" "$tarball"
     rm -rf "$rootfs"
