@@ -3,6 +3,10 @@
 # `telerad worker` (the entrypoint is `telerad`).
 #   docker build -t telerad .                  CPU workers, gateways, the operator
 #   docker build --target cuda -t telerad:cuda .   GPU workers: ONNX Runtime with CUDA 12
+# The base images are build arguments so that a build with no registry at hand can bring
+# its own: `make image` (hack/image.sh) builds this file unchanged with buildah, passing a
+# Python 3.11 base made from Debian packages and a uv image holding PyPI's uv binary of
+# the same version. A normal Docker build pulls the images named here.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
 

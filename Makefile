@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CLUSTER_DIR ?= .cluster
 
-.PHONY: setup k8s-bins debs lint test test-fast cluster cluster-down cluster-status bench clean demo kind-e2e reliability
+.PHONY: setup k8s-bins debs image lint test test-fast cluster cluster-down cluster-status bench clean demo kind-e2e reliability
 
 # Python environment from uv.lock (frozen: CI fails if pyproject.toml and the lock disagree).
 setup: $(VENV)/.synced
@@ -21,6 +21,13 @@ k8s-bins:
 # The real peers from Debian: dcmtk, Orthanc, dicom3tools, Prometheus (a no-op once installed).
 debs:
 	@hack/debs.sh
+
+# The image built from the Dockerfile with buildah (no Docker, no registry) and imported
+# into the local node's containerd; a no-op when current. Prints the image reference last.
+# REGISTRY=host/path also pushes it there (docs/image.md).
+REGISTRY ?=
+image: debs
+	@REGISTRY="$(REGISTRY)" hack/image.sh
 
 lint: setup
 	$(BIN)/ruff check .

@@ -6,13 +6,16 @@
 # tests, tests/postgres.py).
 # A no-op when they are installed already.
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb orthanc-postgresql dicom3tools prometheus postgresql-15)
+packages=(dcmtk orthanc orthanc-dicomweb orthanc-postgresql dicom3tools prometheus postgresql-15
+  containerd runc containernetworking-plugins buildah debootstrap docker-registry)
 need=()
-for cmd_pkg in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools prometheus:prometheus; do
+for cmd_pkg in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools prometheus:prometheus \
+  containerd:containerd runc:runc buildah:buildah debootstrap:debootstrap docker-registry:docker-registry; do
   command -v "${cmd_pkg%%:*}" >/dev/null || need+=("${cmd_pkg#*:}")
 done
 [[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need+=(orthanc-dicomweb)
 [[ -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ]] || need+=(orthanc-postgresql)
+[[ -x /usr/lib/cni/bridge ]] || need+=(containernetworking-plugins)
 # Not on PATH: Debian keeps each major version's server binaries apart.
 [[ -x /usr/lib/postgresql/15/bin/initdb && -x /usr/lib/postgresql/15/bin/pg_ctl ]] \
   || need+=(postgresql-15)
