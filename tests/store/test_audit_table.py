@@ -2,10 +2,13 @@
 (the login role that owns the catalog's database and runs its migrations, as
 CloudNativePG's application user does) may INSERT and SELECT its site's records; UPDATE,
 DELETE and TRUNCATE fail for it (its privileges are revoked) and for a superuser too (a
-trigger refuses them). Two sites on one database see only their own records."""
+trigger refuses them). Two sites on one database see only their own records. What
+docs/catalog.md tells an administrator to run (the retention job, another owner for the
+table) does what it says."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import errors
+from psycopg import errors, sql
 
 from telerad.api.config import CatalogConfig
 from telerad.runtime.gateway.example import example_config
@@ -21,7 +24,7 @@ from telerad.runtime.store import backends
 from telerad.runtime.store.audit import AuditTrail
 from telerad.runtime.store.catalog import Catalog
 from telerad.runtime.store.postgres.audit import AuditTable
-from tests.postgres import DatabaseInfo, PostgresServer
+from tests.postgres import ROOT, DatabaseInfo, PostgresServer
 
 CHANGES = (
     "UPDATE audit SET record = '{}'",
@@ -132,3 +135,59 @@ def test_two_sites_on_one_database_see_only_their_own_records(
             other = "south" if site == "north" else "north"
             with pytest.raises(errors.InsufficientPrivilege, match="row-level security"):
                 conn.execute("INSERT INTO audit (site, at, record) VALUES (%s, 0, '{}')", (other,))
+
+
+def documented(n: int) -> str:
+    """The `n`th SQL block of docs/catalog.md's "The audit trail", as an administrator
+    would paste it."""
+    text = (ROOT / "docs" / "catalog.md").read_text()
+    section = text.split("\n## The audit trail\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sql\n(.*?)```", section, re.DOTALL)[n]
+
+
+def test_the_documented_retention_job_removes_every_sites_old_records_only(
+    sites: dict[str, Site], database: DatabaseInfo
+) -> None:
+    with as_gateway(database, "north") as conn:
+        conn.execute("INSERT INTO audit (at, record) VALUES (0, '{\"old\": 1}')")
+        conn.commit()
+    with as_gateway(database, "south") as conn:
+        conn.execute("INSERT INTO audit (at, record) VALUES (0, '{\"old\": 1}')")
+        conn.commit()
+    sites["north"].audit.write({"event": "association", "calling": "NORTH_CT"})
+    sites["south"].audit.write({"event": "association", "calling": "SOUTH_MR"})
+
+    # As the table's owner: the gateway's own role, with no site set.
+    with psycopg.connect(
+        database.url, password=database.password, autocommit=True, connect_timeout=10
+    ) as owner:
+        owner.execute(documented(1))
+    for site, caller in (("north", "NORTH_CT"), ("south", "SOUTH_MR")):
+        with as_gateway(database, site) as conn:
+            rows = conn.execute("SELECT record->>'calling' FROM audit").fetchall()
+            assert rows == [(caller,)]
+            # Append-only again.
+            with pytest.raises(errors.InsufficientPrivilege, match="permission denied"):
+                conn.execute("DELETE FROM audit")
+
+
+def test_a_trail_owned_by_another_role_is_out_of_the_gateways_reach(
+    sites: dict[str, Site], database: DatabaseInfo, postgres: PostgresServer
+) -> None:
+    owner = f"audit_owner_{secrets.token_hex(4)}"
+    with psycopg.connect(postgres.admin_url, dbname=database.name, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)))
+        recipe = documented(0).replace("audit_owner", owner).replace("telerad", database.role)
+        admin.execute(recipe)
+    north = sites["north"].audit
+    north.write({"event": "association", "calling": "NORTH_CT"})
+    with as_gateway(database, "north") as conn:
+        assert conn.execute("SELECT record->>'calling' FROM audit").fetchall() == [("NORTH_CT",)]
+        with pytest.raises(errors.InsufficientPrivilege, match="must be owner of table audit"):
+            conn.execute("ALTER TABLE audit DISABLE TRIGGER append_only")
+        conn.rollback()
+        # Not the owner, it holds no grant option: the grant gives nothing (a warning).
+        conn.execute("GRANT DELETE ON audit TO CURRENT_USER")
+        assert conn.execute("SELECT has_table_privilege('audit', 'DELETE')").fetchone() == (False,)
+        with pytest.raises(errors.InsufficientPrivilege, match="permission denied"):
+            conn.execute("DELETE FROM audit")
