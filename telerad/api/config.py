@@ -34,6 +34,10 @@ class TLSFiles(ApiModel):
     """Lowest TLS version accepted."""
 
 
+MIN_FREE_BYTES = 1 << 30
+"""The hot tier's free-space watermark unless the site's size says less."""
+
+
 class StoragePaths(ApiModel):
     """The site's tiers as mounted directories."""
 
@@ -45,7 +49,7 @@ class StoragePaths(ApiModel):
     """Days in the hot tier."""
     retention_days: int = Field(default=30, ge=1)
     """Days before deletion from every tier."""
-    min_free_bytes: int = Field(default=1 << 30, ge=0)
+    min_free_bytes: int = Field(default=MIN_FREE_BYTES, ge=0)
     """Below this much free space on the hot tier, stores are refused (out of resources)
     rather than half-written."""
     lifecycle_interval_seconds: int = Field(default=300, ge=1, le=86400)

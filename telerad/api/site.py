@@ -99,7 +99,9 @@ class Tier(ApiModel):
     storage_class_name: DNSLabel | None = None
     """StorageClass of the tier's volume; the cluster default when unset. Immutable."""
     size: Quantity = "100Gi"
-    """Capacity requested for the volume."""
+    """Capacity requested for the volume. The hot tier refuses stores (out of resources,
+    nothing half-written) once its free space is below a twentieth of this size, at most
+    1 GiB."""
     days: Days = 7
     """Days a study stays in this tier before it moves to the next (or is deleted)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import re
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -39,6 +40,23 @@ QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 Quantity = Annotated[
     str, Matches(QUANTITY, "must be a Kubernetes quantity such as 500m, 2, 8Gi", max_length=32)
 ]
+_QUANTITY_RE = re.compile(QUANTITY)
+_SUFFIXES = {"m": Decimal("0.001"), "": Decimal(1)} | {
+    prefix: Decimal(base) ** power
+    for base, prefixes in ((1000, "kMGTPE"), (1024, ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei")))
+    for power, prefix in enumerate(prefixes, start=1)
+}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A quantity of bytes as an integer (a fraction of a byte rounds down). Written here
+    rather than taken from lightkube, since the API layer stays free of client libraries."""
+    match = _QUANTITY_RE.match(quantity)
+    if match is None:
+        raise ValueError(f"{quantity!r} is not a Kubernetes quantity")
+    suffix = match.group(2) or ""
+    return int(Decimal(quantity.removesuffix(suffix)) * _SUFFIXES[suffix])
+
 
 # IPv4 or IPv6 CIDR; the address check is kept simple and identical on both sides.
 CIDR = (

@@ -6,14 +6,18 @@ fault it cannot see coming. Mounting needs root, as CI has."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from telerad import synthetic
+from telerad.api.config import MIN_FREE_BYTES
+from telerad.operator.builders.site import free_space_watermark
 
 from .conftest import GatewayFactory, assert_kept, send_datasets, stored, stow, temporaries
 
@@ -21,16 +25,22 @@ SLICES = 80
 INODES = 60  # the catalog, its journal, the audit log and directories take a few
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+@contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "hot"
     mount.mkdir()
-    options = f"size=256m,nr_inodes={INODES}"
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "hot", f"size=256m,nr_inodes={INODES}") as mount:
+        yield mount
 
 
 def grow(mount: Path, inodes: int) -> None:
@@ -75,3 +85,20 @@ def test_a_full_hot_tier_refuses_cleanly_and_recovers_when_it_grows(
     gateway.wait_for(lambda: len(gateway.get("/jobs")) >= 1)
     jobs = gateway.get("/jobs")
     assert [j["model"] for j in jobs] == ["ct-head-hyperdensity"], jobs
+
+
+def test_a_1_gi_hot_tier_takes_stores_under_the_watermark_the_operator_renders(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A site whose hot tier is 1 Gi gets a watermark from that size: its volume (here a
+    real 1 GiB filesystem) takes a study, where the fixed 1 GiB refused every store."""
+    with tmpfs(tmp_path / "hot", "size=1g") as mount:
+        watermark = free_space_watermark("1Gi")
+        assert watermark < shutil.disk_usage(mount).free <= MIN_FREE_BYTES
+        gateway = start_gateway(storage={"hot_dir": mount, "min_free_bytes": watermark})
+        files = synthetic.write_series(
+            synthetic.ct_series(n_slices=20, size=256, seed=21), tmp_path / "ct"
+        )
+        assert set(send_datasets(gateway, [pydicom.dcmread(p) for p in files])) == {0x0000}
+        assert_kept(gateway, files)
+        gateway.stop()

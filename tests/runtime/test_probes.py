@@ -65,6 +65,7 @@ def test_the_rendered_probes_pass_on_a_gateway_configured_alike(
         answer = kubelet_probe(gateway, container[kind], container, config)
         assert answer.status_code == 200, (kind, answer.status_code, answer.text)
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert kubelet_probe(gateway, container["readinessProbe"], container, config).json()["ready"]
 
 
@@ -83,6 +84,9 @@ def test_readyz_is_503_while_draining(gateway: GatewayProcess) -> None:
     answer = httpx.get(url, timeout=5)
     assert answer.status_code == 503
     assert answer.json()["draining"] is True
+    # Draining is not dying: the liveness probe must not restart it mid-grace-period.
+    live = httpx.get(f"{gateway.url}/livez", timeout=5)
+    assert (live.status_code, live.json()["live"]) == (200, True)
     assert assoc.is_established
     assert int(assoc.send_c_echo().Status) == 0  # the running association still served
     assoc.release()

@@ -429,10 +429,11 @@ def test_postgresql_stopped_for_10_s_under_load(
     checking = threading.Event()
 
     def probe() -> None:
-        """The pod's probes, answered while the catalog is gone: /readyz at once, /healthz
-        (which asks the catalog) once the catalog gives up waiting for a connection."""
+        """The pod's probes, answered while the catalog is gone: /readyz and /livez at
+        once, /healthz (which asks the catalog) once the catalog gives up waiting for a
+        connection."""
         while checking.is_set():
-            for path in ("/readyz", "/healthz"):
+            for path in ("/readyz", "/livez", "/healthz"):
                 answer = httpx.get(f"{gateway.url}{path}", timeout=ANSWER_TIMEOUT_S)
                 probes.append((path, time.monotonic(), answer))
             time.sleep(0.2)
@@ -469,7 +470,10 @@ def test_postgresql_stopped_for_10_s_under_load(
     unanswered = [a for a in senders.since(0) if a.status is None]
     assert not unanswered, f"{len(unanswered)} stores got no status"
     # The HTTP port kept answering; what it said while down, it said truly.
-    assert {(path, r.status_code) for path, at, r in probes if at <= back} >= {("/readyz", 200)}
+    answered = {(path, r.status_code) for path, at, r in probes if at <= back}
+    assert answered >= {("/readyz", 200), ("/livez", 200)}, answered
+    # A restart would not bring the database back: the liveness probe never fails for it.
+    assert ("/livez", 503) not in answered, answered
     assert [r for path, _, r in probes if path == "/healthz"], "/healthz never answered"
     said = {
         (r.status_code, r.json()["checks"]["catalog"])

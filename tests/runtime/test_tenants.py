@@ -10,7 +10,7 @@ import pytest
 
 from tests.runtime.conftest import GatewayFactory
 
-PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+PUBLIC = {"/healthz", "/readyz", "/livez", "/metrics", "/openapi.json"}
 # A value for each path parameter that the route's pattern accepts.
 SAMPLE = {"job": "1", "study": "1.2.3", "series": "1.2.3.4", "instance": "1.2.3.4.5"}
 

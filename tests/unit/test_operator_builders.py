@@ -4,16 +4,21 @@ comparison that decides whether a write is needed."""
 from __future__ import annotations
 
 import copy
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from lightkube.utils.quantity import parse_quantity
 
 from telerad.api.aimodel import AIModel
 from telerad.api.config import WorkerConfig
 from telerad.api.routing import RoutingPolicy
 from telerad.api.site import ImagingSite
+from telerad.api.types import quantity_bytes
 from telerad.operator.builders import model as model_builders
 from telerad.operator.builders import routing
 from telerad.operator.builders import site as site_builders
@@ -416,3 +421,33 @@ def test_without_a_site_catalog_it_stays_sqlite_on_the_hot_tier() -> None:
     config = yaml.safe_load(children["ConfigMap/st-marys-gateway"]["data"]["gateway.yaml"])
     assert config["catalog"] == {}
     assert config["storage"]["hotDir"] == "/var/lib/telerad/hot"
+
+
+def rendered_config(body: dict[str, Any]) -> dict[str, Any]:
+    built = {
+        c["kind"]: c
+        for c in site_builders.children(body, ImagingSite.from_wire(body), [], SETTINGS)
+    }
+    return dict(yaml.safe_load(built["ConfigMap"]["data"][site_builders.CONFIG_FILE]))
+
+
+@pytest.mark.parametrize(
+    ("size", "watermark"),
+    [("1Gi", (1 << 30) // 20), ("10G", 500_000_000), ("20Gi", 1 << 30), ("100Gi", 1 << 30)],
+)
+def test_the_hot_tier_watermark_follows_its_size(size: str, watermark: int) -> None:
+    """The tier's size reaches the gateway: a twentieth of it, at most 1 GiB, so a 1 Gi
+    tier is not refused every store by a fixed 1 GiB watermark."""
+    body = owner("st-marys")
+    body["spec"].setdefault("storage", {}).setdefault("hot", {})["size"] = size
+    assert rendered_config(body)["storage"]["minFreeBytes"] == watermark
+
+
+@given(
+    st.decimals(min_value=0, max_value=10**6, places=3, allow_nan=False, allow_infinity=False),
+    st.sampled_from(["", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]),
+)
+def test_quantities_are_read_as_lightkube_reads_them(number: Decimal, suffix: str) -> None:
+    """The API layer's own reading of a quantity agrees with the Kubernetes client's."""
+    quantity = f"{number.normalize():f}{suffix}"
+    assert quantity_bytes(quantity) == int(parse_quantity(quantity))

@@ -23,7 +23,8 @@ from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.receivers import default_count
 from telerad.runtime.store import backends
 from telerad.runtime.store.catalog import HOT, WARM, Catalog
-from telerad.runtime.store.files import Tier, study_dir
+from telerad.runtime.store.files import Tier, instance_path, study_dir
+from telerad.runtime.store.search import Level, Search
 from telerad.runtime.store.sql.catalog import SQLCatalog
 
 CT = Path(str(get_testdata_file("CT_small.dcm")))
@@ -157,6 +158,26 @@ def test_a_catalogued_file_lost_in_a_crash_is_put_back_by_the_resend(site: Site)
         )
         == 1
     )
+
+
+def test_an_instance_first_catalogued_as_version_2_counts_once(site: Site) -> None:
+    """Issue 25 item 6: a file on an instance's version 1 path that no row names (a
+    receiver killed between its rename and its commit while the gateway runs on; the
+    sweep of such files is at start) makes the re-send's first row version 2. The
+    study counted only version 1 rows: 399 instances in QIDO and the worklist, 400 in
+    the series. Study, series and routing now count the instance once."""
+    study = site.store_study(1)
+    ds = pydicom.dcmread(CT)
+    ds.StudyInstanceUID, ds.SOPInstanceUID = study, generate_uid()
+    left = instance_path(study, ds.SeriesInstanceUID, ds.SOPInstanceUID, 1)
+    site.hot.write(left, (b"uncatalogued",))
+    body = _encode(ds)
+    assert store_bytes(site.ingest, body, EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status == 0
+    assert [v.version for v in site.catalog.versions(ds.SOPInstanceUID)] == [2]
+    (series,) = site.catalog.search(Search(Level.SERIES, study_uid=study)).rows
+    assert series["NumberOfSeriesRelatedInstances"] == 2
+    assert series["NumberOfStudyRelatedInstances"] == 2
+    assert site.catalog.summary(study).instances == 2
 
 
 def test_full_disk_refuses_with_out_of_resources(tmp_path: Path) -> None:

@@ -9,8 +9,16 @@ from typing import Any
 import yaml
 
 from telerad.api import names
-from telerad.api.config import CatalogConfig, CompiledRule, GatewayConfig, StoragePaths, TLSFiles
+from telerad.api.config import (
+    MIN_FREE_BYTES,
+    CatalogConfig,
+    CompiledRule,
+    GatewayConfig,
+    StoragePaths,
+    TLSFiles,
+)
 from telerad.api.site import ImagingSite
+from telerad.api.types import quantity_bytes
 from telerad.operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
     CONTAINER_SECURITY,
@@ -59,6 +67,7 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
             warm_dir=DATA_DIR / "warm" if spec.storage.warm else None,
             hot_days=spec.storage.hot.days,
             retention_days=spec.storage.retention_days,
+            min_free_bytes=free_space_watermark(spec.storage.hot.size),
         ),
         # Only where the Secret is mounted: its content never enters the ConfigMap.
         catalog=CatalogConfig(secret_dir=CATALOG_DIR) if spec.catalog else CatalogConfig(),
@@ -70,6 +79,14 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
         tokens_dir=TOKENS_DIR if spec.access is not None else None,
         secrets_dir=SECRETS_DIR if _mounted_secrets(site) else None,
     )
+
+
+def free_space_watermark(size: str) -> int:
+    """Free bytes below which the hot tier refuses stores: a twentieth of the volume, at
+    most the runtime's 1 GiB default. A fixed 1 GiB refused every store on a 1 Gi tier; a
+    fraction leaves a small tier most of its space and still keeps room, as ext4's reserve
+    does, for the catalog's journal and the move to the warm tier to commit."""
+    return min(MIN_FREE_BYTES, quantity_bytes(size) // 20)
 
 
 def _mounted_secrets(site: ImagingSite) -> dict[str, list[str]]:
@@ -174,9 +191,11 @@ def deployment(
                                 {"name": "dicom", "containerPort": DICOM_PORT, "protocol": "TCP"},
                                 {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                             ],
-                            # Ready: accepting associations (not while draining).
+                            # Ready: accepting associations (not while draining). Live:
+                            # the DICOM port serves; a catalog outage or a full disk is
+                            # /healthz's (a restart would not mend them).
                             "readinessProbe": probe("/readyz", 5),
-                            "livenessProbe": probe("/healthz", 10),
+                            "livenessProbe": probe("/livez", 10),
                             "resources": resources(site.spec.resources),
                             "securityContext": CONTAINER_SECURITY,
                             "volumeMounts": mounts,

@@ -1,12 +1,12 @@
 """The gateway's HTTP port: DICOMweb, the job API for workers, the worklist, the OpenAPI
-description, health, readiness and metrics.
+description, health, readiness, liveness and metrics.
 
 Handlers only translate: bodies are parsed into the `telerad.api.jobs` models (a bad body
 is a 400 naming the field), work happens in `Flow` on a worker thread (SQLite commits
 fsync), and every error is an RFC 9457 problem document. Every request but health,
-readiness, metrics and the OpenAPI description needs a bearer token of the site's tenant, and is
-written to the audit trail whatever its outcome; one whose record cannot be written is
-answered 503 instead of its outcome (whatever it changed stays changed).
+readiness, liveness, metrics and the OpenAPI description needs a bearer token of the site's
+tenant, and is written to the audit trail whatever its outcome; one whose record cannot be
+written is answered 503 instead of its outcome (whatever it changed stays changed).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The kubelet's probes and Prometheus present no token.
-PUBLIC = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+PUBLIC = frozenset({"/healthz", "/readyz", "/livez", "/metrics", "/openapi.json"})
 # Path parameters that are UIDs: the audit log keeps only their hashes.
 _UID_PARAMS = ("study", "series", "instance")
 
@@ -327,6 +327,7 @@ def build_app(
     metrics: GatewayMetrics,
     health: Callable[[], dict[str, Any]],
     readiness: Callable[[], dict[str, Any]],
+    liveness: Callable[[], dict[str, Any]],
     tokens: Tokens,
     audit: AuditTrail,
     dicomweb: DicomWeb,
@@ -357,6 +358,11 @@ def build_app(
     async def readyz(request: web.Request) -> web.Response:
         report = readiness()
         return web.json_response(report, status=200 if report["ready"] else 503)
+
+    @routes.get("/livez")
+    async def livez(request: web.Request) -> web.Response:
+        report = liveness()
+        return web.json_response(report, status=200 if report["live"] else 503)
 
     @routes.get("/metrics")
     async def scrape(request: web.Request) -> web.Response:

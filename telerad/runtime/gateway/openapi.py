@@ -159,6 +159,16 @@ _READINESS: Schema = {
 }
 
 
+_LIVENESS: Schema = {
+    "type": "object",
+    "required": ["live", "listening"],
+    "properties": {
+        "live": {"type": "boolean", "description": "Listening, or draining."},
+        "listening": {"type": "boolean", "description": "Every DICOM receiver accepts."},
+    },
+}
+
+
 def _matching_value(vr: str) -> Schema:
     if vr in VALUE_PATTERNS:
         return {"type": "string", "pattern": VALUE_PATTERNS[vr]}
@@ -495,6 +505,16 @@ def document() -> Schema:
                     "503": _json(
                         _READINESS, "Not accepting associations: draining, or not listening."
                     ),
+                },
+            }
+        },
+        "/livez": {
+            "get": {
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": _json(_LIVENESS, "The DICOM port serves, or the gateway drains."),
+                    "503": _json(_LIVENESS, "The DICOM port no longer serves: restart it."),
                 },
             }
         },

@@ -90,6 +90,14 @@ class Gateway:
             "draining": self.draining,
         }
 
+    def liveness(self) -> dict[str, Any]:
+        """Whether restarting the process could help: /livez, the pod's liveness probe.
+        Only the process's own parts count: a catalog or a disk that is down or full is
+        the same after a restart, and restarting every gateway of a site at once for a
+        database outage would drop the associations that are still being answered."""
+        listening = self.dimse.listening and self.pool.alive()
+        return {"live": listening or self.draining, "listening": listening}
+
     def health(self) -> dict[str, Any]:
         free = self.hot.free_bytes()
         checks = {
@@ -139,6 +147,7 @@ class Gateway:
             metrics=self.metrics,
             health=self.health,
             readiness=self.readiness,
+            liveness=self.liveness,
             tokens=self.tokens,
             audit=self.audit,
             dicomweb=DicomWeb(
