@@ -249,7 +249,9 @@ class GatewayConfig(ApiModel):
     secrets_dir: Path | None = None
     """Where the Secrets that destinations name are mounted, as `<secret>/<key>`."""
     audit_dir: Path | None = None
-    """Audit log of the HTTP API, one JSON file per day; default `<hotDir>/audit`."""
+    """Where the audit trail's day files go (one JSON-lines file per UTC day) beside an
+    SQLite catalog; default `<hotDir>/audit`. A PostgreSQL catalog keeps the trail in its
+    `audit` table instead, and this is not used."""
     notifications: Notifications = Field(default_factory=Notifications)
     """Critical-finding webhooks."""
     delivery: DeliveryPolicy = Field(default_factory=DeliveryPolicy)

@@ -377,6 +377,21 @@ def read_rows(gateway: GatewayProcess, sql: str, args: tuple[Any, ...] = ()) -> 
         return list(tx.execute(sql, args).fetchall())
 
 
+def audit_records(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    """The gateway's audit trail where its backend keeps it, in the order written: read
+    from the `audit` table as the gateway's role, bound to its site (row-level security
+    shows that site's rows only), or from the day files beside an SQLite catalog."""
+    with catalog(gateway) as opened:
+        if opened.backend == "postgresql":
+            with opened.db.read() as tx:
+                return [row[0] for row in tx.execute("SELECT record FROM audit ORDER BY id")]
+    return [
+        json.loads(line)
+        for path in sorted((gateway.hot / "audit").glob("audit-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+
+
 def age_studies(gateway: GatewayProcess, seconds: float) -> None:
     """As if every study's last instance came `seconds` earlier (with the gateway down)."""
     with catalog(gateway) as opened, opened.db.write() as tx:

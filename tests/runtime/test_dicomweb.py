@@ -29,7 +29,14 @@ from requests.exceptions import HTTPError
 from telerad import synthetic
 from telerad.runtime.gateway.access import new_token
 from telerad.runtime.gateway.example import example_config
-from tests.runtime.conftest import TELERAD, GatewayProcess, free_port, send_datasets, stow
+from tests.runtime.conftest import (
+    TELERAD,
+    GatewayProcess,
+    audit_records,
+    free_port,
+    send_datasets,
+    stow,
+)
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -282,11 +289,7 @@ def test_other_tenants_learn_nothing(gateway: GatewayProcess, study: list[Datase
             checked += 1
     assert checked >= 20
     # The audit log has every one of those requests, with UIDs hashed and no patient data.
-    lines = [
-        json.loads(line)
-        for f in sorted((gateway.hot / "audit").glob("audit-*.jsonl"))
-        for line in f.read_text().splitlines()
-    ]
+    lines = audit_records(gateway)
     denied = [r for r in lines if r["status"] in (401, 403)]
     assert len(denied) == checked * 6
     assert {r["tenant"] for r in denied if r["status"] == 403} == {"another-tenant"}

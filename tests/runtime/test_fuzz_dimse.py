@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import secrets
 import socket
@@ -53,7 +52,7 @@ from telerad import synthetic
 from telerad.runtime.dataset import parse
 from telerad.runtime.gateway.ingest import meta_length
 
-from .conftest import GatewayProcess, stored, temporaries
+from .conftest import GatewayProcess, audit_records, stored, temporaries
 
 # raw_sending is autouse: with it pynetdicom sends each mutated data set verbatim.
 from .test_bad_input import (
@@ -496,14 +495,6 @@ def assert_still_serving(gateway: GatewayProcess, clean: Dataset) -> None:
     # decoder logs tracebacks of its own for odd AE titles, which it then handles.
     log = gateway.log.read_text(errors="replace")
     assert " failed\nTraceback" not in log, log[log.find(" failed\nTraceback") - 200 :][:4000]
-
-
-def audit_records(gateway: GatewayProcess) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for path in sorted((gateway.hot / "audit").glob("audit-*.jsonl"))
-        for line in path.read_text().splitlines()
-    ]
 
 
 def ct_slice(number: int, sop_instance: str | None = None) -> Dataset:

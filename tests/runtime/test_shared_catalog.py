@@ -5,7 +5,6 @@ database itself. PostgreSQL only: an SQLite catalog is one gateway's own file.""
 from __future__ import annotations
 
 import io
-import json
 import re
 import secrets
 import threading
@@ -14,10 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2 as httpx
+import psycopg
 import pydicom
 import pytest
+from psycopg import sql
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE
 
@@ -32,6 +34,7 @@ from tests.postgres import PostgresServer
 from .conftest import (
     GatewayFactory,
     GatewayProcess,
+    audit_records,
     dataset_bytes,
     send_datasets,
     sop_uid,
@@ -202,7 +205,7 @@ JOB_BODIES: dict[str, dict[str, Any]] = {
 
 
 def test_two_sites_on_one_database_see_nothing_of_each_other(
-    start_gateway: GatewayFactory,
+    start_gateway: GatewayFactory, postgres: PostgresServer
 ) -> None:
     quick = Completion(quiet_seconds=1)
     a = start_gateway(site="site-a", completion=quick)
@@ -249,10 +252,17 @@ def test_two_sites_on_one_database_see_nothing_of_each_other(
         assert every_operation(me, ids, their_job["lease"]["token"]) >= 15
         # Still leased where it belongs: nothing tried here reached it.
         assert other.get(f"/jobs/{their_job['id']}")["state"] == "leased"
-        # The audit trail is files in each site's hot tier (no API serves it): this
-        # site's holds its own sender's association only.
+        # The audit trail is the database's `audit` table, and no API serves it: read
+        # as the gateway's own role, bound to its site, it holds this site's sender's
+        # association only.
         audited = {r.get("calling") for r in audit_records(me) if r.get("event") == "association"}
         assert audited == {caller}
+    # Both sites' records are in that one table: each site sees exactly its own.
+    database = urlsplit(a.config.catalog.url or "").path.removeprefix("/")
+    with psycopg.connect(postgres.admin_url, dbname=database) as admin:
+        rows = dict(admin.execute("SELECT site, count(*) FROM audit GROUP BY site").fetchall())
+    assert rows == {"site-a": len(audit_records(a)), "site-b": len(audit_records(b))}
+    assert min(rows.values()) > 15
 
 
 def every_operation(gateway: GatewayProcess, ids: dict[str, str], token: str) -> int:
@@ -286,15 +296,50 @@ def every_operation(gateway: GatewayProcess, ids: dict[str, str], token: str) ->
     return tried
 
 
-def audit_records(gateway: GatewayProcess) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for path in sorted((gateway.hot / "audit").glob("audit-*.jsonl"))
-        for line in path.read_text().splitlines()
+# -- the database down ----------------------------------------------------------------------
+
+
+def test_a_request_whose_audit_record_cannot_be_written_is_not_answered_as_done(
+    start_gateway: GatewayFactory, postgres: PostgresServer
+) -> None:
+    """The audit table refusing the gateway's records (its INSERT revoked by hand): every
+    HTTP request is answered 503 instead of its outcome; a DICOM store is still
+    acknowledged (the instance is durable; only the association's record, written once
+    it ended, is lost, and the gateway logs that); once the table takes records again,
+    requests are answered again."""
+    gateway = start_gateway()
+    assert gateway.get("/worklist") == []
+    database = urlsplit(gateway.config.catalog.url or "").path.removeprefix("/")
+    role = sql.Identifier(database)  # tests/postgres.py names the owner as its database
+
+    def privilege(statement: str) -> None:
+        with psycopg.connect(postgres.admin_url, dbname=database, autocommit=True) as admin:
+            admin.execute(sql.SQL(statement).format(role))
+
+    privilege("REVOKE INSERT ON audit FROM {}")
+    for method, path, body in (
+        ("GET", "/worklist", None),
+        ("POST", "/jobs/claim", {"model": CT_HEAD.name, "owner": "w"}),
+    ):
+        answer = httpx.request(
+            method, f"{gateway.url}{path}", json=body, headers=gateway.auth, timeout=10
+        )
+        assert answer.status_code == 503, (path, answer.text)
+        assert answer.json()["title"] == "Audit trail unavailable"
+    ct = list(synthetic.ct_series(n_slices=2, size=32, seed=1705))
+    assert send_datasets(gateway, ct) == [0, 0]
+    gateway.wait_for(
+        lambda: "an association's audit record was not written" in gateway.log.read_text()
+    )
+    assert "permission denied for table audit" in gateway.log.read_text()
+
+    privilege("GRANT INSERT ON audit TO {}")
+    assert len(gateway.get("/studies")) == 1
+    assert [r["route"] for r in audit_records(gateway) if "route" in r] == [
+        "/worklist",
+        "/studies",
     ]
 
-
-# -- the database down ----------------------------------------------------------------------
 
 OUTAGE_S = 10
 ANSWER_TIMEOUT_S = 30

@@ -27,10 +27,10 @@ from telerad.api.config import DimseTimeouts
 from telerad.api.site import Dimse
 from tests.processes import children, open_files, threads
 
-from .conftest import GatewayFactory, GatewayProcess, env_nodelay, tool
+from .conftest import GatewayFactory, GatewayProcess, audit_records, env_nodelay, tool
 from .test_dimse import CT_SMALL, dcmtk
 from .test_dimse import echo as dcmtk_echo
-from .test_fuzz_dimse import associate_rq, audit_records, read_pdu
+from .test_fuzz_dimse import associate_rq, read_pdu
 
 # Bounds for the test to fail within, when the gateway never closes what it should.
 PATIENCE_S = 30.0

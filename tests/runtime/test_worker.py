@@ -6,7 +6,6 @@ with SIGKILL mid-way, and every job and alert is accounted for once."""
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from tests.runtime.conftest import (
     GatewayProcess,
     Sink,
     TlsMaterial,
+    audit_records,
     done_jobs,
     results,
     storescu,
@@ -257,8 +257,7 @@ def test_gateway_killed_with_an_alert_pending_delivers_it_once(
     time.sleep(2)
     assert len(sink.received) == 1
     assert gateway.metric("telerad_gateway_outbox", kind="alert", state="delivered") == 1
-    audit = "".join(p.read_text() for p in (gateway.hot / "audit").glob("*.jsonl"))
-    attempts = [json.loads(line) for line in audit.splitlines() if '"delivery"' in line]
+    attempts = [r for r in audit_records(gateway) if r.get("event") == "delivery"]
     assert [a["result"] for a in attempts if a["kind"] == "alert"][-1] == "delivered"
     assert len({a["key"] for a in attempts if a["kind"] == "alert"}) == 1
 
@@ -445,6 +444,5 @@ def test_a_third_party_worker_refuses_a_study_that_is_not_de_identified(
     gateway.wait_for(lambda: any(j["state"] == "parked" for j in gateway.get("/jobs")))
     (job,) = gateway.get("/jobs")
     assert "de-identified" in job["reason"]
-    audit = "".join(p.read_text() for p in (gateway.hot / "audit").glob("*.jsonl"))
-    fetched = [json.loads(line) for line in audit.splitlines() if '"GET"' in line]
+    fetched = [r for r in audit_records(gateway) if r.get("method") == "GET"]
     assert not any(r["route"] == "/studies/{study}" for r in fetched)

@@ -4,12 +4,15 @@ and one written by a newer telerad is refused, unchanged, with a clear error."""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from telerad.api.config import CatalogConfig
+from telerad.runtime.gateway.example import example_config
 from telerad.runtime.store import backends
 from telerad.runtime.store.catalog import DeliveryKind, SchemaError
 from telerad.runtime.store.postgres import schema as postgres_schema
@@ -18,6 +21,7 @@ from telerad.runtime.store.sql.database import Database
 from telerad.runtime.store.sql.migrate import migrate
 from telerad.runtime.store.sqlite import schema as sqlite_schema
 from telerad.runtime.store.sqlite.database import SQLiteDatabase
+from tests.postgres import PostgresServer
 
 SITE = "example"
 
@@ -94,3 +98,45 @@ def test_a_sqlite_catalog_from_before_versions_is_adopted(tmp_path: Path) -> Non
         columns = {row[1] for row in db.execute("PRAGMA table_info(instances)")}
         assert "result_of" in columns
         assert [r[0] for r in db.execute("SELECT version FROM schema_migrations")] == [1, 2]
+
+
+def test_a_postgresql_catalog_at_version_2_gains_the_append_only_audit_table(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """As the releases before the audit table left it: at version 2, with rows."""
+    created = postgres.create_database(f"m{secrets.token_hex(6)}")
+    config = CatalogConfig(url=created.url, password_file=created.password_file)
+    db, migrations = raw(config, tmp_path)
+    assert migrate(db, migrations[:2], lock=MIGRATION_LOCK) == 2
+    with db.write() as tx:
+        tx.execute(
+            "INSERT INTO outbox (kind, target, key, job_id, study_uid, payload, next_attempt,"
+            " created_at, lease_owner) VALUES ('alert', 'ward', 'k-2', 1, '1.2.3', '{}', 0, 0,"
+            " NULL)"
+        )
+        assert tx.execute("SELECT to_regclass('audit')").fetchone() == (None,)
+    db.close()
+
+    gateway = example_config(11112, 8080, tmp_path, config)
+    catalog = backends.open_site(gateway)
+    audit = backends.open_audit(gateway, catalog)
+    try:
+        leases = {DeliveryKind.ALERT: 60.0, DeliveryKind.EXPORT: 60.0}
+        assert [d.key for d in catalog.claim_deliveries("sender", 1.0, 10, leases)] == ["k-2"]
+        audit.write({"event": "association", "calling": "CT01", "result": "released"})
+    finally:
+        audit.close()
+        catalog.close()
+
+    db, _ = raw(config, tmp_path)
+    try:
+        assert versions(db) == [1, 2, 3]
+        with db.read() as tx:
+            rows = tx.execute("SELECT site, record->>'calling' FROM audit").fetchall()
+        assert rows == [(SITE, "CT01")]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), db.write() as tx:
+            tx.execute("DELETE FROM audit")
+    finally:
+        db.close()
+    # Beside a PostgreSQL catalog nothing is written to files any more.
+    assert not (tmp_path / "hot" / backends.AUDIT_DIR).exists()

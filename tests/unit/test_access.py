@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from telerad.runtime.gateway import access
-from telerad.runtime.gateway.access import Audit, TokenFileError, Tokens, new_token
+from telerad.runtime.gateway.access import TokenFileError, Tokens, new_token
+from telerad.runtime.store.audit import AuditUnavailable
+from telerad.runtime.store.audit_files import AuditFiles
 
 
 def bearer(token: str) -> str:
@@ -59,7 +61,7 @@ def test_unusable_token_files_stop_the_start(tmp_path: Path, content: str, messa
 
 
 def test_audit_lines_and_retention(tmp_path: Path) -> None:
-    audit = Audit(tmp_path / "audit")
+    audit = AuditFiles(tmp_path / "audit")
     audit.write({"client": "viewer", "status": 200})
     audit.write({"client": None, "status": 401})
     audit.sync()
@@ -71,4 +73,15 @@ def test_audit_lines_and_retention(tmp_path: Path) -> None:
     old.write_text("{}\n")
     audit.prune(time.time(), retention_days=30)
     assert not old.exists() and today.exists()
+    audit.close()
+
+
+def test_an_audit_file_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    """The gateway withholds the answer of a request it could not record (test_audit.py):
+    what it catches is AuditUnavailable, naming the directory and the reason."""
+    audit = AuditFiles(tmp_path / "audit")
+    (tmp_path / "audit").rmdir()
+    with pytest.raises(AuditUnavailable, match="No such file or directory") as raised:
+        audit.write({"client": "viewer", "status": 200})
+    assert str(tmp_path / "audit") in str(raised.value)
     audit.close()

@@ -6,28 +6,24 @@ knowing any other tenant's secrets. Either answer comes before any lookup, so ne
 whether a study exists. Tokens are compared by their SHA-256 digests: the lookup is a dict
 probe on a digest, which reveals nothing about the secret through timing.
 
-The audit log is one JSON object per line, one file per UTC day, written with a single
-`write` on an `O_APPEND` descriptor so lines from concurrent requests never interleave. It
-names the client (the key of its token in the Secret, never the token), the route
-template, and hashed UIDs; query values are left out because search keys such as
-PatientName are patient data. Query key names are the client's text too: at most
-`MAX_QUERY_KEYS` of them, each cut to `MAX_KEY_CHARS` and with anything but printable ASCII
-escaped, so no request can make a record large or unreadable.
+What the audit trail (`telerad.runtime.store.audit`) says of a request names the client
+(the key of its token in the Secret, never the token), the route template, and hashed
+UIDs; query values are left out because search keys such as PatientName are patient data.
+Query key names are the client's text too: at most `MAX_QUERY_KEYS` of them, each cut to
+`MAX_KEY_CHARS` and with anything but printable ASCII escaped, so no request can make a
+record large or unreadable.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import re
 import secrets
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,58 +152,3 @@ def printable(text: str, limit: int) -> str:
     `\\u2028`), cut to `limit` characters and then marked with "..."."""
     clean = "".join(c if " " <= c <= "~" and c != "\\" else ascii(c)[1:-1] for c in text[:limit])
     return clean[:limit] + "..." if len(clean) > limit or len(text) > limit else clean
-
-
-AUDIT_DIR = "audit"
-"""Default place of the audit log, under the hot tier."""
-
-
-class Audit:
-    """Append-only JSON lines, one file per UTC day, in `directory`: every HTTP request,
-    every DICOM association, every delivery attempt."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = None
-        self._day = ""
-        self._lock = threading.Lock()
-
-    def _file(self, now: float) -> int:
-        day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
-        if self._fd is None or day != self._day:
-            if self._fd is not None:
-                os.close(self._fd)
-            path = self.directory / f"audit-{day}.jsonl"
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            self._day = day
-        return self._fd
-
-    def write(self, record: dict[str, Any]) -> None:
-        now = time.time()
-        line = json.dumps(
-            {"time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"), **record},
-            separators=(",", ":"),
-        )
-        with self._lock:
-            os.write(self._file(now), line.encode() + b"\n")
-
-    def sync(self) -> None:
-        """Flush to disk; called once a second so a crash loses at most that much."""
-        with self._lock:
-            if self._fd is not None:
-                os.fdatasync(self._fd)
-
-    def prune(self, now: float, retention_days: int) -> None:
-        """Delete day files older than the data they describe may live."""
-        cutoff = datetime.fromtimestamp(now - retention_days * 86400, UTC).strftime("%Y-%m-%d")
-        for path in self.directory.glob("audit-*.jsonl"):
-            if path.stem.removeprefix("audit-") < cutoff:
-                path.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None

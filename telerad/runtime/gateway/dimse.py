@@ -21,6 +21,10 @@ sender encoded it, and answers with a few bytes built directly.
 - Callers are checked before anything else is negotiated: calling AE title and source
   network from the allow-list, then the called AE title, then the association limit, each
   refused with its A-ASSOCIATE-RJ reason (PS3.8 9.3.4).
+- Every association's audit record is written once it ended, on a thread of its own: the
+  lobby, which ends those it refuses, never waits on the trail (on PostgreSQL, a database
+  that may be slow or down). Its instances were answered already, so a record that cannot
+  be written is logged as an error; nothing else can be done about it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import queue
 import socket
 import ssl
 import struct
@@ -51,7 +56,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from telerad.api.config import DimseTimeouts, GatewayConfig, TLSFiles
 from telerad.runtime.dataset import StoreStatus
-from telerad.runtime.gateway.access import Audit
 from telerad.runtime.gateway.ingest import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
@@ -60,6 +64,7 @@ from telerad.runtime.gateway.ingest import (
 )
 from telerad.runtime.gateway.lobby import Lobby
 from telerad.runtime.gateway.metrics import GatewayMetrics
+from telerad.runtime.store.audit import AuditTrail, AuditUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,8 @@ NO_DATA_SET: Final = 0x0101
 UNRECOGNIZED_OPERATION: Final = 0x0211
 # The A-ASSOCIATE-RQ comes before any maximum is agreed; real ones are a few KB.
 ASSOCIATE_RQ_LIMIT: Final = 1 << 16
+STOP_RECORDS_S: Final = 5.0
+"""At stop, how long associations that were cut off, then their records, are waited for."""
 # A command set is a few elements (a C-STORE-RQ is about 200 bytes, its longest values
 # UIDs of 64 and an AE title of 16); the largest in PS3.7, an N-GET's list of attribute
 # tags, stays within a few KB. A sender past 64 KiB is not sending a command: it is
@@ -158,10 +165,10 @@ class DimseServer:
         metrics: GatewayMetrics,
         *,
         slots: Slots,
-        audit: Audit | None = None,
+        audit: AuditTrail,
     ) -> None:
         self.config = config
-        self.audit = audit
+        self.records = _Records(audit)
         self.slots = slots
         self.ingest = ingest
         self.metrics = metrics
@@ -231,6 +238,11 @@ class DimseServer:
             for sock in list(self._active):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+        # Those cut off end at once: their records are queued before they leave `_active`.
+        deadline = time.monotonic() + STOP_RECORDS_S
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.records.close(STOP_RECORDS_S)
 
     def hand_over(self, association: Association) -> bool:
         """Start the thread of an admitted association; False when none can be started
@@ -258,19 +270,19 @@ class DimseServer:
             association.outcome = "error"
             log.exception("association from %s failed", association.address)
         finally:
-            with self._lock:
-                self._active.discard(sock)
             with contextlib.suppress(OSError):
                 sock.close()
             self.ended(association)
+            with self._lock:
+                self._active.discard(sock)
 
     def ended(self, association: Association) -> None:
-        """Its slot back, its audit record written: once per connection, wherever it ended."""
+        """Its slot back, its audit record on its way: once per connection, wherever it
+        ended."""
         if association.slotted:
             association.slotted = False
             self.slots.give()
-        if self.audit is not None:
-            self.audit.write(association.record(time.monotonic() - association.started))
+        self.records.put(association.record(time.monotonic() - association.started))
 
     def admits(self, calling: str, address: str) -> bool:
         try:
@@ -280,6 +292,31 @@ class DimseServer:
         return any(
             calling == ae and (not nets or any(ip in n for n in nets)) for ae, nets in self.callers
         )
+
+
+class _Records:
+    """Association records, written to the audit trail in the order they were queued."""
+
+    def __init__(self, audit: AuditTrail) -> None:
+        self._audit = audit
+        self._queue: queue.SimpleQueue[dict[str, object] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="dimse-audit", daemon=True)
+        self._thread.start()
+
+    def put(self, record: dict[str, object]) -> None:
+        self._queue.put(record)
+
+    def _run(self) -> None:
+        while (record := self._queue.get()) is not None:
+            try:
+                self._audit.write(record)
+            except AuditUnavailable as exc:
+                log.error("an association's audit record was not written: %s", exc)
+
+    def close(self, timeout_s: float) -> None:
+        """Once those queued are written (or `timeout_s` has passed)."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
 
 
 @dataclass

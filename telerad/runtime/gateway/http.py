@@ -5,7 +5,8 @@ Handlers only translate: bodies are parsed into the `telerad.api.jobs` models (a
 is a 400 naming the field), work happens in `Flow` on a worker thread (SQLite commits
 fsync), and every error is an RFC 9457 problem document. Every request but health,
 readiness, liveness, metrics and the OpenAPI description needs a bearer token of the site's
-tenant, and is written to the audit log whatever its outcome.
+tenant, and is written to the audit trail whatever its outcome; one whose record cannot be
+written is answered 503 instead of its outcome (whatever it changed stays changed).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from telerad.api.jobs import (
 )
 from telerad.runtime import phi
 from telerad.runtime.gateway import openapi
-from telerad.runtime.gateway.access import Audit, Tokens, Verdict, query_keys
+from telerad.runtime.gateway.access import Tokens, Verdict, query_keys
 from telerad.runtime.gateway.dicomweb import (
     PUBLIC_URL,
     DicomWeb,
@@ -48,6 +49,7 @@ from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.pacing import BodyTimeout, paced
 from telerad.runtime.gateway.waiters import MAX_WAIT_S, Waiters
+from telerad.runtime.store.audit import AuditTrail, AuditUnavailable
 from telerad.runtime.store.catalog import LeaseLost, UnknownJob
 
 log = logging.getLogger(__name__)
@@ -253,7 +255,7 @@ def _measured(metrics: GatewayMetrics) -> Middleware:
     return measured
 
 
-def _access(tokens: Tokens, audit: Audit) -> Middleware:
+def _access(tokens: Tokens, audit: AuditTrail) -> Middleware:
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC:
@@ -267,7 +269,20 @@ def _access(tokens: Tokens, audit: Audit) -> Middleware:
             response = await handler(request)
         else:
             response = _denial(verdict, tokens.configured, authorization)
-        audit.write(_record(request, verdict, response, time.monotonic() - started))
+        record = _record(request, verdict, response, time.monotonic() - started)
+        try:
+            await asyncio.to_thread(audit.write, record)
+        except AuditUnavailable as exc:
+            log.error(
+                "%s %s: its audit record was not written: %s", request.method, record["route"], exc
+            )
+            if response.prepared:
+                return response  # streamed: its status and body are sent already
+            return problem(
+                503,
+                "Audit trail unavailable",
+                "the request could not be recorded, so its answer is withheld; try again",
+            )
         return response
 
     return access
@@ -314,7 +329,7 @@ def build_app(
     readiness: Callable[[], dict[str, Any]],
     liveness: Callable[[], dict[str, Any]],
     tokens: Tokens,
-    audit: Audit,
+    audit: AuditTrail,
     dicomweb: DicomWeb,
     exporter: Exporter,
     limits: HttpLimits,

@@ -145,7 +145,9 @@ INSTANCE = _path("instance", "SOP Instance UID.")
 JOB = _path("job", "Job id.", {"type": "integer", "minimum": 1, "maximum": 10**18 - 1})
 MAX_PAGE = 1000
 MAX_OFFSET = (1 << 31) - 1
-AUTH_PROBLEMS = (401, 403)
+# Any operation that needs a token: refused it, or answered 503 when its audit record
+# cannot be written.
+GUARDED_PROBLEMS = (401, 403, 503)
 _READINESS: Schema = {
     "type": "object",
     "required": ["ready", "listening", "draining"],
@@ -207,7 +209,7 @@ def _qido(level: Level, scope: list[Schema], summary: str) -> Schema:
                 "200": _dicom_json(
                     {"type": "array", "items": _ref("DicomJson")}, "Matches.", headers=True
                 ),
-                **_problems(400, *AUTH_PROBLEMS, 406),
+                **_problems(400, *GUARDED_PROBLEMS, 406),
             },
         }
     }
@@ -221,7 +223,9 @@ def _wado(scope: list[Schema], what: str, *, job: bool = False) -> Schema:
             "parameters": [*scope, *([JOB_PARAMETER] if job else [])],
             "responses": {
                 "200": _multipart("One part per instance, in its stored transfer syntax."),
-                **_problems(400, *AUTH_PROBLEMS, 404, 406, *((LEASE_NOT_HELD, 501) if job else ())),
+                **_problems(
+                    400, *GUARDED_PROBLEMS, 404, 406, *((LEASE_NOT_HELD, 501) if job else ())
+                ),
             },
         }
     }
@@ -235,7 +239,7 @@ def _metadata(scope: list[Schema], what: str) -> Schema:
             "parameters": scope,
             "responses": {
                 "200": _dicom_json({"type": "array", "items": _ref("DicomJson")}, "Metadata."),
-                **_problems(400, *AUTH_PROBLEMS, 404, 406),
+                **_problems(400, *GUARDED_PROBLEMS, 404, 406),
             },
         }
     }
@@ -267,7 +271,7 @@ def _stow(scope: list[Schema]) -> Schema:
             "200": _dicom_json(_ref("DicomJson"), "Every instance stored."),
             "202": _dicom_json(_ref("DicomJson"), "Some stored; failures or warnings listed."),
             "409": _dicom_json(_ref("DicomJson"), "Nothing stored; the reasons are listed."),
-            **_problems(400, *AUTH_PROBLEMS, 415, *((LEASE_NOT_HELD,) if scope else ())),
+            **_problems(400, *GUARDED_PROBLEMS, 415, *((LEASE_NOT_HELD,) if scope else ())),
         },
     }
 
@@ -282,7 +286,7 @@ def _post(model: type[BaseModel], response: Schema, *problems: int, **extra: Sch
                 "required": True,
                 "content": {"application/json": {"schema": _ref(model.__name__)}},
             },
-            "responses": {"200": response, **extra, **_problems(400, *AUTH_PROBLEMS, *problems)},
+            "responses": {"200": response, **extra, **_problems(400, *GUARDED_PROBLEMS, *problems)},
         }
     }
 
@@ -383,7 +387,7 @@ def document() -> Schema:
                         "One part per frame, in the order asked; each part's Content-Type"
                         " has its transfer-syntax."
                     ),
-                    **_problems(400, *AUTH_PROBLEMS, 404, 406),
+                    **_problems(400, *GUARDED_PROBLEMS, 404, 406),
                 },
             }
         },
@@ -401,7 +405,7 @@ def document() -> Schema:
                 ],
                 "responses": {
                     "200": _multipart("One application/octet-stream part."),
-                    **_problems(400, *AUTH_PROBLEMS, 404, 406),
+                    **_problems(400, *GUARDED_PROBLEMS, 404, 406),
                 },
             }
         },
@@ -415,7 +419,7 @@ def document() -> Schema:
                 },
                 "responses": {
                     "200": _json(_ref("ExportReport"), "What the destination answered."),
-                    **_problems(400, *AUTH_PROBLEMS, 404, 501, 502),
+                    **_problems(400, *GUARDED_PROBLEMS, 404, 501, 502),
                 },
             }
         },
@@ -439,7 +443,7 @@ def document() -> Schema:
             "get": {
                 "tags": ["jobs"],
                 "parameters": [JOB],
-                "responses": {"200": _json(job, "The job."), **_problems(*AUTH_PROBLEMS, 404)},
+                "responses": {"200": _json(job, "The job."), **_problems(*GUARDED_PROBLEMS, 404)},
             }
         },
         "/jobs": {
@@ -465,7 +469,7 @@ def document() -> Schema:
                         {"type": "array", "items": job},
                         "Jobs, most urgent first (oldest first among equals).",
                     ),
-                    **_problems(400, *AUTH_PROBLEMS),
+                    **_problems(400, *GUARDED_PROBLEMS),
                 },
             }
         },
@@ -478,7 +482,7 @@ def document() -> Schema:
                         {"type": "array", "items": _ref("WorklistEntry")},
                         "Studies, most urgent first.",
                     ),
-                    **_problems(400, *AUTH_PROBLEMS),
+                    **_problems(400, *GUARDED_PROBLEMS),
                 },
             }
         },

@@ -6,7 +6,7 @@ as the completion, so a crash can delay them but never lose them. The sender ret
 with exponential backoff; every attempt carries the same idempotency key (the
 `Idempotency-Key` header of a webhook), so a receiver that sees a message twice, because
 the gateway died between its answer and the bookkeeping, can tell. Every attempt is
-written to the audit log.
+written to the audit trail.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class Outbox:
         await asyncio.to_thread(self.catalog.delivered, delivery.id, now)
         self.metrics.delivery(delivery.kind, "delivered")
         self.metrics.stage(str(delivery.kind), now - delivery.created_at)
-        self._audit(delivery, "delivered", outcome, time.monotonic() - started)
+        await self._audit(delivery, "delivered", outcome, time.monotonic() - started)
 
     async def _failed(self, delivery: Delivery, error: str) -> None:
         policy = self.config.delivery
@@ -158,7 +158,7 @@ class Outbox:
         )
         result = "retry" if retry_at is not None else "parked"
         self.metrics.delivery(delivery.kind, result)
-        self._audit(delivery, result, error[:200], None)
+        await self._audit(delivery, result, error[:200], None)
         log.warning(
             "%s %s of job %d, attempt %d: %s (%s)",
             delivery.kind,
@@ -169,8 +169,12 @@ class Outbox:
             result,
         )
 
-    def _audit(self, delivery: Delivery, result: str, detail: str, seconds: float | None) -> None:
-        self.record(
+    async def _audit(
+        self, delivery: Delivery, result: str, detail: str, seconds: float | None
+    ) -> None:
+        # On a thread: the trail may be a database.
+        await asyncio.to_thread(
+            self.record,
             {
                 "event": "delivery",
                 "kind": str(delivery.kind),
@@ -182,7 +186,7 @@ class Outbox:
                 "result": result,
                 "detail": detail,
                 "ms": None if seconds is None else round(seconds * 1000, 1),
-            }
+            },
         )
 
     async def _alert(self, delivery: Delivery) -> str:

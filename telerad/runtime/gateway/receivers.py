@@ -26,7 +26,6 @@ from typing import Any
 
 from telerad import logs
 from telerad.api.config import GatewayConfig
-from telerad.runtime.gateway.access import AUDIT_DIR, Audit
 from telerad.runtime.gateway.dimse import DimseServer, Slots
 from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
@@ -81,8 +80,8 @@ class Receiver:
             ingest,
             metrics,
             slots=slots,
-            # Each receiver appends to the day's file through its own O_APPEND descriptor.
-            audit=Audit(config.audit_dir or config.storage.hot_dir / AUDIT_DIR),
+            # Each receiver its own: a descriptor on the day's file, or its catalog's pool.
+            audit=backends.open_audit(config, catalog),
         )
         return cls(hot, tiers, catalog, metrics, ingest, dimse)
 

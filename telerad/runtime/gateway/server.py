@@ -15,7 +15,7 @@ from aiohttp import web
 
 from telerad.api import certificates
 from telerad.api.config import GatewayConfig
-from telerad.runtime.gateway.access import AUDIT_DIR, Audit, Tokens
+from telerad.runtime.gateway.access import Tokens
 from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.dicomweb import DicomWeb
 from telerad.runtime.gateway.dimse import DimseServer, tls_context
@@ -26,6 +26,7 @@ from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.outbox import Outbox
 from telerad.runtime.gateway.receivers import STOP_GRACE_S, Pool, Receiver, default_count
 from telerad.runtime.gateway.waiters import Waiters
+from telerad.runtime.store import backends
 from telerad.runtime.store.catalog import WARM, Catalog
 from telerad.runtime.store.files import Tier
 
@@ -70,7 +71,7 @@ class Gateway:
             certificate_expires=expires.timestamp() if expires is not None else None,
         )
         self.tokens = Tokens(config.namespace, config.tokens_dir)
-        self.audit = Audit(config.audit_dir or storage.hot_dir / AUDIT_DIR)
+        self.audit = backends.open_audit(config, self.catalog)
         self._runner: web.AppRunner | None = None
         self.waiters: Waiters | None = None
         self.outbox: Outbox | None = None

@@ -1,5 +1,6 @@
 """The one place that names the catalog's backends: `open` takes a URL and gives a
-`Catalog` on the backend it names, its schema migrated to this version of telerad."""
+`Catalog` on the backend it names, its schema migrated to this version of telerad;
+`open_audit` gives the audit trail that goes with it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit, urlunspl
 import psycopg_pool
 
 from telerad.api.config import CatalogConfig, GatewayConfig
+from telerad.runtime.store.audit import AuditTrail
+from telerad.runtime.store.audit_files import AuditFiles
 from telerad.runtime.store.catalog import Catalog, CatalogUnavailable
 from telerad.runtime.store.postgres import schema as postgres_schema
+from telerad.runtime.store.postgres.audit import AuditTable
 from telerad.runtime.store.postgres.database import MIGRATION_LOCK, PostgresDatabase
 from telerad.runtime.store.sql.catalog import SQLCatalog
 from telerad.runtime.store.sql.database import Database
@@ -22,6 +26,8 @@ from telerad.runtime.store.sqlite.database import SQLiteDatabase
 
 CATALOG_FILE = "catalog.sqlite"
 """The embedded catalog's file in the hot tier."""
+AUDIT_DIR = "audit"
+"""The embedded audit trail's directory in the hot tier."""
 
 
 def default_url(hot_dir: Path) -> str:
@@ -32,6 +38,15 @@ def open_site(config: GatewayConfig) -> Catalog:
     """The catalog a gateway's configuration names."""
     url, password = connection(config.catalog, config.storage.hot_dir)
     return open(url, site=config.site, password=password)
+
+
+def open_audit(config: GatewayConfig, catalog: Catalog) -> AuditTrail:
+    """The site's audit trail, beside `catalog` (the site's, from `open_site`): its
+    append-only `audit` table on PostgreSQL, where every gateway of the site writes and
+    other sites see nothing; day files under the hot tier (or `auditDir`) otherwise."""
+    if isinstance(catalog, SQLCatalog) and isinstance(catalog.db, PostgresDatabase):
+        return AuditTable(catalog.db)
+    return AuditFiles(config.audit_dir or config.storage.hot_dir / AUDIT_DIR)
 
 
 def connection(config: CatalogConfig, hot_dir: Path) -> tuple[str, str | None]:

@@ -115,4 +115,33 @@ MIGRATIONS: list[Migration] = [
     ),
     # 2: outbox rows leased to the sender that sends them.
     ("ALTER TABLE outbox ADD COLUMN lease_owner TEXT",),
+    # 3: the audit trail, append-only.
+    (
+        f"""CREATE TABLE audit (
+            {SITE},
+            id BIGSERIAL,
+            at DOUBLE PRECISION NOT NULL,
+            record JSONB NOT NULL,
+            PRIMARY KEY (site, id)
+        )""",
+        "CREATE INDEX audit_time ON audit (site, at)",
+        *_own_site("audit"),
+        # The gateway's role owns the schema it migrates: it gives up changing the trail,
+        # and the trigger refuses it to every role, the owner and superusers too, until an
+        # administrator disables it to remove old records (docs/catalog.md).
+        "REVOKE UPDATE, DELETE, TRUNCATE ON audit FROM PUBLIC, CURRENT_USER",
+        """CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'the audit trail is append-only: % on table audit is refused',
+                TG_OP
+                USING ERRCODE = 'insufficient_privilege',
+                HINT = 'records are removed by the database administrator, with this'
+                    ' trigger disabled (telerad docs/catalog.md, "The audit trail")';
+        END
+        $$""",
+        "CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON audit"
+        " FOR EACH ROW EXECUTE FUNCTION audit_append_only()",
+        "CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON audit"
+        " FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only()",
+    ),
 ]
