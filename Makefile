@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CLUSTER_DIR ?= .cluster
 
-.PHONY: setup k8s-bins debs lint test test-fast cluster cluster-down cluster-status bench clean demo kind-e2e reliability
+.PHONY: setup k8s-bins s3-bin debs lint test test-fast cluster cluster-down cluster-status bench clean demo kind-e2e reliability
 
 # Python environment from uv.lock (frozen: CI fails if pyproject.toml and the lock disagree).
 setup: $(VENV)/.synced
@@ -18,6 +18,11 @@ $(VENV)/.synced: pyproject.toml uv.lock
 k8s-bins:
 	@hack/build-k8s.sh >/dev/null
 
+# versitygw, the S3 server the object-storage tests start, built from the Go module proxy
+# into ~/.cache/telerad/s3/ (a no-op once built).
+s3-bin:
+	@hack/build-s3.sh >/dev/null
+
 # The real peers from Debian: dcmtk, Orthanc, dicom3tools, Prometheus (a no-op once installed).
 debs:
 	@hack/debs.sh
@@ -29,8 +34,9 @@ lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/telerad crds --check
 
-test: lint k8s-bins debs
-	TELERAD_K8S_BIN="$$(hack/build-k8s.sh)" $(BIN)/pytest $(PYTEST_ARGS)
+test: lint k8s-bins s3-bin debs
+	TELERAD_K8S_BIN="$$(hack/build-k8s.sh)" TELERAD_S3_BIN="$$(hack/build-s3.sh)" \
+	  $(BIN)/pytest $(PYTEST_ARGS)
 
 # Unit tests only: no control plane, seconds.
 test-fast: setup
