@@ -23,6 +23,7 @@ import pytest
 from telerad.api.config import CatalogConfig
 from tests.postgres import PostgresServer
 from tests.s3 import S3Server
+from tests.s3proxy import S3Proxy
 
 
 @pytest.hookimpl(wrapper=True)
@@ -122,6 +123,17 @@ def s3(s3_server: S3Server) -> S3Bucket:
     bucket = S3Bucket(s3_server, f"t{secrets.token_hex(6)}")
     s3_server.create_bucket(bucket.name)
     return bucket
+
+
+@pytest.fixture
+def s3_proxy(s3: S3Bucket) -> Iterator[S3Proxy]:
+    """A proxy in front of the test's S3 server that records the requests (what the server
+    ignores, such as storage classes, shows there) and can lose an answer."""
+    proxy = S3Proxy(s3.server.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 CatalogFactory = Callable[[], CatalogConfig]

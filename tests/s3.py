@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from tests.processes import alive
+from tests.processes import ROOT, alive
 
-ROOT = Path(__file__).resolve().parents[1]
 REGION = "us-east-1"
 HEALTH = "/health"
 # SigV4 URI encoding: everything but the unreserved characters (RFC 3986).
@@ -102,6 +101,11 @@ class S3Server:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "versitygw is not running"
+        return self._process.pid
 
     @property
     def running(self) -> bool:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import signal
 import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import obstore
 import pytest
@@ -18,14 +21,16 @@ from obstore.exceptions import AlreadyExistsError, GenericError, NotSupportedErr
 from obstore.store import S3Store
 
 from tests.conftest import S3Bucket
+from tests.processes import alive, signal_inner_pytest
+from tests.s3proxy import S3Proxy
 
 
-def store(s3: S3Bucket, **config: object) -> S3Store:
+def store(s3: S3Bucket, endpoint: str | None = None) -> S3Store:
     """What the adapter would build: path style, plain HTTP on loopback, SHA-256 checksums,
     short timeouts and few retries (a test must see an outage as an error, not a hang)."""
     return S3Store(
         s3.name,
-        endpoint=s3.endpoint,
+        endpoint=endpoint or s3.endpoint,
         region=s3.region,
         access_key_id=s3.credentials["AWS_ACCESS_KEY_ID"],
         secret_access_key=s3.credentials["AWS_SECRET_ACCESS_KEY"],
@@ -45,7 +50,6 @@ def store(s3: S3Bucket, **config: object) -> S3Store:
                 "base": 2,
             },
         },
-        **config,  # type: ignore[arg-type]
     )
 
 
@@ -97,6 +101,44 @@ def test_obstore_sends_a_sha256_checksum_the_server_keeps(s3: S3Bucket) -> None:
     )
     assert head.status == 200
     assert head.headers.get("x-amz-checksum-sha256") == sha256_b64(data)
+
+
+def test_obstore_asks_for_create_only_a_checksum_and_a_class(
+    s3: S3Bucket, s3_proxy: S3Proxy
+) -> None:
+    objects = store(s3, s3_proxy.endpoint)
+    data = b"instance"
+    obstore.put(objects, "a", data, mode="create", attributes={"Storage-Class": "GLACIER_IR"})
+    (put,) = s3_proxy.sent("PUT")
+    assert put.path == f"/{s3.name}/a"
+    assert put.headers["if-none-match"] == "*"
+    assert put.headers["x-amz-checksum-sha256"] == sha256_b64(data)
+    assert put.headers["x-amz-storage-class"] == "GLACIER_IR"
+    # The payload's own hash is signed too (unsigned_payload stays off).
+    assert put.headers["x-amz-content-sha256"] == hashlib.sha256(data).hexdigest()
+    signed = put.headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    assert {"if-none-match", "x-amz-checksum-sha256", "x-amz-storage-class"} <= set(signed)
+
+    # obstore's copy names neither a class nor a condition: a lifecycle move to a colder
+    # class needs a CopyObject of the adapter's own (or a GET and a create-only PUT).
+    obstore.copy(objects, "a", "b")
+    copy = s3_proxy.sent("PUT")[1]
+    assert copy.headers["x-amz-copy-source"] == f"{s3.name}/a"
+    assert not {"x-amz-storage-class", "if-none-match"} & set(copy.headers)
+
+
+def test_a_create_only_put_whose_answer_is_lost_comes_back_as_already_exists(
+    s3: S3Bucket, s3_proxy: S3Proxy
+) -> None:
+    # The server stores the object, the connection drops before the 200 reaches the
+    # client, obstore retries the PUT, and the retry meets the object it wrote itself. The
+    # adapter must tell this from a real clash: read what is there and compare.
+    objects = store(s3, s3_proxy.endpoint)
+    s3_proxy.lose_next_answer("PUT")
+    with pytest.raises(AlreadyExistsError, match="after 1 retries"):
+        obstore.put(objects, "k", b"ours", mode="create")
+    assert [r.path for r in s3_proxy.sent("PUT")] == [f"/{s3.name}/k"] * 2
+    assert obstore.get(objects, "k").bytes() == b"ours"
 
 
 def test_a_put_whose_sha256_checksum_does_not_match_is_refused_and_stores_nothing(
@@ -268,3 +310,39 @@ def test_a_stopped_server_is_a_clear_error_and_the_same_client_recovers(s3: S3Bu
 def test_objects_are_plain_files_in_the_data_dir(s3: S3Bucket) -> None:
     obstore.put(store(s3), "s/1.2/3", b"at rest", mode="create")
     assert (s3.data_dir / "s/1.2/3").read_bytes() == b"at rest"
+
+
+def test_a_killed_server_keeps_what_it_acknowledged(s3: S3Bucket) -> None:
+    objects = store(s3)
+    obstore.put(objects, "acked", b"kept", mode="create")
+    pid = s3.server.pid
+    s3.server.kill()
+    assert not alive(pid)
+    s3.server.start()
+    assert obstore.get(objects, "acked").bytes() == b"kept"
+
+
+HOLDER = """
+import os
+from pathlib import Path
+import time
+
+from tests.conftest import s3_server  # noqa: F401
+
+
+def test_hold(s3_server):
+    held = Path(os.environ["HELD"])
+    held.with_suffix(".tmp").write_text(str(s3_server.pid))
+    held.with_suffix(".tmp").replace(held)  # whole when it appears
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_the_server_does_not_outlive_pytest(tmp_path: Path, how: signal.Signals) -> None:
+    pid = int(signal_inner_pytest(tmp_path, HOLDER, how))
+
+    deadline = time.monotonic() + 30
+    while alive(pid):
+        assert time.monotonic() < deadline, f"versitygw {pid} outlived pytest"
+        time.sleep(0.05)
