@@ -127,6 +127,30 @@ def test_obstore_asks_for_create_only_a_checksum_and_a_class(
     assert not {"x-amz-storage-class", "if-none-match"} & set(copy.headers)
 
 
+def test_a_large_create_only_put_is_one_request_not_a_multipart_upload(
+    s3: S3Bucket, s3_proxy: S3Proxy
+) -> None:
+    # Past obstore's 5 MiB chunk size a plain put goes multipart, in parts none of which
+    # is conditional; a create-only one is a single PUT, the whole object in memory (S3
+    # takes at most 5 GiB in one PUT).
+    objects = store(s3, s3_proxy.endpoint)
+    data = bytes(range(256)) * (48 * 1024)  # 12 MiB
+    mib = 1 << 20
+    chunks = (data[i : i + mib] for i in range(0, len(data), mib))
+    obstore.put(objects, "large", chunks, mode="create")
+    assert [(r.method, r.path) for r in s3_proxy.requests] == [("PUT", f"/{s3.name}/large")]
+    assert s3_proxy.requests[0].headers["x-amz-checksum-sha256"] == sha256_b64(data)
+    assert obstore.get(objects, "large").bytes() == data
+
+    obstore.put(objects, "plain", [data])
+    posts = [r.path for r in s3_proxy.sent("POST")]
+    assert posts[0] == f"/{s3.name}/plain?uploads="
+    assert posts[-1].startswith(f"/{s3.name}/plain?uploadId=")
+    parts = [r for r in s3_proxy.sent("PUT") if "partNumber=" in r.path]
+    assert len(parts) == 3
+    assert not any("if-none-match" in r.headers for r in parts)
+
+
 def test_a_create_only_put_whose_answer_is_lost_comes_back_as_already_exists(
     s3: S3Bucket, s3_proxy: S3Proxy
 ) -> None:
