@@ -156,12 +156,21 @@ def test_a_create_only_put_whose_answer_is_lost_comes_back_as_already_exists(
 ) -> None:
     # The server stores the object, the connection drops before the 200 reaches the
     # client, obstore retries the PUT, and the retry meets the object it wrote itself. The
-    # adapter must tell this from a real clash: read what is there and compare.
+    # adapter can tell this from a real clash by a token of its own in the object's user
+    # metadata (x-amz-meta-*), which one HEAD reads back.
     objects = store(s3, s3_proxy.endpoint)
     s3_proxy.lose_next_answer("PUT")
     with pytest.raises(AlreadyExistsError, match="after 1 retries"):
-        obstore.put(objects, "k", b"ours", mode="create")
+        obstore.put(objects, "k", b"ours", mode="create", attributes={"telerad-write": "w1"})
     assert [r.path for r in s3_proxy.sent("PUT")] == [f"/{s3.name}/k"] * 2
+    assert s3_proxy.sent("PUT")[0].headers["x-amz-meta-telerad-write"] == "w1"
+
+    with pytest.raises(AlreadyExistsError):
+        obstore.put(objects, "k", b"theirs", mode="create", attributes={"telerad-write": "w2"})
+    there = obstore.get(objects, "k", options={"head": True})
+    assert s3_proxy.requests[-1].method == "HEAD"
+    assert there.attributes["telerad-write"] == "w1"
+    assert there.meta["size"] == len(b"ours")
     assert obstore.get(objects, "k").bytes() == b"ours"
 
 
