@@ -254,7 +254,9 @@ def test_listing_a_prefix(s3: S3Bucket) -> None:
     under = sorted(m["path"] for m in obstore.list(objects, prefix="s/1.2").collect())
     # obstore treats the prefix as a path: "s/1.2" lists s/1.2/... and not s/1.20/...
     assert under == ["s/1.2/a/1", "s/1.2/a/2", "s/1.2/b/1"]
-    assert {m["size"] for m in obstore.list(objects, prefix="s/1.2").collect()} == {9}
+    entries = obstore.list(objects, prefix="s/1.2").collect()
+    assert {m["size"] for m in entries} == {9}
+    assert all(m["last_modified"].tzinfo is not None for m in entries)
 
     levels = obstore.list_with_delimiter(objects, prefix="s")
     assert sorted(levels["common_prefixes"]) == ["s/1.2", "s/1.20", "s/1.3"]
@@ -268,8 +270,12 @@ def test_delete(s3: S3Bucket) -> None:
     with pytest.raises(FileNotFoundError):
         obstore.get(objects, "gone")
     # Deleting what is not there succeeds (S3's DeleteObject is idempotent): a sweeper
-    # and a mover racing on one orphan both succeed.
+    # and a mover racing on one orphan both succeed. So does a batch naming it.
     obstore.delete(objects, "gone")
+    obstore.put(objects, "other", b"o", mode="create")
+    obstore.delete(objects, ["gone", "other"])
+    with pytest.raises(FileNotFoundError):
+        obstore.head(objects, "other")
     # After a delete the key can be created again.
     obstore.put(objects, "gone", b"y", mode="create")
     assert obstore.get(objects, "gone").bytes() == b"y"
@@ -301,6 +307,16 @@ def test_storage_classes_are_accepted_and_ignored(s3: S3Bucket) -> None:
     )
     assert restore.status == 501
     assert b"<Code>NotImplemented</Code>" in restore.body
+    # Any name is taken, and server-side encryption is accepted and not reported back.
+    obstore.put(objects, "odd", b"o", mode="create", attributes={"Storage-Class": "BOGUS"})
+    sse = s3.server.request(
+        "PUT", f"/{s3.name}/sse", headers={"x-amz-server-side-encryption": "AES256"}, body=b"s"
+    )
+    assert sse.status == 200, sse
+    for key in ("odd", "sse"):
+        head = s3.server.request("HEAD", f"/{s3.name}/{key}")
+        assert head.headers.get("x-amz-storage-class") == "STANDARD", head
+        assert "x-amz-server-side-encryption" not in head.headers, head
 
 
 def test_obstore_copy_overwrites_and_cannot_copy_only_if_absent(s3: S3Bucket) -> None:
