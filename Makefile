@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CLUSTER_DIR ?= .cluster
 
-.PHONY: setup k8s-bins debs image lint test test-fast cluster cluster-down cluster-status bench clean demo kind-e2e reliability
+.PHONY: setup k8s-bins s3-bin debs image lint test test-fast cluster cluster-down cluster-status bench clean demo kind-e2e reliability
 
 # Python environment from uv.lock (frozen: CI fails if pyproject.toml and the lock disagree).
 setup: $(VENV)/.synced
@@ -17,6 +17,11 @@ $(VENV)/.synced: pyproject.toml uv.lock
 # from the Go module proxy into ~/.cache/telerad/k8s/ (a no-op once built).
 k8s-bins:
 	@hack/build-k8s.sh >/dev/null
+
+# versitygw, the S3 server the object-storage tests start, built from the Go module proxy
+# into ~/.cache/telerad/s3/ (a no-op once built).
+s3-bin:
+	@hack/build-s3.sh >/dev/null
 
 # The real peers from Debian: dcmtk, Orthanc, dicom3tools, Prometheus (a no-op once installed).
 debs:
@@ -36,8 +41,9 @@ lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/telerad crds --check
 
-test: lint k8s-bins debs
-	TELERAD_K8S_BIN="$$(hack/build-k8s.sh)" $(BIN)/pytest $(PYTEST_ARGS)
+test: lint k8s-bins s3-bin debs
+	TELERAD_K8S_BIN="$$(hack/build-k8s.sh)" TELERAD_S3_BIN="$$(hack/build-s3.sh)" \
+	  $(BIN)/pytest $(PYTEST_ARGS)
 
 # Unit tests only: no control plane, seconds.
 test-fast: setup

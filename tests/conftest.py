@@ -1,4 +1,4 @@
-"""Suite-wide: the `reliability` marker's report, and the `postgres` fixture.
+"""Suite-wide: the `reliability` marker's report, and the `postgres` and `s3` fixtures.
 
 A test marked `@pytest.mark.reliability("fault" | "attack" | "load" | "fuzz", "what was
 tried")` is a row of RELIABILITY.md. Every such test asserts that nothing acknowledged was
@@ -15,12 +15,15 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from telerad.api.config import CatalogConfig
 from tests.postgres import PostgresServer
+from tests.s3 import S3Server
+from tests.s3proxy import S3Proxy
 
 
 @pytest.hookimpl(wrapper=True)
@@ -67,6 +70,70 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (versitygw, POSIX backend) for the session, started by the first
+    test that asks for it; its log is versitygw.log in the fixture's tmp dir, its buckets
+    are directories under data/ there."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """A fresh bucket of the session's S3 server, and what a client needs to reach it."""
+
+    server: S3Server
+    name: str
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    @property
+    def region(self) -> str:
+        return self.server.region
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """The standard AWS environment variables (as the gateway takes them)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.server.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.server.secret_key,
+        }
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the server keeps the bucket's objects: one file per key."""
+        return self.server.data_dir / self.name
+
+
+@pytest.fixture
+def s3(s3_server: S3Server) -> S3Bucket:
+    """A bucket of its own for each test, on the session's S3 server (started again if a
+    test left it stopped)."""
+    if not s3_server.running:
+        s3_server.start()
+    bucket = S3Bucket(s3_server, f"t{secrets.token_hex(6)}")
+    s3_server.create_bucket(bucket.name)
+    return bucket
+
+
+@pytest.fixture
+def s3_proxy(s3: S3Bucket) -> Iterator[S3Proxy]:
+    """A proxy in front of the test's S3 server that records the requests (what the server
+    ignores, such as storage classes, shows there) and can lose an answer."""
+    proxy = S3Proxy(s3.server.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 CatalogFactory = Callable[[], CatalogConfig]

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def alive(pid: int) -> bool:
@@ -38,3 +44,34 @@ def threads(pid: int) -> int:
 
 def open_files(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def signal_inner_pytest(tmp_path: Path, holder: str, how: signal.Signals) -> str:
+    """Run the test module `holder` in a pytest of its own, wait for it to write the file
+    named by $HELD (whole, by a rename) starting with the PID of the server its fixture
+    started, check that server runs, send that pytest `how` and wait for its end. Returns
+    what the file said."""
+    (tmp_path / "test_holder.py").write_text(holder)
+    held = tmp_path / "held"
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    inner = subprocess.Popen(
+        [*pytest, "--rootdir", tmp_path, tmp_path / "test_holder.py"],
+        cwd=tmp_path,
+        env={**os.environ, "HELD": str(held), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not held.exists():
+            assert inner.poll() is None, inner.communicate()[0].decode()
+            assert time.monotonic() < deadline, "the inner pytest's fixture never started"
+            time.sleep(0.05)
+        text = held.read_text()
+        assert alive(int(text.split()[0])), text
+        inner.send_signal(how)
+        inner.wait(60)
+    finally:
+        inner.kill()
+        inner.wait()
+    return text

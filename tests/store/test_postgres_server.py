@@ -4,10 +4,7 @@ and a crash, and no server left behind by pytest."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -16,8 +13,8 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from tests.postgres import ROOT, PostgresServer
-from tests.processes import alive
+from tests.postgres import PostgresServer
+from tests.processes import alive, signal_inner_pytest
 
 
 def test_a_database_takes_its_password_over_tcp_and_refuses_a_wrong_one(
@@ -115,39 +112,8 @@ def test_hold(postgres):
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
 def test_the_server_does_not_outlive_pytest(tmp_path: Path, how: signal.Signals) -> None:
-    (tmp_path / "test_holder.py").write_text(HOLDER)
-    held = tmp_path / "held"
-    inner = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--rootdir",
-            tmp_path,
-            tmp_path / "test_holder.py",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "HELD": str(held), "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not held.exists():
-            assert inner.poll() is None, inner.communicate()[0].decode()
-            assert time.monotonic() < deadline, "the inner pytest's server never started"
-            time.sleep(0.05)
-        pid_text, data_dir = held.read_text().split(" ", 1)
-        pid = int(pid_text)
-        assert alive(pid)
-        inner.send_signal(how)
-        inner.wait(60)
-    finally:
-        inner.kill()
-        inner.wait()
+    pid_text, data_dir = signal_inner_pytest(tmp_path, HOLDER, how).split(" ", 1)
+    pid = int(pid_text)
 
     deadline = time.monotonic() + 30
     while alive(pid) or Path(data_dir).exists():
