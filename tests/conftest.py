@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -60,16 +61,23 @@ def _cases(item: pytest.Item) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) passing", stats)) or 1
 
 
-@pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    """A real PostgreSQL 15 for the session, started by the first test that asks for it;
-    its log is postgres.log in the fixture's tmp dir."""
-    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+Server = TypeVar("Server", PostgresServer, S3Server)
+
+
+def _served(server: Server) -> Iterator[Server]:
+    """A session's server, started, and closed (its process gone) whatever happened."""
     try:
         server.start()
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL 15 for the session, started by the first test that asks for it;
+    its log is postgres.log in the fixture's tmp dir."""
+    yield from _served(PostgresServer(tmp_path_factory.mktemp("postgres")))
 
 
 @pytest.fixture(scope="session")
@@ -77,12 +85,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3 server (versitygw, POSIX backend) for the session, started by the first
     test that asks for it; its log is versitygw.log in the fixture's tmp dir, its buckets
     are directories under data/ there."""
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    yield from _served(S3Server(tmp_path_factory.mktemp("s3")))
 
 
 @dataclass(frozen=True)
