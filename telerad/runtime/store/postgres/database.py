@@ -3,12 +3,16 @@
 Every connection sets `telerad.site` when the pool opens it; the schema's row-level
 security policies then show and accept that site's rows only, and new rows take the site
 by default. So the catalog's statements never name a site and cannot reach another's.
+
+A round trip is most of what a statement costs here, on both sides: a lone read runs
+without a transaction around it, and a pooled connection is checked without one.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import select
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -62,6 +66,17 @@ def _statement(text: str) -> str:
     return text.replace("%", "%%").replace("?", "%s")
 
 
+def _check(conn: psycopg.Connection[Any]) -> None:
+    """Whether a pooled connection still works, without a round trip while it has
+    nothing to read: a server that ends a session (a restart, a failover, an idle
+    timeout, pg_terminate_backend) says why and closes it, and both make the socket
+    readable. Then the pool's own check runs, and replaces the connection if it fails."""
+    poll = select.poll()
+    poll.register(conn.fileno(), select.POLLIN | select.POLLPRI)
+    if poll.poll(0):
+        ConnectionPool.check_connection(conn)
+
+
 class _Transaction:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
@@ -94,8 +109,8 @@ class PostgresDatabase:
         self._listeners: list[threading.Thread] = []
 
         def configure(conn: psycopg.Connection[Any]) -> None:
+            # Once per connection, for its whole life (a gateway serves one site).
             conn.execute("SELECT set_config('telerad.site', %s, false)", (site,))
-            conn.commit()
 
         kwargs = self._connect_kwargs(connect_timeout_s)
         self.pool = ConnectionPool(
@@ -107,7 +122,7 @@ class PostgresDatabase:
             # A connection the server dropped (a restart, a failover) looks idle in the
             # pool until used: checked when handed out, it is replaced instead of failing
             # the request it was given to.
-            check=ConnectionPool.check_connection,
+            check=_check,
             timeout=connect_timeout_s,
             open=False,
             name=f"catalog-{site}",
@@ -117,17 +132,22 @@ class PostgresDatabase:
 
     @contextmanager
     def write(self) -> Iterator[_Transaction]:
-        # The pool's block commits when it ends and rolls back when it raises.
-        with self.pool.connection() as conn:
+        # Committed when the block ends, rolled back when it raises.
+        with self.pool.connection() as conn, conn.transaction():
             yield _Transaction(conn)
 
-    @contextmanager
-    def read(self) -> Iterator[_Transaction]:
+    # A read is a transaction too (one that writes nothing), for statements that must
+    # agree with each other.
+    read = write
+
+    def query(self, sql: str, args: Sequence[Any] = (), /) -> list[Any]:
+        # One statement sees one state by itself: no BEGIN and COMMIT around it.
         with self.pool.connection() as conn:
-            yield _Transaction(conn)
+            return conn.execute(_statement(sql), args).fetchall()
 
     def _connect_kwargs(self, timeout_s: float) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"connect_timeout": max(1, round(timeout_s))}
+        # Transactions are explicit (`conn.transaction()`): a lone read needs none.
+        kwargs: dict[str, Any] = {"connect_timeout": max(1, round(timeout_s)), "autocommit": True}
         if self._password is not None:
             kwargs["password"] = self._password
         return kwargs
@@ -145,9 +165,7 @@ class PostgresDatabase:
         mine = f"{self._site}/"
         while not self._closed.is_set():
             try:
-                with psycopg.connect(
-                    self._url, autocommit=True, **self._connect_kwargs(LISTEN_RETRY_S * 5)
-                ) as conn:
+                with psycopg.connect(self._url, **self._connect_kwargs(LISTEN_RETRY_S * 5)) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     # Whatever was queued while this was not listening.
                     handler("")

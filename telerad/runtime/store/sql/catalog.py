@@ -105,8 +105,7 @@ class SQLCatalog:
         return models
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        with self.db.read() as tx:
-            return tx.execute(sql, args).fetchall()
+        return self.db.query(sql, args)
 
     def _lock_study(self, tx: Transaction, study_uid: str) -> None:
         if self._dialect.lock_study is not None:
@@ -139,9 +138,17 @@ class SQLCatalog:
         with self.db.write() as db:
             self._lock_study(db, header.study_uid)
             version = received.version
-            if db.execute(
-                "SELECT 1 FROM instances WHERE sop_uid = ? AND version = ?", (sop, version)
-            ).fetchone():
+            # What the rest depends on, in one statement: on a database server each is a
+            # round trip, most of what a catalogued instance costs.
+            exists, first, state, old_key, series = db.execute(
+                "SELECT EXISTS (SELECT 1 FROM instances WHERE sop_uid = ? AND version = ?),"
+                " EXISTS (SELECT 1 FROM instances WHERE sop_uid = ?),"
+                " (SELECT state FROM studies WHERE study_uid = ?),"
+                " (SELECT patient_key FROM studies WHERE study_uid = ?),"
+                " EXISTS (SELECT 1 FROM series WHERE series_uid = ?)",
+                (sop, version, sop, header.study_uid, header.study_uid, header.series_uid),
+            ).fetchone()
+            if exists:
                 db.execute(
                     "UPDATE instances SET tier = ?, path = ?, size = ?, transfer_syntax = ?,"
                     " calling_ae = ?, received_at = ? WHERE sop_uid = ? AND version = ?",
@@ -159,17 +166,16 @@ class SQLCatalog:
                 return Added(restored=True)
             # An instance counts once in its study, whatever its versions: the study's
             # count and its series' (distinct instances) agree.
-            first = db.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (sop,)).fetchone()
-            new = int(first is None)
+            new = int(not first)
             # A later version is a correction: what it carries replaces what queries see
             # (a job's result describes no study, and never corrects one).
             corrects = not new and received.result_of is None
-            self._index_patient(db, patient_key, header, corrects=corrects)
-            row = db.execute(
-                "SELECT state, patient_key FROM studies WHERE study_uid = ?", (header.study_uid,)
-            ).fetchone()
-            reopened = row is not None and row[0] == "complete" and received.reopens
-            if row is None:
+            # The study's patient row exists (a key refers to it), and only a correction
+            # changes it.
+            if corrects or old_key != patient_key:
+                self._index_patient(db, patient_key, header, corrects=corrects)
+            reopened = state == "complete" and received.reopens
+            if state is None:
                 db.execute(
                     "INSERT INTO studies (study_uid, patient_key, study_date, study_time,"
                     " accession_number, study_id, description, referring_physician,"
@@ -190,36 +196,38 @@ class SQLCatalog:
                     "UPDATE studies SET instance_count = instance_count + ? WHERE study_uid = ?",
                     (new, header.study_uid),
                 )
-            if row is not None and corrects:
+            if state is not None and corrects:
                 db.execute(
                     "UPDATE studies SET patient_key = ?, study_date = ?, study_time = ?,"
                     " accession_number = ?, study_id = ?, description = ?,"
                     " referring_physician = ? WHERE study_uid = ?",
                     (patient_key, *_study_values(header), header.study_uid),
                 )
-                if row[1] != patient_key:
+                if old_key != patient_key:
                     db.execute(
                         "DELETE FROM patients WHERE patient_key = ? AND NOT EXISTS"
                         " (SELECT 1 FROM studies WHERE patient_key = ?)",
-                        (row[1], row[1]),
+                        (old_key, old_key),
                     )
-            db.execute(
-                "INSERT INTO series (series_uid, study_uid, modality, body_part, series_number,"  # noqa: S608
-                " description) VALUES (?, ?, ?, ?, ?, ?)"
-                f" ON CONFLICT {self._dialect.conflict('series_uid')} DO UPDATE"
-                " SET modality = excluded.modality, body_part = excluded.body_part,"
-                " series_number = excluded.series_number, description = excluded.description"
-                " WHERE ?",
-                (
-                    header.series_uid,
-                    header.study_uid,
-                    v("modality"),
-                    (v("body_part") or "").upper() or None,
-                    v("series_number"),
-                    v("series_description"),
-                    corrects,
-                ),
-            )
+            # An existing series changes with a correction only.
+            if corrects or not series:
+                db.execute(
+                    "INSERT INTO series (series_uid, study_uid, modality, body_part, series_number,"  # noqa: S608
+                    " description) VALUES (?, ?, ?, ?, ?, ?)"
+                    f" ON CONFLICT {self._dialect.conflict('series_uid')} DO UPDATE"
+                    " SET modality = excluded.modality, body_part = excluded.body_part,"
+                    " series_number = excluded.series_number, description = excluded.description"
+                    " WHERE ?",
+                    (
+                        header.series_uid,
+                        header.study_uid,
+                        v("modality"),
+                        (v("body_part") or "").upper() or None,
+                        v("series_number"),
+                        v("series_description"),
+                        corrects,
+                    ),
+                )
             db.execute(
                 "INSERT INTO instances (sop_uid, version, study_uid, series_uid, sop_class_uid,"
                 " transfer_syntax, instance_number, calling_ae, tier, path, size, received_at,"

@@ -36,6 +36,10 @@ class Database(Protocol):
     def read(self) -> AbstractContextManager[Transaction]:
         """A transaction that only reads, seeing one consistent state."""
 
+    def query(self, sql: str, args: Sequence[Any] = (), /) -> list[Any]:
+        """The rows of one statement that only reads, run by itself (consistent as one
+        statement is, without a transaction's round trips)."""
+
     def listen(self, channel: str, handler: Callable[[str], None]) -> None:
         """Call `handler(payload)` for each notice sent on `channel` by other connections
         (a no-op where one process queues every job)."""

@@ -11,9 +11,10 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from telerad.runtime.store.sql.database import Dialect
 
@@ -77,6 +78,11 @@ class SQLiteDatabase:
                 yield self._db
             finally:
                 self._db.execute("COMMIT")
+
+    def query(self, sql: str, args: Sequence[Any] = (), /) -> list[Any]:
+        with self._lock:
+            # Outside BEGIN, one statement is a transaction of its own.
+            return self._db.execute(sql, args).fetchall()
 
     def listen(self, channel: str, handler: Callable[[str], None]) -> None:
         """Nothing to hear: one gateway process queues every job of its site."""
