@@ -103,7 +103,13 @@ class PostgresDatabase:
         password: str | None,
         max_connections: int = 16,
         connect_timeout_s: float = 10.0,
+        wait_s: float = 5.0,
     ) -> None:
+        """`connect_timeout_s` bounds the first connection (at start) and each new one;
+        `wait_s` bounds how long a statement waits for a connection while the server is
+        unreachable. A C-STORE waits at most twice (its read, then its write) before it is
+        refused with a status, and that must come well inside the sender's DIMSE timeout
+        (30 s in pynetdicom, the shortest common default), on a loaded machine too."""
         self._url, self._site, self._password = url, site, password
         self._closed = threading.Event()
         self._listeners: list[threading.Thread] = []
@@ -123,7 +129,7 @@ class PostgresDatabase:
             # pool until used: checked when handed out, it is replaced instead of failing
             # the request it was given to.
             check=_check,
-            timeout=connect_timeout_s,
+            timeout=wait_s,
             open=False,
             name=f"catalog-{site}",
         )
