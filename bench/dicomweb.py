@@ -599,8 +599,15 @@ def one_system(
         progress(run, rep, args.repeats)
 
 
+def _settings(base: Path, args: argparse.Namespace) -> ingest.Settings:
+    """The ingest bench's receiver settings, for the two systems here: both on their
+    embedded catalogs, so the run's PostgreSQL is never started."""
+    postgres = ingest.SharedPostgres(base / "postgres")
+    return ingest.Settings(base, "unset", args.telerad, postgres, index_connections=1)
+
+
 def run_all(study: Study, args: argparse.Namespace, base: Path) -> Results:
-    settings = ingest.Settings(base, "unset", args.telerad)
+    settings = _settings(base, args)
     servers = [make_server(name, settings) for name in SYSTEMS]
     out = Results()
     for rep in range(args.repeats):
@@ -756,7 +763,7 @@ def notes(results: Results, study: Study, rounds: int, servers: list[Server]) ->
 
 
 def render(args: argparse.Namespace, results: Results, study: Study, base: Path) -> str:
-    settings = ingest.Settings(base, "unset", args.telerad)
+    settings = _settings(base, args)
     servers = [make_server(name, settings) for name in SYSTEMS]
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
     today = datetime.date.today().isoformat()
