@@ -56,7 +56,7 @@ from bench.ingest import free_port, http_get, machine_busy_seconds, machine_info
 from telerad.api.config import CatalogConfig, GatewayConfig, WorkerConfig
 from telerad.api.jobs import ClaimRequest
 from telerad.runtime.dataset import Header
-from telerad.runtime.gateway.example import CT_HEAD, ensure_token, example_config
+from telerad.runtime.gateway.example import CT_HEAD, ensure_keyring, ensure_token, example_config
 from telerad.runtime.store import backends
 from telerad.runtime.store.catalog import Catalog, NewJob, Received
 from tests.postgres import BIN as POSTGRES_BIN
@@ -87,6 +87,7 @@ class Gateway:
             example.model_copy(update={"catalog": catalog}).model_dump()
         )
         self.token = ensure_token(self.config).read_text().strip()
+        ensure_keyring(self.config)
         self.priority = next(r.priority for r in self.config.routing if r.name == RULE)
         self.log = workdir / "gateway.log"
         path = workdir / "gateway.yaml"

@@ -16,7 +16,10 @@ Same run, same machine, same files, same sender. Receivers:
 - ``orthanc-postgresql``: the same with its index in PostgreSQL (Debian's
   orthanc-postgresql index plugin; the files stay on the file system).
 - ``telerad``: ``telerad gateway --config FILE``, FILE from ``telerad gateway
-  --example-config``.
+  --example-config`` (which encrypts at rest: AES-256-GCM, docs/encryption.md).
+- ``telerad-plain``: the same without ``storage.encryption``: what sealing costs.
+- ``telerad-s3``: the example's (encrypted) with ``storage.hotStore`` in a bucket of a
+  versitygw server the bench starts (tests/s3.py, its POSIX backend; no fsync there).
 - ``telerad-postgresql``: the same with ``catalog: {url, passwordFile}`` naming a
   PostgreSQL database.
 
@@ -69,6 +72,7 @@ import yaml
 
 from tests.postgres import BIN as POSTGRES_BIN
 from tests.postgres import DatabaseInfo, PostgresServer
+from tests.s3 import S3Server
 
 MAX_PDU = 131072
 SENDER_AET = "STORESCU"
@@ -94,11 +98,19 @@ ALL_RECEIVERS = (
     "orthanc",
     "orthanc-postgresql",
     "telerad",
+    "telerad-plain",
+    "telerad-s3",
     "telerad-postgresql",
 )
 POSTGRES_INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
-# The issue-17 goals, as (receiver, peer, least ratio of median inst/s).
-GOALS = (("telerad-postgresql", "orthanc-postgresql", 1.5), ("telerad-postgresql", "telerad", 0.8))
+# The goals of issues 17 (the PostgreSQL catalog) and 18 (encryption at rest costs under
+# 10 %), as (receiver, peer, least ratio of median inst/s).
+GOALS = (
+    ("telerad-postgresql", "orthanc-postgresql", 1.5),
+    ("telerad-postgresql", "telerad", 0.8),
+    ("telerad", "telerad-plain", 0.9),
+    ("telerad-s3", "telerad-plain", 0.7),
+)
 DEFAULT_RECEIVERS = ",".join(ALL_RECEIVERS)
 
 FSYNC_SHIM_C = r"""
@@ -270,6 +282,33 @@ class SharedPostgres:
             self.server.close()
 
 
+class SharedS3:
+    """The one S3 server of the run (versitygw, tests/s3.py), started on first use; a
+    bucket per run."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.server: S3Server | None = None
+        self.created = 0
+
+    def bucket(self) -> tuple[S3Server, str]:
+        try:
+            if self.server is None:
+                self.workdir.mkdir(exist_ok=True)
+                self.server = S3Server(self.workdir)
+                self.server.start()
+            self.created += 1
+            name = f"ingest-{self.created}"
+            self.server.create_bucket(name)
+        except (RuntimeError, OSError) as err:  # S3Missing is a RuntimeError
+            raise ReceiverError(f"S3: {err}") from err
+        return self.server, name
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
 @dataclass
 class Settings:
     base: Path
@@ -278,6 +317,7 @@ class Settings:
     postgres: SharedPostgres
     index_connections: int
     shim: Path | None = None
+    s3: SharedS3 | None = None
 
 
 class Receiver(abc.ABC):
@@ -607,6 +647,58 @@ class Telerad(Receiver):
         )
 
 
+class TeleradPlain(Telerad):
+    """The example's configuration without encryption at rest: what sealing costs."""
+
+    name = "telerad-plain"
+
+    def configured(self, loaded: dict[str, object]) -> str:
+        storage = loaded["storage"]
+        assert isinstance(storage, dict)
+        storage.pop("encryption")
+        return yaml.safe_dump(loaded, sort_keys=False)
+
+    def describe(self) -> str:
+        return "as telerad, without `storage.encryption` in gateway.yaml (files as received)"
+
+
+class TeleradS3(Telerad):
+    """The example's configuration (encrypted) with the hot tier in a bucket."""
+
+    name = "telerad-s3"
+
+    def configured(self, loaded: dict[str, object]) -> str:
+        if self.settings.s3 is None:
+            raise ReceiverError("telerad-s3: the run has no S3 server")
+        server, bucket = self.settings.s3.bucket()
+        credentials = self.workdir / "s3-credentials"
+        credentials.write_text(
+            f"AWS_ACCESS_KEY_ID={server.access_key}\nAWS_SECRET_ACCESS_KEY={server.secret_key}\n"
+        )
+        storage = loaded["storage"]
+        assert isinstance(storage, dict)
+        storage["hotStore"] = {
+            "url": f"s3://{bucket}/site",
+            "endpoint": server.endpoint,
+            "region": server.region,
+            "credentialsFile": str(credentials),
+        }
+        return yaml.safe_dump(loaded, sort_keys=False)
+
+    def helper_pids(self) -> list[int]:
+        assert self.settings.s3 is not None
+        assert self.settings.s3.server is not None
+        return [self.settings.s3.server.pid]
+
+    def describe(self) -> str:
+        return (
+            "as telerad (encrypted), with `storage.hotStore: {url: s3://BUCKET/site, "
+            "endpoint, region, credentialsFile}` in gateway.yaml: a fresh bucket per run on "
+            "one versitygw v1.8.0 server (POSIX backend, which does not fsync); receiver "
+            "CPU includes the S3 server's"
+        )
+
+
 class TeleradPostgres(Telerad):
     name = "telerad-postgresql"
 
@@ -635,6 +727,8 @@ def make_receiver(name: str, settings: Settings) -> Receiver:
         "orthanc": Orthanc,
         "orthanc-postgresql": OrthancPostgres,
         "telerad": Telerad,
+        "telerad-plain": TeleradPlain,
+        "telerad-s3": TeleradS3,
         "telerad-postgresql": TeleradPostgres,
     }
     return others[name](settings)
@@ -1176,6 +1270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_space(base, workloads, args.repeats, len(names))
         warm_page_cache(workloads)
         postgres = SharedPostgres(base / "postgres")
+        s3 = SharedS3(base / "s3")
         settings = Settings(
             base,
             args.receiver_tcp_nodelay,
@@ -1183,12 +1278,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             postgres,
             index_connections=max(args.associations),
             shim=build_shim(base),
+            s3=s3,
         )
         receivers = [make_receiver(n, settings) for n in names]
         try:
             results, unavailable = run_all(receivers, workloads, args.repeats, base)
         finally:
             postgres.close()
+            s3.close()
         if args.json:
             args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
         report(args, results, receivers, unavailable, base)

@@ -46,7 +46,7 @@ from pynetdicom import AE
 from telerad import synthetic
 from telerad.api.config import GatewayConfig, WorkerConfig
 from telerad.api.site import Completion, Notifications, Webhook
-from telerad.runtime.gateway.example import ensure_token, example_config
+from telerad.runtime.gateway.example import ensure_keyring, ensure_token, example_config
 from telerad.runtime.models import base, volume
 from telerad.runtime.worker.example import example_config as worker_example
 
@@ -135,6 +135,7 @@ def triage(studies: int, workdir: Path) -> tuple[list[dict[str, float]], dict[st
         ).model_dump()
     )
     token_file = ensure_token(config)
+    ensure_keyring(config)
     token = token_file.read_text().strip()
     (workdir / "gateway.yaml").write_text(yaml.safe_dump(config.to_wire()))
     http = f"http://127.0.0.1:{config.http_port}"

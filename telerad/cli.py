@@ -17,7 +17,7 @@ from telerad.api.base import ApiModel
 from telerad.api.crd import KINDS
 
 if TYPE_CHECKING:
-    from telerad.api.config import CatalogConfig
+    from telerad.api.config import CatalogConfig, GatewayConfig, ObjectStore
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,6 +159,20 @@ def _catalog(url: str | None, password_file: Path | None) -> CatalogConfig:
         raise click.BadParameter(reasons, param_hint="--catalog-url") from None
 
 
+def _hot_store(url: str | None, endpoint: str | None, region: str) -> ObjectStore | None:
+    from telerad.api.config import ObjectStore  # noqa: PLC0415
+
+    if url is None:
+        if endpoint is not None:
+            raise click.BadParameter("needs --hot-url", param_hint="--s3-endpoint")
+        return None
+    try:
+        return ObjectStore(url=url, endpoint=endpoint, region=region)
+    except ValidationError as exc:
+        reasons = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors(include_input=False))
+        raise click.BadParameter(reasons, param_hint="--hot-url/--s3-endpoint") from None
+
+
 @cli.command()
 @click.option(
     "--config",
@@ -193,6 +207,18 @@ def _catalog(url: str | None, password_file: Path | None) -> CatalogConfig:
     type=click.Path(dir_okay=False, path_type=Path),
     help="With --example-config: the file holding the catalog database's password.",
 )
+@click.option(
+    "--hot-url",
+    metavar="s3://BUCKET/PREFIX",
+    help="With --example-config: keep the hot tier's instances in this bucket (credentials "
+    "from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the config's credentialsFile).",
+)
+@click.option(
+    "--s3-endpoint",
+    metavar="URL",
+    help="With --hot-url: the S3 endpoint, e.g. http://127.0.0.1:7070 (default: AWS).",
+)
+@click.option("--s3-region", default="us-east-1", show_default=True, help="With --hot-url.")
 @click.option("-v", "--verbose", is_flag=True)
 def gateway(
     *,
@@ -203,6 +229,9 @@ def gateway(
     data_dir: Path,
     catalog_url: str | None,
     catalog_password_file: Path | None,
+    hot_url: str | None,
+    s3_endpoint: str | None,
+    s3_region: str,
     verbose: bool,
 ) -> None:
     """Run a site gateway: DICOM receiver, archive, catalog and job queue.
@@ -223,16 +252,26 @@ def gateway(
 
     if example_config:
         from telerad.runtime.gateway.example import (  # noqa: PLC0415
+            ensure_keyring,
             ensure_token,
         )
         from telerad.runtime.gateway.example import (  # noqa: PLC0415
             example_config as build,
         )
 
-        config = build(port, http_port, data_dir, _catalog(catalog_url, catalog_password_file))
+        catalog = _catalog(catalog_url, catalog_password_file)
+        config = build(
+            port, http_port, data_dir, catalog, _hot_store(hot_url, s3_endpoint, s3_region)
+        )
         token = ensure_token(config)
+        keyring = ensure_keyring(config)
         _print_example("gateway", config)
         click.echo(f"HTTP clients send the bearer token in {token}", err=True)
+        click.echo(
+            f"Instances are encrypted at rest with the keys in {keyring}: without them "
+            "nothing stored can be read (docs/encryption.md)",
+            err=True,
+        )
         return
     config = _load(GatewayConfig, config_file, verbose)
     # The receiver processes count into shared files; prometheus_client reads this
@@ -247,6 +286,7 @@ def gateway(
     from telerad.api.conditions import CATALOG_UNAVAILABLE  # noqa: PLC0415
     from telerad.runtime.gateway.access import TokenFileError  # noqa: PLC0415
     from telerad.runtime.store.catalog import CatalogUnavailable  # noqa: PLC0415
+    from telerad.runtime.store.envelope import EnvelopeError  # noqa: PLC0415
 
     try:
         asyncio.run(serve())
@@ -254,7 +294,7 @@ def gateway(
         message = f"{CATALOG_UNAVAILABLE}: {exc}"
         _termination_message(message)
         raise click.ClickException(f"cannot start the gateway: {message}") from None
-    except (OSError, TokenFileError) as exc:
+    except (OSError, TokenFileError, EnvelopeError) as exc:
         raise click.ClickException(f"cannot start the gateway: {exc}") from None
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -263,6 +303,77 @@ def gateway(
 TERMINATION_LOG = Path("/dev/termination-log")
 """Where Kubernetes has a container leave the message of its exit (the container's
 terminationMessagePath), which the operator reads back from the pod's status."""
+
+
+@cli.group()
+def storage() -> None:
+    """Keys of a site's encryption at rest (docs/encryption.md)."""
+
+
+_CONFIG = click.option(
+    "--config",
+    "config_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The gateway's configuration (YAML).",
+)
+
+
+def _encrypted(config_file: Path) -> GatewayConfig:
+    from telerad.api.config import GatewayConfig  # noqa: PLC0415
+
+    config: GatewayConfig = _load(GatewayConfig, config_file, verbose=False)
+    if config.storage.encryption is None:
+        raise click.ClickException(f"{config_file}: the site does not encrypt at rest")
+    return config
+
+
+@storage.command("add-key")
+@_CONFIG
+@click.argument("key_id")
+def add_key(config_file: Path, key_id: str) -> None:
+    """Add a new random key encryption key to a local keyring and make it current: new
+    objects are wrapped with it at once, running gateways included; older ones stay
+    readable with the keys they were wrapped with. (A cluster's keyring is its Secret.)"""
+    from telerad.runtime.store import envelope  # noqa: PLC0415
+
+    encryption = _encrypted(config_file).storage.encryption
+    assert encryption is not None  # noqa: S101  (checked by _encrypted)
+    try:
+        envelope.add_key(encryption.key_dir, key_id)
+    except FileExistsError:
+        raise click.ClickException(f"the keyring already has a key {key_id!r}") from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="KEY_ID") from None
+    click.echo(f"key {key_id!r} added to {encryption.key_dir} and made current")
+
+
+REWRAP_PROGRESS = 100
+"""Files between two progress lines of `telerad storage rewrap`."""
+
+
+@storage.command()
+@_CONFIG
+def rewrap(config_file: Path) -> None:
+    """Wrap every stored instance's data key with the keyring's current key, so that the
+    keys before it can be retired. No image byte is rewritten; crash-safe and resumable
+    (run it again after an interruption), and safe beside running gateways."""
+    from telerad.runtime.store.envelope import EnvelopeError  # noqa: PLC0415
+    from telerad.runtime.store.tiers import open_tiers  # noqa: PLC0415
+
+    config = _encrypted(config_file)
+    try:
+        for tier in open_tiers(config.storage).values():
+            seen = changed = 0
+            for moved in tier.rewrap():
+                seen += 1
+                changed += moved
+                if seen % REWRAP_PROGRESS == 0:
+                    progress = f"{tier.name}: {seen} files looked at, {changed} rewrapped"
+                    click.echo(progress, err=True)
+            click.echo(f"{tier.name}: {changed} of {seen} files rewrapped to the current key")
+    except (EnvelopeError, ValueError) as exc:
+        raise click.ClickException(f"rewrap stopped: {exc}") from None
 
 
 def _termination_message(message: str) -> None:

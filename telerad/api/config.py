@@ -38,11 +38,53 @@ MIN_FREE_BYTES = 1 << 30
 """The hot tier's free-space watermark unless the site's size says less."""
 
 
+class Encryption(ApiModel):
+    """Encryption at rest (AES-256-GCM, a data key per object, wrapped by the key
+    encryption key): docs/encryption.md."""
+
+    key_dir: Path
+    """The keyring: a directory (a mounted Secret) with one file per key id, each the key
+    as base64 of 32 bytes, and `current` naming the key that wraps new objects' data keys.
+    Keys that are not current stay to open older objects."""
+
+
+S3_URL = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
+"""A bucket (S3's naming rules) and an optional key prefix."""
+
+
+class ObjectStore(ApiModel):
+    """A tier in an S3-compatible object store: one object per instance version."""
+
+    url: str = Field(pattern=S3_URL)
+    """`s3://BUCKET/PREFIX`: objects are named `PREFIX/studies/STUDY/SERIES/SOP[.vN].dcm`."""
+    endpoint: HttpUrl | None = None
+    """The S3 endpoint (`http://HOST:PORT` for a server of one's own); AWS's for the
+    region when unset."""
+    region: str = Field(default="us-east-1", pattern=r"^[a-z0-9-]{1,32}$")
+    """Where the bucket is (data residency)."""
+    storage_class: str | None = Field(default=None, pattern=r"^[A-Z_]{1,32}$")
+    """The S3 storage class of new objects (`STANDARD`, `STANDARD_IA`, ...)."""
+    credentials_file: Path | None = None
+    """A file of `AWS_ACCESS_KEY_ID=...` and `AWS_SECRET_ACCESS_KEY=...` lines (a mounted
+    Secret); without it, the standard AWS environment variables or the pod's identity."""
+
+    @property
+    def bucket(self) -> str:
+        return self.url.removeprefix("s3://").partition("/")[0]
+
+    @property
+    def prefix(self) -> str:
+        return self.url.removeprefix("s3://").partition("/")[2].strip("/")
+
+
 class StoragePaths(ApiModel):
     """The site's tiers as mounted directories."""
 
     hot_dir: Path
-    """Hot tier: instances, the catalog and the job queue."""
+    """Hot tier: instances, the catalog and the job queue. With `hotStore`, where data
+    sets are received before they go to the bucket (and the embedded catalog)."""
+    hot_store: ObjectStore | None = None
+    """Keep the hot tier's instances in an object store instead of `hotDir`."""
     warm_dir: Path | None = None
     """Warm tier, when the site has one."""
     hot_days: int = Field(default=7, ge=1)
@@ -54,6 +96,9 @@ class StoragePaths(ApiModel):
     rather than half-written."""
     lifecycle_interval_seconds: int = Field(default=300, ge=1, le=86400)
     """How often the hot -> warm -> deleted pass runs."""
+    encryption: Encryption | None = None
+    """Seal every stored instance with AES-256-GCM; without it, files are stored as
+    received."""
 
 
 def url_password(url: str) -> bool:

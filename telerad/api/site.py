@@ -106,6 +106,17 @@ class Tier(ApiModel):
     """Days a study stays in this tier before it moves to the next (or is deleted)."""
 
 
+class StorageEncryption(ApiModel):
+    """Encryption at rest: every stored instance sealed with AES-256-GCM under a data key
+    of its own, wrapped by a key encryption key from a Secret (docs/encryption.md)."""
+
+    key_secret_ref: SecretRef
+    """Secret holding the key encryption keys: one key per key id (base64 of 32 bytes),
+    and `current` naming the one that wraps new data keys. Add a key and point `current`
+    at it to rotate, without a restart; keep the old keys until `telerad storage rewrap`
+    has moved every object to the new one."""
+
+
 class Storage(ApiModel):
     """Where received studies and results live, and for how long."""
 
@@ -127,6 +138,9 @@ class Storage(ApiModel):
     """What happens to the tiers' volumes when the ImagingSite is deleted: Retain keeps
     them (released from the site, for an archive or a new site to take over), Delete
     removes them with the site."""
+    encryption: StorageEncryption | None = None
+    """Encrypt every stored instance at rest; without it, instances are stored as
+    received (on the volume's own encryption, if any)."""
 
 
 class Catalog(ApiModel):

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Final
+from typing import Final, Protocol
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
@@ -125,16 +125,28 @@ class Header:
             return None
 
 
+class Pieces(Protocol):
+    """An encoded data set read a piece at a time where it is asked for (a sealed file,
+    opened segment by segment): as with a mapped file, a 2 GiB pixel data element that the
+    check steps over is never read."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, piece: slice, /) -> bytes: ...
+
+
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 """An encoded data set: in memory, or a file mapped into it (only the pages walked over
 become resident, so a 2 GiB pixel data element costs nothing)."""
 
 
-def parse(data: Buffer, transfer_syntax: str) -> Header:
+def parse(data: Buffer | Pieces, transfer_syntax: str) -> Header:
     """Check the whole encoded data set and return its header; raise `InvalidDataset`.
     A deflated one is inflated in memory: `inflate` it to a file first where it may be
     large."""
     if transfer_syntax == DEFLATED_LE:
+        if not isinstance(data, Buffer):
+            data = data[0 : len(data)]
         out = bytearray()
         inflate(data, out.extend)
         data, transfer_syntax = out, EXPLICIT_LE
@@ -182,17 +194,17 @@ def inflate(data: Buffer, sink: Callable[[bytes], object], piece: int = 1 << 20)
 class _Walker:
     """One pass over an encoded data set, sequences and items included."""
 
-    def __init__(self, data: Buffer, *, little: bool) -> None:
-        self.buf = memoryview(data)
+    def __init__(self, data: Buffer | Pieces, *, little: bool) -> None:
+        self.buf: memoryview | Pieces = data if not isinstance(data, Buffer) else memoryview(data)
         self.tag_fmt, self.u32 = ("<HH", "<I") if little else (">HH", ">I")
         self.u16 = self.u32.replace("I", "H")
 
     def tag(self, pos: int) -> int:
-        group, elem = struct.unpack_from(self.tag_fmt, self.buf, pos)
+        group, elem = struct.unpack(self.tag_fmt, self.buf[pos : pos + 4])
         return int(group << 16 | elem)
 
     def length(self, pos: int) -> int:
-        return int(struct.unpack_from(self.u32, self.buf, pos)[0])
+        return int(struct.unpack(self.u32, self.buf[pos : pos + 4])[0])
 
     def elements(
         self,
@@ -249,7 +261,7 @@ class _Walker:
             if end - pos < 12:
                 raise InvalidDataset(f"truncated element header at offset {pos}")
             return vr_bytes.decode(), self.length(pos + 8), pos + 12
-        (length,) = struct.unpack_from(self.u16, self.buf, pos + 6)
+        (length,) = struct.unpack(self.u16, self.buf[pos + 6 : pos + 8])
         return vr_bytes.decode(), int(length), pos + 8
 
     def undefined(

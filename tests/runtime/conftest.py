@@ -8,6 +8,8 @@ comes from Debian (`make test` installs it); a missing tool fails the test, neve
 from __future__ import annotations
 
 import contextlib
+import email.parser
+import email.policy
 import io
 import json
 import os
@@ -21,25 +23,29 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx2 as httpx
+import obstore
 import pydicom
 import pytest
 import yaml
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE
 
-from telerad.api.config import GatewayConfig, TLSFiles, WorkerConfig
+from telerad.api.config import GatewayConfig, ObjectStore, TLSFiles, WorkerConfig
 from telerad.api.site import Completion, Notifications, Webhook
 from telerad.devcluster.pki import CertificateAuthority
-from telerad.runtime.gateway.example import ensure_token, example_config
+from telerad.runtime.gateway.example import ensure_keyring, ensure_token, example_config
 from telerad.runtime.store import backends
-from telerad.runtime.store.catalog import StoredInstance
+from telerad.runtime.store.catalog import HOT, StoredInstance
+from telerad.runtime.store.objects import s3_store
 from telerad.runtime.store.sql.catalog import SQLCatalog
+from telerad.runtime.store.tier import Tier
+from telerad.runtime.store.tiers import open_tiers
 from telerad.runtime.worker.example import example_config as worker_example
-from tests.conftest import CatalogFactory
+from tests.conftest import CatalogFactory, S3Bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 TELERAD = Path(sys.executable).parent / "telerad"
@@ -127,6 +133,7 @@ class GatewayProcess:
     def __post_init__(self) -> None:
         self.log = self.workdir / "gateway.log"
         self.token = ensure_token(self.config).read_text().strip() if self.config.tokens_dir else ""
+        ensure_keyring(self.config)
         self.config_path = self.workdir / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config.to_wire()))
 
@@ -152,6 +159,25 @@ class GatewayProcess:
     @property
     def hot(self) -> Path:
         return self.config.storage.hot_dir
+
+    def tier(self, name: str = HOT) -> Tier:
+        """One of the gateway's tiers as it opens them (with its keyring)."""
+        return open_tiers(self.config.storage)[name]
+
+    def read_stored(self, path: Path | str) -> bytes:
+        """A stored file's bytes as received (opened, when the site encrypts), by its
+        path on disk or relative to the hot tier."""
+        where = Path(path)
+        relative = where.relative_to(self.hot) if where.is_absolute() else where
+        return self.tier().read(PurePosixPath(relative))
+
+    def objects(self) -> list[str]:
+        """The paths of every instance file of the hot tier, where it keeps them."""
+        store = self.config.storage.hot_store
+        if store is None:
+            return sorted(str(p.relative_to(self.hot)) for p in self.hot.rglob("*.dcm"))
+        listed = obstore.list(s3_store(store), prefix="studies")
+        return sorted(str(meta["path"]) for page in listed for meta in page)
 
     def start(self) -> None:
         self.launch()
@@ -226,16 +252,41 @@ GatewayFactory = Callable[..., GatewayProcess]
 
 
 @pytest.fixture
+def hot_tier() -> str:
+    """Where the hot tier's instances go: `disk` (the default), or `s3` in a test that
+    parametrizes this name (a bucket of its own on the session's S3 server)."""
+    return "disk"
+
+
+def object_store(bucket: S3Bucket, workdir: Path) -> ObjectStore:
+    """A gateway's hot tier in `bucket`, its credentials in a file (as a mounted Secret)."""
+    credentials = workdir / "s3-credentials"
+    credentials.write_text("".join(f"{k}={v}\n" for k, v in bucket.credentials.items()))
+    return ObjectStore(
+        url=f"s3://{bucket.name}/{workdir.name}",
+        endpoint=bucket.endpoint,
+        region=bucket.region,
+        credentials_file=credentials,
+    )
+
+
+@pytest.fixture
 def start_gateway(
-    tmp_path_factory: pytest.TempPathFactory, new_catalog: CatalogFactory
+    tmp_path_factory: pytest.TempPathFactory,
+    new_catalog: CatalogFactory,
+    hot_tier: str,
+    request: pytest.FixtureRequest,
 ) -> Iterator[GatewayFactory]:
     """Start gateways from the example config with field overrides (Python names), each
-    with a catalog of its own on the backend under test unless `catalog` is given."""
+    with a catalog of its own on the backend under test unless `catalog` is given, and its
+    hot tier where `hot_tier` says."""
     started: list[GatewayProcess] = []
+    bucket: S3Bucket | None = request.getfixturevalue("s3") if hot_tier == "s3" else None
 
     def start(**overrides: Any) -> GatewayProcess:
         workdir = tmp_path_factory.mktemp("gateway")
-        config = example_config(free_port(), free_port(), workdir / "data")
+        hot_store = object_store(bucket, workdir) if bucket is not None else None
+        config = example_config(free_port(), free_port(), workdir / "data", hot_store=hot_store)
         storage = overrides.pop("storage", {})
         config = config.model_copy(
             update={
@@ -315,9 +366,38 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
     )
 
 
-def dataset_bytes(path: Path) -> tuple[str, bytes]:
+def parts(response: httpx.Response) -> list[tuple[Any, bytes]]:
+    """(Content-Type header, with its .params, and body) of each part of a multipart/related
+    answer."""
+    head = f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + response.content)
+    assert message.is_multipart(), response.headers["content-type"]
+    return [(p["Content-Type"], p.get_payload(decode=True)) for p in message.iter_parts()]
+
+
+ANY_TRANSFER = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+"""WADO-RS, every instance as stored."""
+
+
+def retrieved(gateway: GatewayProcess, study: str, series: str, sop: str) -> bytes:
+    """The data set (after its file meta) that WADO-RS sends for one instance, as stored."""
+    response = httpx.get(
+        f"{gateway.url}/studies/{study}/series/{series}/instances/{sop}",
+        headers={**gateway.auth, "Accept": ANY_TRANSFER},
+        timeout=30,
+    )
+    assert response.status_code == 200, (sop, response.status_code, response.text[:300])
+    boundary = response.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"')
+    part = response.content.split(f"--{boundary}".encode())[1]
+    stream = io.BytesIO(part.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n", 1)[0])
+    read_preamble(stream, False)
+    _read_file_meta_info(stream)
+    return stream.read()
+
+
+def dataset_bytes(file: Path | bytes) -> tuple[str, bytes]:
     """(transfer syntax, the encoded data set after the file meta) of a Part 10 file."""
-    raw = path.read_bytes()
+    raw = file if isinstance(file, bytes) else file.read_bytes()
     stream = io.BytesIO(raw)
     read_preamble(stream, False)
     meta = _read_file_meta_info(stream)
@@ -407,13 +487,12 @@ def assert_kept(gateway: GatewayProcess, acknowledged: list[Path]) -> dict[str, 
     the file meta is the gateway's own); returns SOP Instance UID -> catalogued path."""
     rows = [(v.sop_uid, v.tier, v.path) for v in stored(gateway)]
     assert len(rows) == len({sop for sop, _, _ in rows}), "an instance catalogued twice"
-    tiers = {"hot": gateway.hot, "warm": gateway.config.storage.warm_dir}
     catalogued = {sop: path for sop, _, path in rows}
     for path in acknowledged:
         sop = sop_uid(path)
         assert sop in catalogued, f"{path.name} acknowledged but not catalogued"
         tier = next(t for s, t, _ in rows if s == sop)
-        kept = tiers[tier] / catalogued[sop]
+        kept = gateway.tier(tier).read(PurePosixPath(catalogued[sop]))
         assert dataset_bytes(kept)[1] == dataset_bytes(path)[1], f"{path.name} differs"
     return catalogued
 

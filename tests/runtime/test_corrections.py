@@ -14,8 +14,7 @@ from pynetdicom.dsutils import encode
 
 from telerad import synthetic
 from telerad.runtime.gateway.ingest import file_meta
-from telerad.runtime.store.catalog import HOT
-from telerad.runtime.store.files import Tier, instance_path
+from telerad.runtime.store.files import instance_path
 
 from .conftest import GatewayFactory, GatewayProcess, read_rows, send_datasets, stored
 from .test_worker import retrieve
@@ -105,7 +104,7 @@ def test_a_file_a_crash_left_uncatalogued_is_swept_and_its_resend_is_version_1(
     )
     data = encode(left, False, True)
     assert data is not None
-    hot = Tier(HOT, gateway.hot)
+    hot = gateway.tier()
     relative = instance_path(study, series, sop, 1)
     meta = file_meta(str(left.SOPClassUID), sop, ExplicitVRLittleEndian, "PYNETDICOM")
     staged = hot.stage(relative.parent, (meta, data))

@@ -7,13 +7,10 @@ viewers use, metadata points at bulk data that the bulk data and frame resources
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import io
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import httpx2 as httpx
 import numpy as np
@@ -28,12 +25,13 @@ from requests.exceptions import HTTPError
 
 from telerad import synthetic
 from telerad.runtime.gateway.access import new_token
-from telerad.runtime.gateway.example import example_config
+from telerad.runtime.gateway.example import ensure_keyring, example_config
 from tests.runtime.conftest import (
     TELERAD,
     GatewayProcess,
     audit_records,
     free_port,
+    parts,
     send_datasets,
     stow,
 )
@@ -54,15 +52,6 @@ def data_set(part10: bytes) -> bytes:
     pydicom.filereader.read_preamble(stream, False)
     pydicom.filereader._read_file_meta_info(stream)
     return part10[stream.tell() :]
-
-
-def parts(response: httpx.Response) -> list[tuple[Any, bytes]]:
-    """(Content-Type header, with its .params, and body) of each part of a multipart/related
-    answer."""
-    head = f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + response.content)
-    assert message.is_multipart(), response.headers["content-type"]
-    return [(p["Content-Type"], p.get_payload(decode=True)) for p in message.iter_parts()]
 
 
 def client(gateway: GatewayProcess, token: str | None = None) -> DICOMwebClient:
@@ -321,6 +310,7 @@ def test_tokens_are_reloaded_when_the_secret_changes(gateway: GatewayProcess) ->
 
 def test_a_bad_token_file_stops_the_gateway_with_a_clear_error(tmp_path: Path) -> None:
     config = example_config(free_port(), free_port(), tmp_path / "data")
+    ensure_keyring(config)
     assert config.tokens_dir is not None
     config.tokens_dir.mkdir(parents=True)
     (config.tokens_dir / "viewer").write_text("password123")

@@ -26,10 +26,11 @@ from tests.runtime.conftest import (
     GatewayFactory,
     GatewayProcess,
     free_port,
+    parts,
     send_datasets,
     stow,
 )
-from tests.runtime.test_dicomweb import OHIF_FRAMES, compressed_study, encoded, parts
+from tests.runtime.test_dicomweb import OHIF_FRAMES, compressed_study, encoded
 
 ORTHANC = "/usr/sbin/Orthanc"
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -141,7 +142,7 @@ def orthanc_for(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancFac
 
 def ours(gateway: GatewayProcess) -> dict[str, bytes]:
     return {
-        p.name.removesuffix(".dcm"): data_set(p.read_bytes())
+        p.name.removesuffix(".dcm"): data_set(gateway.read_stored(p))
         for p in (gateway.hot / "studies").rglob("*.dcm")
     }
 

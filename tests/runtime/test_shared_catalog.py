@@ -4,7 +4,6 @@ database itself. PostgreSQL only: an SQLite catalog is one gateway's own file.""
 
 from __future__ import annotations
 
-import io
 import re
 import secrets
 import threading
@@ -20,7 +19,6 @@ import psycopg
 import pydicom
 import pytest
 from psycopg import sql
-from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE
 
 from telerad import synthetic
@@ -36,6 +34,7 @@ from .conftest import (
     GatewayProcess,
     audit_records,
     dataset_bytes,
+    retrieved,
     send_datasets,
     sop_uid,
     stored,
@@ -47,7 +46,6 @@ from .test_load import all_jobs
 
 COMPLETED = "telerad_gateway_studies_completed_total"
 CT_TRANSFER = "1.2.840.10008.1.2.1"
-ANY_TRANSFER = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
 @pytest.fixture
@@ -69,7 +67,11 @@ def same_site(start_gateway: GatewayFactory, first: GatewayProcess) -> GatewayPr
         site=first.config.site,
         completion=first.config.completion,
         catalog=first.config.catalog,
-        storage={"hot_dir": first.hot, "warm_dir": first.config.storage.warm_dir},
+        storage={
+            "hot_dir": first.hot,
+            "warm_dir": first.config.storage.warm_dir,
+            "encryption": first.config.storage.encryption,
+        },
     )
 
 
@@ -90,22 +92,6 @@ def listed(gateway: GatewayProcess, study: str) -> set[str]:
     assert found == {str(i["00080018"]["Value"][0]) for i in by_key}
     assert len(by_path) == len(found), "an instance listed twice"
     return found
-
-
-def retrieved(gateway: GatewayProcess, study: str, series: str, sop: str) -> bytes:
-    """The data set (after its file meta) that WADO-RS sends for one instance, as stored."""
-    response = httpx.get(
-        f"{gateway.url}/studies/{study}/series/{series}/instances/{sop}",
-        headers={**gateway.auth, "Accept": ANY_TRANSFER},
-        timeout=30,
-    )
-    assert response.status_code == 200, (sop, response.status_code, response.text[:300])
-    boundary = response.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"')
-    part = response.content.split(f"--{boundary}".encode())[1]
-    stream = io.BytesIO(part.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n", 1)[0])
-    read_preamble(stream, False)
-    _read_file_meta_info(stream)
-    return stream.read()
 
 
 def completions(*gateways: GatewayProcess) -> float:

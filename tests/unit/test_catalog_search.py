@@ -20,7 +20,7 @@ from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.store import backends
 from telerad.runtime.store.catalog import HOT
-from telerad.runtime.store.files import Tier
+from telerad.runtime.store.files import DiskTier
 from telerad.runtime.store.search import Level
 from tests.unit.test_runtime_store import store_bytes
 
@@ -32,7 +32,7 @@ class Archive:
     def __init__(self, root: Path, catalog: CatalogConfig) -> None:
         url, password = backends.connection(catalog, root)
         self.catalog = backends.open(url, site="example", password=password)
-        self.ingest = Ingest(self.catalog, {HOT: Tier(HOT, root)}, GatewayMetrics("test"), 0)
+        self.ingest = Ingest(self.catalog, {HOT: DiskTier(HOT, root)}, GatewayMetrics("test"), 0)
 
     def store(self, **attributes: object) -> pydicom.Dataset:
         ds = pydicom.dcmread(CT)

@@ -414,6 +414,29 @@ def test_a_site_catalog_secret_is_mounted_and_only_its_directory_rendered() -> N
     )
 
 
+def test_a_site_encrypting_at_rest_mounts_its_keyring_and_names_only_its_directory() -> None:
+    body = owner("st-marys")
+    body["spec"]["storage"] = {"encryption": {"keySecretRef": {"name": "st-marys-keys"}}}
+    site = ImagingSite.from_wire(body)
+    built = {c["kind"]: c for c in site_builders.children(body, site, [], SETTINGS)}
+    pod = built["Deployment"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "keys"]
+    # The whole Secret: every key id and `current`, updated in place when it changes.
+    assert volume["secret"] == {"secretName": "st-marys-keys"}
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "keys"]
+    assert mount == {"name": "keys", "mountPath": "/var/run/telerad/keys", "readOnly": True}
+    text = built["ConfigMap"]["data"][site_builders.CONFIG_FILE]
+    assert yaml.safe_load(text)["storage"]["encryption"] == {"keyDir": "/var/run/telerad/keys"}
+    assert "st-marys-keys" not in text
+    plain = site_children("st-marys")
+    assert (
+        "encryption"
+        not in yaml.safe_load(plain["ConfigMap/st-marys-gateway"]["data"]["gateway.yaml"])[
+            "storage"
+        ]
+    )
+
+
 def test_without_a_site_catalog_it_stays_sqlite_on_the_hot_tier() -> None:
     children = site_children("st-marys")
     pod = children["Deployment/st-marys-gateway"]["spec"]["template"]["spec"]

@@ -23,7 +23,7 @@ from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.receivers import default_count
 from telerad.runtime.store import backends
 from telerad.runtime.store.catalog import HOT, WARM, Catalog
-from telerad.runtime.store.files import Tier, instance_path, study_dir
+from telerad.runtime.store.files import DiskTier, instance_path, study_dir
 from telerad.runtime.store.search import Level, Search
 from telerad.runtime.store.sql.catalog import SQLCatalog
 
@@ -60,7 +60,7 @@ class Site:
         )
         paths = self.config.storage
         assert paths.warm_dir is not None
-        self.hot, self.warm = Tier(HOT, paths.hot_dir), Tier(WARM, paths.warm_dir)
+        self.hot, self.warm = DiskTier(HOT, paths.hot_dir), DiskTier(WARM, paths.warm_dir)
         self.config = self.config.model_copy(update={"catalog": catalog or CatalogConfig()})
         self.catalog = backends.open_site(self.config)
         self.metrics = GatewayMetrics("test")
@@ -104,7 +104,7 @@ def site(tmp_path: Path, catalog_config: CatalogConfig) -> Site:
     return Site(tmp_path, catalog_config)
 
 
-def files_of(tier: Tier, study: str) -> list[PurePosixPath]:
+def files_of(tier: DiskTier, study: str) -> list[PurePosixPath]:
     root = tier.path(study_dir(study))
     return sorted(PurePosixPath(p.relative_to(tier.root)) for p in root.rglob("*.dcm"))
 
@@ -268,7 +268,7 @@ def test_an_instance_arriving_while_its_study_moves_to_warm_stays_safe(site: Sit
     site.hot.remove(PurePosixPath(kept.path))
     site.hot.prune(study_dir(study))
     assert not site.hot.path(study_dir(study)).exists()
-    other = Tier(HOT, site.hot.root)
+    other = DiskTier(HOT, site.hot.root)
     other._known_dirs.add(site.hot.path(PurePosixPath(kept.path)).parent)
     again = Ingest(site.catalog, {HOT: other, WARM: site.warm}, site.metrics, 0)
     late.SOPInstanceUID = generate_uid()

@@ -13,6 +13,7 @@ from telerad.api.config import (
     MIN_FREE_BYTES,
     CatalogConfig,
     CompiledRule,
+    Encryption,
     GatewayConfig,
     StoragePaths,
     TLSFiles,
@@ -40,6 +41,7 @@ TOKENS_DIR = CONFIG_DIR / "tokens"
 SECRETS_DIR = CONFIG_DIR / "secrets"
 DATA_DIR = Path("/var/lib/telerad")
 CATALOG_DIR = Path("/var/run/telerad/catalog")
+KEYS_DIR = Path("/var/run/telerad/keys")
 TIER_LABEL = f"{names.GROUP}/tier"
 
 
@@ -68,6 +70,8 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
             hot_days=spec.storage.hot.days,
             retention_days=spec.storage.retention_days,
             min_free_bytes=free_space_watermark(spec.storage.hot.size),
+            # Only where the Secret is mounted: no key enters the ConfigMap.
+            encryption=Encryption(key_dir=KEYS_DIR) if spec.storage.encryption else None,
         ),
         # Only where the Secret is mounted: its content never enters the ConfigMap.
         catalog=CatalogConfig(secret_dir=CATALOG_DIR) if spec.catalog else CatalogConfig(),
@@ -150,6 +154,10 @@ def deployment(
         mounts.append({"name": "catalog", "mountPath": str(CATALOG_DIR), "readOnly": True})
         secret_name = site.spec.catalog.secret_ref.name
         volumes.append({"name": "catalog", "secret": {"secretName": secret_name}})
+    if site.spec.storage.encryption is not None:
+        mounts.append({"name": "keys", "mountPath": str(KEYS_DIR), "readOnly": True})
+        secret_name = site.spec.storage.encryption.key_secret_ref.name
+        volumes.append({"name": "keys", "secret": {"secretName": secret_name}})
     for index, (secret, keys) in enumerate(sorted(_mounted_secrets(site).items())):
         volume = f"secret-{index}"
         mounts.append({"name": volume, "mountPath": str(SECRETS_DIR / secret), "readOnly": True})

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -18,6 +18,16 @@ from telerad.runtime.dicomweb.media import DICOM, DICOM_JSON
 
 CHUNK = 1 << 20
 _QUOTED = 200
+
+
+class Part(Protocol):
+    """A Part 10 file held elsewhere (a tier's stored instance): its size and its bytes,
+    read in a thread a chunk at a time."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self) -> Iterator[bytes]: ...
 
 
 class RetrieveError(Exception):
@@ -83,15 +93,16 @@ class StowReport:
 async def store(
     session: aiohttp.ClientSession,
     base_url: str,
-    files: Sequence[Path | bytes],
+    files: Sequence[Path | bytes | Part],
     *,
     study_uid: str | None = None,
     headers: Mapping[str, str] | None = None,
     chunk_size: int = CHUNK,
 ) -> StowReport:
-    """POST Part 10 files (paths, or objects in memory) to `{base_url}/studies[/{study_uid}]`,
-    byte for byte. 200, 202 and 409 answers are reports; anything else is a StowError, as
-    are answers that are not a DICOM JSON data set."""
+    """POST Part 10 files (paths, objects in memory, or stored ones) to
+    `{base_url}/studies[/{study_uid}]`, byte for byte. 200, 202 and 409 answers are
+    reports; anything else is a StowError, as are answers that are not a DICOM JSON data
+    set."""
     if study_uid is not None and not valid_uid(study_uid):
         raise ValueError("study_uid is not a valid UID")
     boundary = multipart.new_boundary()
@@ -140,12 +151,16 @@ async def _start(answer: aiohttp.ClientResponse) -> str:
 
 
 async def _body(
-    boundary: str, files: Sequence[Path | bytes], chunk_size: int
+    boundary: str, files: Sequence[Path | bytes | Part], chunk_size: int
 ) -> AsyncIterator[bytes]:
     for item in files:
         yield multipart.part_head(boundary, DICOM)
         if isinstance(item, bytes):
             yield item
+        elif not isinstance(item, Path):
+            chunks = item.chunks()
+            while chunk := await asyncio.to_thread(next, chunks, b""):
+                yield chunk
         else:
             # Reads go to a thread: the tiers may be network storage, and the event loop
             # serves other requests meanwhile.
@@ -159,8 +174,10 @@ async def _body(
     yield multipart.closing(boundary)
 
 
-def _size(item: Path | bytes) -> int:
-    return len(item) if isinstance(item, bytes) else item.stat().st_size
+def _size(item: Path | bytes | Part) -> int:
+    if isinstance(item, bytes):
+        return len(item)
+    return item.stat().st_size if isinstance(item, Path) else item.size
 
 
 def _report(status: int, body: object) -> StowReport:

@@ -9,10 +9,12 @@ Retrievals stream one instance at a time: a 300-slice study never sits in memory
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -27,8 +29,10 @@ from telerad.runtime.dicomweb import media, multipart, qido, stow, wado
 from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.ingest import Incoming, Ingest
 from telerad.runtime.store.catalog import Catalog, LeaseLost, Located, UnknownJob
-from telerad.runtime.store.files import Tier
+from telerad.runtime.store.envelope import EnvelopeError
+from telerad.runtime.store.tier import Tier
 
+log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Problem = Callable[[int, str, str], web.Response]
 DICOM_JSON = "application/dicom+json"
@@ -108,6 +112,18 @@ class DicomWebError(Exception):
         self.status, self.title, self.detail = status, title, detail
         self.close = close
         """Whether the connection is closed after the answer (what follows is not a request)."""
+
+
+@contextlib.contextmanager
+def _unopened() -> Iterator[None]:
+    """A stored instance the keyring cannot open is the server's fault, said as such."""
+    try:
+        yield
+    except EnvelopeError as exc:
+        log.error("a stored instance cannot be opened: %s", exc)
+        raise DicomWebError(
+            500, "Internal", "a stored instance cannot be opened with the site's keys"
+        ) from None
 
 
 def _not_found(what: str) -> DicomWebError:
@@ -361,11 +377,19 @@ class DicomWeb:
             raise _not_found("instance" if instance else "series" if series else "study")
         return located
 
-    def _read(self, where: Located) -> bytes:
+    def _tier(self, where: Located) -> Tier:
         tier = self.tiers.get(where.tier)
         if tier is None:
             raise DicomWebError(503, "Unavailable", "the instance's storage tier is not mounted")
-        return tier.read(PurePosixPath(where.path))
+        return tier
+
+    def _read(self, where: Located) -> bytes:
+        with _unopened():
+            return self._tier(where).read(PurePosixPath(where.path))
+
+    def _check(self, where: Located) -> None:
+        with _unopened():
+            self._tier(where).check(PurePosixPath(where.path))
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         job = await self._job(request, request.match_info.get("study"))
@@ -375,6 +399,8 @@ class DicomWeb:
         located = await self._locate(request)
         # Decided for all before the first byte: a 406 cannot follow a 200.
         syntaxes = [_checked(wado.check, w.transfer_syntax, wanted) for w in located]
+        # A keyring that cannot open what is stored fails the answer before its first byte.
+        await asyncio.to_thread(self._check, located[0])
         boundary = multipart.new_boundary()
         response = Streamed(
             headers={"Content-Type": multipart.content_type(boundary, "application/dicom")}
@@ -423,20 +449,15 @@ class DicomWeb:
         return response
 
     async def _send_file(self, response: web.StreamResponse, where: Located) -> None:
-        tier = self.tiers.get(where.tier)
-        if tier is None:
-            raise DicomWebError(503, "Unavailable", "the instance's storage tier is not mounted")
-        path = tier.path(PurePosixPath(where.path))
+        tier = self._tier(where)
+        relative = PurePosixPath(where.path)
         if where.size <= SMALL_FILE:
             # One hop to a thread for the common file (a CT slice is 0.5 MB).
-            await response.write(await asyncio.to_thread(path.read_bytes))
+            await response.write(await asyncio.to_thread(tier.read, relative))
             return
-        source = await asyncio.to_thread(path.open, "rb")
-        try:
-            while chunk := await asyncio.to_thread(source.read, CHUNK):
-                await response.write(chunk)
-        finally:
-            source.close()
+        chunks = tier.chunks(relative)
+        while chunk := await asyncio.to_thread(next, chunks, b""):
+            await response.write(chunk)
 
     async def metadata(self, request: web.Request) -> web.Response:
         content_type = _acceptable(media.dicom_json, request)

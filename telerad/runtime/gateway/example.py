@@ -11,14 +11,17 @@ from telerad.api.aimodel import IntendedUse, Thresholds
 from telerad.api.config import (
     CatalogConfig,
     CompiledRule,
+    Encryption,
     GatewayConfig,
     ModelRoute,
+    ObjectStore,
     StoragePaths,
 )
 from telerad.api.routing import Match
 from telerad.api.site import AllowedCaller, Completion
 from telerad.api.types import Priority
 from telerad.runtime.gateway.access import new_token
+from telerad.runtime.store.envelope import CURRENT, add_key
 
 CT_HEAD = ModelRoute(
     name="ct-head-hyperdensity",
@@ -35,10 +38,15 @@ LOCAL_SENDERS = ("STORESCU", "ECHOSCU", "FINDSCU", "PYNETDICOM", "TELERAD")
 
 
 def example_config(
-    port: int, http_port: int, data_dir: Path, catalog: CatalogConfig | None = None
+    port: int,
+    http_port: int,
+    data_dir: Path,
+    catalog: CatalogConfig | None = None,
+    hot_store: ObjectStore | None = None,
 ) -> GatewayConfig:
     """A local site named `example`: gateways given the same catalog URL and data
-    directory (each its own ports) are replicas of one site."""
+    directory (each its own ports) are replicas of one site. With `hot_store` the hot
+    tier's instances go to that bucket (the data directory still receives them)."""
     data_dir = data_dir.absolute()
     return GatewayConfig(
         site="example",
@@ -54,10 +62,12 @@ def example_config(
         tokens_dir=data_dir / "tokens",
         storage=StoragePaths(
             hot_dir=data_dir / "hot",
+            hot_store=hot_store,
             warm_dir=data_dir / "warm",
             hot_days=7,
             retention_days=30,
             min_free_bytes=256 << 20,
+            encryption=Encryption(key_dir=data_dir / "keys"),
         ),
         catalog=catalog or CatalogConfig(),
         completion=Completion(quiet_seconds=5),
@@ -82,6 +92,18 @@ def example_config(
 
 
 LOCAL_CLIENT = "local"
+FIRST_KEY = "key-1"
+
+
+def ensure_keyring(config: GatewayConfig) -> Path | None:
+    """The example's keyring, made with one random key on first use, readable by its owner
+    only (like a mounted Secret); None when the configuration does not encrypt."""
+    encryption = config.storage.encryption
+    if encryption is None:
+        return None
+    if not (encryption.key_dir / CURRENT).exists():
+        add_key(encryption.key_dir, FIRST_KEY)
+    return encryption.key_dir
 
 
 def ensure_token(config: GatewayConfig) -> Path:

@@ -7,9 +7,10 @@ Used on request (`POST /exports`, a whole study) and by the outbox (a job's resu
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import ssl
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import aiohttp
 from pydicom import dcmread
@@ -22,7 +23,7 @@ from telerad.api.types import SecretKeyRef
 from telerad.runtime import phi
 from telerad.runtime.dicomweb import client
 from telerad.runtime.store.catalog import Catalog, Located
-from telerad.runtime.store.files import Tier
+from telerad.runtime.store.tier import Stored, Tier
 
 log = logging.getLogger(__name__)
 EXPORT_TIMEOUT_S = 3600
@@ -63,13 +64,13 @@ class Exporter:
                 return destination
         raise ExportError(404, f"the site has no destination {name!r}")
 
-    def files(self, located: list[Located]) -> list[Path]:
+    def files(self, located: list[Located]) -> list[Stored]:
         files = []
         for where in located:
             tier = self.tiers.get(where.tier)
             if tier is None:
                 raise ExportError(502, f"the {where.tier} tier is not mounted")
-            files.append(tier.path(PurePosixPath(where.path)))
+            files.append(Stored(tier, PurePosixPath(where.path), where.size))
         return files
 
     async def export(self, request: ExportRequest) -> ExportReport:
@@ -87,7 +88,7 @@ class Exporter:
         )
         return report
 
-    async def send(self, destination: Destination, files: list[Path]) -> ExportReport:
+    async def send(self, destination: Destination, files: list[Stored]) -> ExportReport:
         """Send the files; an unreachable or refusing peer is an ExportError (502)."""
         if destination.dicom is not None:
             return await asyncio.to_thread(self._c_store, destination, destination.dicom, files)
@@ -111,9 +112,9 @@ class Exporter:
         )
 
     def _c_store(
-        self, destination: Destination, peer: DicomPeer, files: list[Path]
+        self, destination: Destination, peer: DicomPeer, files: list[Stored]
     ) -> ExportReport:
-        datasets = [dcmread(path) for path in files]
+        datasets = [dcmread(io.BytesIO(stored.read())) for stored in files]
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = DIMSE_TIMEOUT_S
         # One context per class and stored syntax: the instances go out as they are.

@@ -16,7 +16,8 @@ from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.routing import route
 from telerad.runtime.store.catalog import HOT, WARM, Catalog, StudyFiles
-from telerad.runtime.store.files import Tier, study_dir
+from telerad.runtime.store.files import study_dir
+from telerad.runtime.store.tier import Tier
 
 log = logging.getLogger(__name__)
 DAY = 86400.0

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import mmap
-import os
 import struct
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import BinaryIO
 
 from telerad.api.config import CompiledRule
 from telerad.runtime import phi
@@ -31,7 +28,9 @@ from telerad.runtime.dataset import (
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.routing import reopens_study
 from telerad.runtime.store.catalog import HOT, Added, Catalog, Received
-from telerad.runtime.store.files import CHUNK, Staged, Tier, instance_path
+from telerad.runtime.store.envelope import EnvelopeError
+from telerad.runtime.store.files import Staged, instance_path, mapped
+from telerad.runtime.store.tier import Tier
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,8 @@ class Incoming:
         try:
             self.staged = ingest.hot.receive()
             self.staged.write(meta)
-        except OSError as exc:
+        except (OSError, EnvelopeError) as exc:
+            # A keyring that cannot be read (its Secret unmounted) refuses like a full disk.
             self._fail(exc)
             return
         self.offset = len(meta)
@@ -117,8 +117,8 @@ class Incoming:
                 self.discard()
                 self.failed = ("out-of-space", StoreStatus.OUT_OF_RESOURCES, "storage is full")
 
-    def _fail(self, exc: OSError) -> None:
-        log.error("write failed: %s", exc.strerror)
+    def _fail(self, exc: OSError | EnvelopeError) -> None:
+        log.error("write failed: %s", exc.strerror if isinstance(exc, OSError) else exc)
         self.discard()
         self.failed = ("write-failed", StoreStatus.OUT_OF_RESOURCES, "write failed")
 
@@ -126,7 +126,7 @@ class Incoming:
         """Drop the file (unless it was stored); nothing of it stays on disk."""
         staged, self.staged = self.staged, None
         if staged is not None:
-            Tier.discard(staged)
+            staged.discard()
 
 
 class Ingest:
@@ -186,9 +186,15 @@ class Ingest:
             return self._refuse("catalog-failed", StoreStatus.OUT_OF_RESOURCES, "catalog failed")
         # A re-send is compared with the current version only: sent A, B, then A again,
         # A is current again (a third version), not a duplicate of the first.
-        if versions and self._compare(
-            versions[-1].tier, PurePosixPath(versions[-1].path), incoming
-        ):
+        try:
+            same = bool(versions) and self._compare(
+                versions[-1].tier, PurePosixPath(versions[-1].path), incoming
+            )
+        except EnvelopeError as exc:
+            # Whether it is a re-send cannot be known: refused, never a guess.
+            log.error("the stored version cannot be opened: %s", exc)
+            return self._refuse("unreadable", StoreStatus.OUT_OF_RESOURCES, "cannot read stored")
+        if same:
             return self._identical(started, header)  # the common re-send, not written again
         # Versions whose file is gone were never acknowledged; their numbers are free.
         taken = {v.version for v in versions if self._present(v.tier, PurePosixPath(v.path))}
@@ -233,17 +239,17 @@ class Ingest:
         return header
 
     def _parse(self, incoming: Incoming) -> Header:
-        """The strict check, over the file as written (mapped, not read)."""
+        """The strict check, over the file as written (mapped or opened, not read)."""
         assert incoming.staged is not None  # noqa: S101  (checked by the caller)
-        with incoming.staged.path.open("rb") as file:
-            data = _mapped(file)[incoming.offset :]
-        if incoming.transfer_syntax != DEFLATED_LE:
-            return parse(data, incoming.transfer_syntax)
-        # Inflated to a file too: a few kilobytes may become gigabytes.
-        with tempfile.TemporaryFile(dir=incoming.staged.path.parent) as inflated:
-            inflate(data, inflated.write)
-            inflated.flush()
-            return parse(_mapped(inflated), EXPLICIT_LE)
+        with incoming.staged.plaintext(incoming.offset) as data:
+            if incoming.transfer_syntax != DEFLATED_LE or not isinstance(data, memoryview):
+                # Sealed, a deflated one is inflated in memory: nothing plain goes to disk.
+                return parse(data, incoming.transfer_syntax)
+            # Inflated to a file too: a few kilobytes may become gigabytes.
+            with tempfile.TemporaryFile(dir=incoming.staged.path.parent) as inflated:
+                inflate(data, inflated.write)
+                inflated.flush()
+                return parse(mapped(inflated), EXPLICIT_LE)
 
     def _write(
         self,
@@ -315,10 +321,8 @@ class Ingest:
         staged = self.hot.receive()
         try:
             staged.write(meta)
-            with received.path.open("rb") as source:
-                source.seek(incoming.offset)
-                while chunk := source.read(CHUNK):
-                    staged.write(chunk)
+            for chunk in received.chunks(incoming.offset):
+                staged.write(chunk)
         except BaseException:
             self.hot.discard(staged)
             raise
@@ -359,23 +363,19 @@ class Ingest:
         two files are compared a chunk at a time."""
         if tier not in self._tiers or incoming.staged is None:
             return False
+        stored = _Reader(self._tiers[tier].chunks(path))
         try:
-            stored = self._tiers[tier].path(path).open("rb")
+            start = meta_length(stored.take(_META_PREFIX))
         except FileNotFoundError:
             return False
-        with stored, incoming.staged.path.open("rb") as received:
-            start = meta_length(stored.read(_META_PREFIX))
-            if os.fstat(stored.fileno()).st_size - start != incoming.size:
+        stored.take(start - _META_PREFIX)
+        for chunk in incoming.staged.chunks(incoming.offset):
+            if stored.take(len(chunk)) != chunk:
                 return False
-            stored.seek(start)
-            received.seek(incoming.offset)
-            while chunk := received.read(CHUNK):
-                if stored.read(len(chunk)) != chunk:
-                    return False
-            return True
+        return stored.take(1) == b""
 
     def _present(self, tier: str, path: PurePosixPath) -> bool:
-        return tier in self._tiers and self._tiers[tier].path(path).is_file()
+        return tier in self._tiers and self._tiers[tier].exists(path)
 
     def _identical(self, started: float, header: Header) -> Outcome:
         self._metrics.duplicate("identical")
@@ -388,12 +388,21 @@ class Ingest:
         return Outcome(status, comment=comment[:64])
 
 
-def _mapped(file: BinaryIO) -> memoryview:
-    """An open file's bytes, mapped read-only. Unmapped when the last view of it goes
-    (never closed here: an exception's traceback may still hold a view)."""
-    if not os.fstat(file.fileno()).st_size:
-        return memoryview(b"")
-    return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+class _Reader:
+    """Exactly so many bytes at a time from a stream of chunks (fewer only at its end)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def take(self, count: int) -> bytes:
+        while len(self._pending) < count:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self._pending += chunk
+        taken, self._pending = self._pending[:count], self._pending[count:]
+        return taken
 
 
 def meta_length(part10: bytes) -> int:

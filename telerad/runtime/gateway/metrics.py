@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from telerad.api.types import Priority
 from telerad.runtime.store.catalog import Catalog
-from telerad.runtime.store.files import Tier
+from telerad.runtime.store.tier import Tier
 
 _STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 900, 3600)
 

@@ -30,8 +30,9 @@ from telerad.runtime.gateway.dimse import DimseServer, Slots
 from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.store import backends
-from telerad.runtime.store.catalog import HOT, WARM, Catalog
-from telerad.runtime.store.files import Tier
+from telerad.runtime.store.catalog import HOT, Catalog
+from telerad.runtime.store.tier import Tier
+from telerad.runtime.store.tiers import open_tiers
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -67,10 +68,8 @@ class Receiver:
     @classmethod
     def build(cls, config: GatewayConfig, metrics: GatewayMetrics, slots: Slots) -> Receiver:
         """One of the gateway's receivers, holding its associations to the shared `slots`."""
-        hot = Tier(HOT, config.storage.hot_dir)
-        tiers = {HOT: hot}
-        if config.storage.warm_dir is not None:
-            tiers[WARM] = Tier(WARM, config.storage.warm_dir)
+        tiers = open_tiers(config.storage)
+        hot = tiers[HOT]
         catalog = backends.open_site(config)
         ingest = Ingest(
             catalog, tiers, metrics, config.storage.min_free_bytes, rules=config.routing

@@ -28,7 +28,6 @@ from telerad.runtime.gateway.receivers import STOP_GRACE_S, Pool, Receiver, defa
 from telerad.runtime.gateway.waiters import Waiters
 from telerad.runtime.store import backends
 from telerad.runtime.store.catalog import WARM, Catalog
-from telerad.runtime.store.files import Tier
 
 log = logging.getLogger(__name__)
 COMPLETION_TICK_S = 1.0
@@ -51,7 +50,7 @@ class Gateway:
             self.receiver.metrics,
         )
         self.dimse = self.receiver.dimse
-        self.warm = Tier(WARM, storage.warm_dir) if storage.warm_dir else None
+        self.warm = self.receiver.tiers.get(WARM)
         # A crash mid-store leaves temporaries in the hot tier, and files renamed but not
         # catalogued; one mid-move, in the warm. No receiver runs yet: nothing is mid-store.
         tiers = [t for t in (self.hot, self.warm) if t is not None]

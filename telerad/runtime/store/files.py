@@ -1,4 +1,5 @@
-"""Instance files on a tier: where they go and how they get there durably.
+"""Instance files on a disk tier (the POSIX adapter of `tier.Tier`): where they go and
+how they get there durably, sealed (`envelope`) when the site encrypts at rest.
 
 A file becomes visible under its final name only once its bytes are on disk (temporary
 file, fsync, rename, fsync of the directory), so a crash at any moment leaves either the
@@ -6,12 +7,15 @@ whole file or no file, never a torn one. Paths are built only from validated UID
 
 A data set being received is written as it arrives to a temporary file in the tier's
 `incoming` directory (its study and series are known only once it is whole); on the same
-volume, so it takes its final name by a link, never a copy.
+volume, so it takes its final name by a link, never a copy. On an encrypted tier it is
+sealed as it arrives: no plaintext byte of an instance is written to disk, not even while
+it is being received.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import secrets
 import shutil
@@ -19,8 +23,10 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
-from telerad.runtime.dataset import valid_uid
+from telerad.runtime.dataset import Pieces, valid_uid
+from telerad.runtime.store.envelope import Keyring, Opened, Sealer, open_file, rewrap
 
 STUDIES = "studies"
 INCOMING = "incoming"
@@ -50,29 +56,123 @@ class Staged:
 
     path: Path
     fd: int
+    keyring: Keyring | None = None
+    """Set on an encrypted tier: the file holds a sealed object."""
+    sealer: Sealer | None = None
+    """Until `complete`: what seals the bytes still to come."""
     size: int = 0
+    """Bytes written (before sealing)."""
     final: Path | None = None
-    """The name `Tier.claim` gave it."""
+    """The name `DiskTier.claim` gave it."""
 
     def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
-            self.size += written
+        self.size += len(data)
+        _write_all(self.fd, data if self.sealer is None else self.sealer.update(data))
+
+    def discard(self) -> None:
+        """Close it and remove its temporary name (a name `claim` gave it stays)."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.path.unlink(missing_ok=True)
+
+    def complete(self) -> None:
+        """No more bytes: seal the last segment (nothing to do on a plain tier)."""
+        if self.sealer is not None:
+            _write_all(self.fd, self.sealer.final())
+            self.sealer = None
+
+    @contextlib.contextmanager
+    def plaintext(self, start: int = 0) -> Iterator[memoryview | Pieces]:
+        """The bytes written from `start`: the file mapped read-only, or, sealed, opened a
+        segment at a time where they are read (never whole in memory, never plain on
+        disk)."""
+        self.complete()
+        if self.keyring is not None:
+            source, opened = open_file(self.path, self.keyring, "an instance being received")
+            with source:
+                yield _After(opened, start)
+            return
+        with self.path.open("rb") as file:
+            yield mapped(file)[start:]
+
+    def chunks(self, start: int = 0) -> Iterator[bytes]:
+        """The bytes written from `start`, `CHUNK` at a time."""
+        self.complete()
+        yield from _skip(_chunks(self.path, self.keyring, "an instance being received"), start)
 
 
-class Tier:
+@dataclass(frozen=True, slots=True)
+class _After:
+    """An opened sealed file from `start` on."""
+
+    whole: Opened
+    start: int
+
+    def __len__(self) -> int:
+        return len(self.whole) - self.start
+
+    def __getitem__(self, piece: slice, /) -> bytes:
+        begin, end, _ = piece.indices(len(self))
+        return self.whole[self.start + begin : self.start + end]
+
+
+def mapped(file: BinaryIO) -> memoryview:
+    """An open file's bytes, mapped read-only. Unmapped when the last view of it goes
+    (never closed here: an exception's traceback may still hold a view)."""
+    if not os.fstat(file.fileno()).st_size:
+        return memoryview(b"")
+    return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _chunks(path: Path, keyring: Keyring | None, name: str) -> Iterator[bytes]:
+    """A file's bytes (opened, when sealed), about `CHUNK` at a time."""
+    if keyring is None:
+        with path.open("rb") as plain:
+            while chunk := plain.read(CHUNK):
+                yield chunk
+        return
+    source, opened = open_file(path, keyring, name)
+    with source:
+        pending = bytearray()
+        for segment in opened.chunks():
+            pending += segment
+            if len(pending) >= CHUNK:
+                yield bytes(pending)
+                pending.clear()
+        if pending:
+            yield bytes(pending)
+
+
+def _skip(chunks: Iterator[bytes], start: int) -> Iterator[bytes]:
+    for chunk in chunks:
+        if start >= len(chunk):
+            start -= len(chunk)
+            continue
+        yield chunk[start:] if start else chunk
+        start = 0
+
+
+class DiskTier:
     """One storage tier rooted at a directory."""
 
-    def __init__(self, name: str, root: Path) -> None:
+    def __init__(self, name: str, root: Path, keyring: Keyring | None = None) -> None:
         self.name = name
         self.root = root
+        self.keyring = keyring
+        self._what = f"an instance on the {name} tier"
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, relative: PurePosixPath) -> Path:
+        """Where a file lies; its bytes are read through `read` and `chunks` (sealed on an
+        encrypted tier)."""
         return self.root / relative
 
     def stage(self, directory: PurePosixPath, chunks: Iterable[bytes]) -> Staged:
@@ -100,7 +200,16 @@ class Tier:
             self._forget(target)
             self._ensure_dir(target)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        return Staged(tmp, fd)
+        if self.keyring is None:
+            return Staged(tmp, fd)
+        try:
+            sealer = Sealer(self.keyring)
+            _write_all(fd, sealer.header)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return Staged(tmp, fd, self.keyring, sealer)
 
     def claim(
         self, staged: Staged, names: Iterable[tuple[int, PurePosixPath]]
@@ -109,6 +218,7 @@ class Tier:
         name, so two receivers never take the same one. Returns the name taken."""
         if not staged.path.is_relative_to(self.root):
             raise ValueError(f"{staged.path} was not staged in tier {self.name}")
+        staged.complete()
         for number, relative in names:
             final = self.path(relative)
             self._ensure_dir(final.parent)
@@ -144,14 +254,13 @@ class Tier:
 
     @staticmethod
     def discard(staged: Staged) -> None:
-        with contextlib.suppress(OSError):
-            os.close(staged.fd)
-        staged.path.unlink(missing_ok=True)
+        staged.discard()
 
     def write(self, relative: PurePosixPath, chunks: Iterable[bytes]) -> int:
         """Durably write (or replace) a file under `relative`; returns its size."""
         staged = self.stage(relative.parent, chunks)
         try:
+            staged.complete()
             os.fsync(staged.fd)
         finally:
             os.close(staged.fd)
@@ -163,13 +272,27 @@ class Tier:
         self.path(relative).unlink(missing_ok=True)
 
     def read(self, relative: PurePosixPath) -> bytes:
-        return self.path(relative).read_bytes()
+        if self.keyring is None:
+            return self.path(relative).read_bytes()
+        source, opened = open_file(self.path(relative), self.keyring, self._what)
+        with source:
+            return opened.read()
 
     def chunks(self, relative: PurePosixPath) -> Iterator[bytes]:
-        """A file's bytes, `CHUNK` at a time."""
-        with self.path(relative).open("rb") as source:
-            while chunk := source.read(CHUNK):
-                yield chunk
+        """A file's bytes, about `CHUNK` at a time (a missing file raises at the first)."""
+        return _chunks(self.path(relative), self.keyring, self._what)
+
+    def check(self, relative: PurePosixPath) -> None:
+        """Raise what reading the file would (missing, or a sealed one the keyring cannot
+        open) without reading it: answers can fail before their first byte."""
+        if self.keyring is None:
+            self.path(relative).stat()
+            return
+        source, _ = open_file(self.path(relative), self.keyring, self._what)
+        source.close()
+
+    def exists(self, relative: PurePosixPath) -> bool:
+        return self.path(relative).is_file()
 
     def remove_tree(self, relative: PurePosixPath) -> None:
         """Delete a study's directory; missing is fine (a rerun after a crash)."""
@@ -194,6 +317,20 @@ class Tier:
     def _forget(self, target: Path) -> None:
         with self._lock:
             self._known_dirs = {d for d in self._known_dirs if not d.is_relative_to(target)}
+
+    def rewrap(self) -> Iterator[bool]:
+        """Wrap every stored file's data key with the keyring's current key, file by file,
+        yielding whether each changed: no image byte is rewritten, each file is flushed
+        before the next, and a rerun after a crash finds the finished ones unchanged. Safe
+        beside a running gateway (readers use the old slot until the new one is whole)."""
+        if self.keyring is None:
+            raise ValueError(f"the {self.name} tier is not encrypted")
+        studies = self.root / STUDIES
+        for file in sorted(studies.rglob("*.dcm")) if studies.exists() else ():
+            try:
+                yield rewrap(file, self.keyring, self._what)
+            except FileNotFoundError:
+                continue  # moved to another tier or deleted meanwhile
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

@@ -1,0 +1,274 @@
+"""A tier in an S3-compatible object store (the S3 adapter of `tier.Tier`), through obstore.
+
+One object per instance version, named `PREFIX/studies/STUDY/SERIES/SOP[.vN].dcm`. A data
+set is received into a local staged file (sealed as it arrives when the site encrypts), then
+stored by a create-only PUT (`If-None-Match: *`) signed with its SHA-256: the server's 200
+plays the part fsync and link play on a disk, so the acknowledgement order stays object
+durable -> catalog row committed -> success. A PUT whose answer was lost is retried by
+obstore and meets its own object: the write token in the object's metadata tells it from
+another writer's (docs/object-storage.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+from pathlib import Path, PurePosixPath
+
+import obstore
+from obstore.exceptions import AlreadyExistsError
+from obstore.store import S3Store
+
+from telerad.api.config import ObjectStore
+from telerad.runtime.store.envelope import HEADER, TAG, Keyring, Opened
+from telerad.runtime.store.files import CHUNK, INCOMING, STUDIES, DiskTier, Staged
+
+WRITE_TOKEN = "telerad-write"  # noqa: S105  (a metadata key, not a secret)
+"""User metadata (`x-amz-meta-telerad-write`) that says which write stored an object."""
+RETRIES = {
+    # obstore's defaults (10 retries within 3 minutes) would hold a store that long while
+    # the server is down; a refused store is retried by its sender.
+    "max_retries": 3,
+    "retry_timeout": timedelta(seconds=10),
+    "backoff": {
+        "init_backoff": timedelta(milliseconds=100),
+        "max_backoff": timedelta(seconds=2),
+        "base": 2,
+    },
+}
+
+
+class ObjectStoreError(OSError):
+    """The object store did not do what was asked (down, refusing, unreachable). An
+    OSError, as a failing disk is: callers refuse the store, never acknowledge it. The
+    message keeps the client's reason but no object name (they hold UIDs)."""
+
+    def __init__(self, what: str, cause: BaseException | None = None) -> None:
+        reason = f"{what}: {_UIDS.sub('UID', str(cause))}" if cause is not None else what
+        super().__init__(errno.EIO, reason)
+
+
+_UIDS = re.compile(r"[0-9]+(?:\.[0-9]+){4,}")
+
+
+def s3_store(config: ObjectStore) -> S3Store:
+    """The client for a configured bucket: credentials from its file, else from the
+    standard AWS environment (obstore reads it), path-style requests to an endpoint of
+    one's own."""
+    options: dict[str, object] = {"region": config.region, "checksum_algorithm": "SHA256"}
+    if config.endpoint is not None:
+        options |= {"endpoint": config.endpoint, "virtual_hosted_style_request": False}
+    if config.credentials_file is not None:
+        found = _credentials(config.credentials_file)
+        options |= {
+            "access_key_id": found["AWS_ACCESS_KEY_ID"],
+            "secret_access_key": found["AWS_SECRET_ACCESS_KEY"],
+        }
+    client = {
+        "allow_http": config.endpoint is not None and config.endpoint.startswith("http://"),
+        "connect_timeout": timedelta(seconds=5),
+        "timeout": timedelta(seconds=60),
+    }
+    return S3Store(
+        config.bucket,
+        prefix=config.prefix or None,
+        client_options=client,  # type: ignore[arg-type]
+        retry_config=RETRIES,  # type: ignore[arg-type]
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def _credentials(path: Path) -> dict[str, str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ObjectStoreError(f"credentials file {path}: {exc.strerror}") from None
+    found = dict(line.strip().partition("=")[::2] for line in lines if "=" in line)
+    missing = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} - set(found)
+    if missing:
+        raise ObjectStoreError(f"credentials file {path} lacks {', '.join(sorted(missing))}")
+    return found
+
+
+class ObjectTier:
+    """One tier in a bucket; `staging` is the local directory data sets arrive in."""
+
+    def __init__(
+        self,
+        name: str,
+        store: S3Store,
+        staging: Path,
+        keyring: Keyring | None = None,
+        storage_class: str | None = None,
+    ) -> None:
+        self.name = name
+        self.keyring = keyring
+        self._store = store
+        self._staging = DiskTier(name, staging, keyring)
+        self._attributes = {"Storage-Class": storage_class} if storage_class else {}
+        self._what = f"an instance on the {name} tier"
+
+    # -- storing ----------------------------------------------------------------------
+    def receive(self) -> Staged:
+        return self._staging.receive()
+
+    def claim(
+        self, staged: Staged, names: Iterable[tuple[int, PurePosixPath]]
+    ) -> tuple[int, PurePosixPath]:
+        staged.complete()
+        # One PUT, the whole object in memory: S3 makes a create-only write conditional
+        # only in a single request (up to 5 GiB); a multipart upload loses the condition.
+        body = staged.path.read_bytes()
+        token = secrets.token_hex(12)
+        for number, relative in names:
+            try:
+                self._put(relative, body, {WRITE_TOKEN: token}, create=True)
+            except AlreadyExistsError:
+                if self._written_by(relative, token):
+                    return number, relative  # our own PUT, whose answer was lost
+                continue
+            return number, relative
+        raise ValueError("no free name offered")
+
+    def _put(
+        self, relative: PurePosixPath, body: bytes, extra: dict[str, str], *, create: bool
+    ) -> None:
+        attributes = {**self._attributes, **extra}
+        mode = "create" if create else "overwrite"
+        try:
+            obstore.put(self._store, str(relative), body, mode=mode, attributes=attributes)  # type: ignore[arg-type]
+        except AlreadyExistsError:
+            raise
+        except Exception as exc:
+            raise ObjectStoreError(f"the {self.name} tier's store failed a PUT", exc) from exc
+
+    def _written_by(self, relative: PurePosixPath, token: str) -> bool:
+        try:
+            there = obstore.get(self._store, str(relative), options={"head": True})
+        except FileNotFoundError:
+            return False  # deleted since: the next name is as good
+        except Exception as exc:
+            raise ObjectStoreError(f"the {self.name} tier's store failed a HEAD", exc) from exc
+        return bool(there.attributes.get(WRITE_TOKEN) == token)
+
+    def settle(self, staged: Staged) -> None:
+        staged.discard()  # the PUT's 200 made it durable; the local copy goes
+
+    def discard(self, staged: Staged) -> None:
+        staged.discard()
+
+    def write(self, relative: PurePosixPath, chunks: Iterable[bytes]) -> int:
+        staged = self._staging.stage(PurePosixPath(INCOMING), chunks)
+        try:
+            staged.complete()
+            self._put(relative, staged.path.read_bytes(), {}, create=False)
+            return staged.size
+        finally:
+            staged.discard()
+
+    # -- reading ----------------------------------------------------------------------
+    def _get(self, relative: PurePosixPath) -> bytes:
+        try:
+            return bytes(obstore.get(self._store, str(relative)).bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such object on the {self.name} tier") from None
+        except Exception as exc:
+            raise ObjectStoreError(f"the {self.name} tier's store failed a GET", exc) from exc
+
+    def read(self, relative: PurePosixPath) -> bytes:
+        raw = self._get(relative)
+        if self.keyring is None:
+            return raw
+        return Opened(io.BytesIO(raw), len(raw), self.keyring, self._what).read()
+
+    def chunks(self, relative: PurePosixPath) -> Iterator[bytes]:
+        # Whole, then a chunk at a time: a ranged read per segment is a request per 64 KiB.
+        data = self.read(relative)
+        for start in range(0, len(data), CHUNK):
+            yield data[start : start + CHUNK]
+
+    def exists(self, relative: PurePosixPath) -> bool:
+        try:
+            obstore.head(self._store, str(relative))
+        except FileNotFoundError:
+            return False
+        except Exception as exc:
+            raise ObjectStoreError(f"the {self.name} tier's store failed a HEAD", exc) from exc
+        return True
+
+    def check(self, relative: PurePosixPath) -> None:
+        if self.keyring is None:
+            if not self.exists(relative):
+                raise FileNotFoundError(f"no such object on the {self.name} tier")
+            return
+        try:
+            head = bytes(obstore.get_range(self._store, str(relative), start=0, length=HEADER))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such object on the {self.name} tier") from None
+        except Exception as exc:
+            raise ObjectStoreError(f"the {self.name} tier's store failed a GET", exc) from exc
+        Opened(io.BytesIO(head), HEADER + TAG, self.keyring, self._what)
+
+    # -- removing ---------------------------------------------------------------------
+    def remove(self, relative: PurePosixPath) -> None:
+        self._call(obstore.delete, str(relative))
+
+    def remove_tree(self, relative: PurePosixPath) -> None:
+        paths = [str(meta["path"]) for page in self._list(relative) for meta in page]
+        for start in range(0, len(paths), 1000):  # DeleteObjects takes 1000 at a time
+            self._call(obstore.delete, paths[start : start + 1000])
+
+    def prune(self, relative: PurePosixPath) -> None:
+        """Nothing to do: a bucket has no directories."""
+
+    def _list(self, relative: PurePosixPath) -> Iterator[list[dict[str, object]]]:
+        try:
+            yield from obstore.list(self._store, prefix=str(relative))
+        except Exception as exc:
+            raise ObjectStoreError(f"the {self.name} tier's store failed a LIST", exc) from exc
+
+    def _call(self, operation: Callable[..., object], *args: object) -> None:
+        try:
+            operation(self._store, *args)
+        except Exception as exc:
+            what = f"the {self.name} tier's store failed ({operation.__name__})"
+            raise ObjectStoreError(what, exc) from exc
+
+    # -- housekeeping -----------------------------------------------------------------
+    def free_bytes(self) -> int:
+        """Free space where data sets are received: a bucket has no watermark."""
+        return shutil.disk_usage(self._staging.root).free
+
+    def sweep_temporaries(self) -> int:
+        return self._staging.sweep_temporaries()
+
+    def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]]) -> int:
+        """Objects no catalog row names: a crash between the PUT and the commit leaves one.
+        At start only, as on a disk (with several gateways per site this needs a grace
+        period: issue 19)."""
+        removed = 0
+        known: dict[str, set[str]] = {}
+        for page in self._list(PurePosixPath(STUDIES)):
+            for meta in page:
+                path = str(meta["path"])
+                parts = path.split("/")
+                if len(parts) < 4 or not path.endswith(".dcm"):
+                    continue
+                study = parts[1]
+                if study not in known:
+                    known[study] = catalogued(self.name, study)
+                if path not in known[study]:
+                    self._call(obstore.delete, path)
+                    removed += 1
+        return removed
+
+    def rewrap(self) -> Iterator[bool]:
+        raise ValueError(
+            f"the {self.name} tier is in an object store: rewrap there is not built yet "
+            "(it would rewrite each object's header with a server-side copy)"
+        )
