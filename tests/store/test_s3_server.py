@@ -12,7 +12,6 @@ import hashlib
 import signal
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import obstore
@@ -20,37 +19,22 @@ import pytest
 from obstore.exceptions import AlreadyExistsError, GenericError, NotSupportedError
 from obstore.store import S3Store
 
+from telerad.api.config import ObjectStore
+from telerad.runtime.store.objects import RETRIES, s3_store
 from tests.conftest import S3Bucket
 from tests.processes import alive, signal_inner_pytest
 from tests.s3proxy import S3Proxy
 
 
 def store(s3: S3Bucket, endpoint: str | None = None) -> S3Store:
-    """What the adapter would build: path style, plain HTTP on loopback, SHA-256 checksums,
-    short timeouts and few retries (a test must see an outage as an error, not a hang)."""
-    return S3Store(
-        s3.name,
-        endpoint=endpoint or s3.endpoint,
-        region=s3.region,
-        access_key_id=s3.credentials["AWS_ACCESS_KEY_ID"],
-        secret_access_key=s3.credentials["AWS_SECRET_ACCESS_KEY"],
-        virtual_hosted_style_request=False,
-        checksum_algorithm="SHA256",
-        client_options={
-            "allow_http": True,
-            "connect_timeout": timedelta(seconds=2),
-            "timeout": timedelta(seconds=10),
-        },
-        retry_config={
-            "max_retries": 2,
-            "retry_timeout": timedelta(seconds=5),
-            "backoff": {
-                "init_backoff": timedelta(milliseconds=50),
-                "max_backoff": timedelta(seconds=1),
-                "base": 2,
-            },
-        },
-    )
+    """The client the S3 tier builds (`objects.s3_store`): path style, plain HTTP on
+    loopback, SHA-256 checksums, short timeouts and few retries (an outage is an error,
+    not a hang)."""
+    config = ObjectStore(url=f"s3://{s3.name}", endpoint=endpoint or s3.endpoint, region=s3.region)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in s3.credentials.items():
+            env.setenv(key, value)
+        return s3_store(config)
 
 
 def sha256_b64(data: bytes) -> str:
@@ -345,10 +329,10 @@ def test_a_stopped_server_is_a_clear_error_and_the_same_client_recovers(s3: S3Bu
     finally:
         s3.server.start()
     # Refused connections, retried max_retries times: obstore's defaults (10 retries
-    # within 3 minutes) would hold a store that long, so the adapter must set both.
+    # within 3 minutes) would hold a store that long, so the adapter sets both.
     for error in (put.value, get.value):
         assert "Connection refused" in str(error), error
-        assert "after 2 retries" in str(error), error
+        assert f"after {RETRIES['max_retries']} retries" in str(error), error
     assert obstore.get(objects, "before").bytes() == b"kept"
     with pytest.raises(FileNotFoundError):
         obstore.head(objects, "during")
