@@ -1138,7 +1138,7 @@ def report(
     print()
     goals = goal_lines(results)
     if goals:
-        print("Goals (issue 17), ratio of median inst/s:")
+        print("Goals (issues 17 and 18), ratio of median inst/s:")
         print()
         print("\n".join(goals))
         print()

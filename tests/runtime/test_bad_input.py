@@ -8,7 +8,6 @@ association's socket directly."""
 from __future__ import annotations
 
 import io
-import shutil
 import struct
 import zlib
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from telerad import synthetic
 from telerad.api.config import CatalogConfig
 
 from .conftest import GatewayFactory, GatewayProcess, dataset_bytes, stored
+from .test_disk_full import tmpfs
 from .test_roundtrip import BROKEN, PYDICOM_FILES, REAL_IMAGES
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
@@ -258,10 +258,17 @@ def test_a_data_set_larger_than_the_free_space_is_refused_cleanly(
     start_gateway: GatewayFactory, catalog_config: CatalogConfig, tmp_path: Path
 ) -> None:
     """The gateway reads such a data set to its end without keeping it, answers Out of
-    Resources, and goes on taking instances that fit. (The catalog, which may be a
-    PostgreSQL database on this disk, is made before the free space is measured.)"""
-    free = shutil.disk_usage(tmp_path).free
-    gateway = start_gateway(catalog=catalog_config, storage={"min_free_bytes": free - (16 << 20)})
+    Resources, and goes on taking instances that fit. The hot tier is a 24 MiB tmpfs of
+    its own: a margin measured on the shared disk was eaten by whatever else the suite
+    wrote meanwhile, and the gateway then never got healthy (a full tier is unready)."""
+    with tmpfs(tmp_path / "hot", "size=24m") as hot:
+        gateway = start_gateway(
+            catalog=catalog_config, storage={"hot_dir": hot, "min_free_bytes": 0}
+        )
+        refused_cleanly(gateway)
+
+
+def refused_cleanly(gateway: GatewayProcess) -> None:
     big = synthetic.chest_xray(seed=5, size=(3872, 3872))  # about 30 MB
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(big.SOPClassUID, EXPLICIT)
