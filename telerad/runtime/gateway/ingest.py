@@ -276,7 +276,7 @@ class Ingest:
             version, relative = self.hot.claim(staged, names)
             self.hot.settle(staged)
         except OSError as exc:
-            self.hot.discard(staged)
+            staged.discard()
             log.error("write failed: %s", exc.strerror)
             return self._refuse("write-failed", StoreStatus.OUT_OF_RESOURCES, "write failed")
         received = Received(
@@ -324,7 +324,7 @@ class Ingest:
             for chunk in received.chunks(incoming.offset):
                 staged.write(chunk)
         except BaseException:
-            self.hot.discard(staged)
+            staged.discard()
             raise
         return staged
 

@@ -182,7 +182,7 @@ class DiskTier:
             for chunk in chunks:
                 staged.write(chunk)
         except BaseException:
-            self.discard(staged)
+            staged.discard()
             raise
         return staged
 
@@ -251,10 +251,6 @@ class DiskTier:
         finally:
             os.close(staged.fd)
         _fsync_dir(staged.final.parent)
-
-    @staticmethod
-    def discard(staged: Staged) -> None:
-        staged.discard()
 
     def write(self, relative: PurePosixPath, chunks: Iterable[bytes]) -> int:
         """Durably write (or replace) a file under `relative`; returns its size."""

@@ -159,9 +159,6 @@ class ObjectTier:
     def settle(self, staged: Staged) -> None:
         staged.discard()  # the PUT's 200 made it durable; the local copy goes
 
-    def discard(self, staged: Staged) -> None:
-        staged.discard()
-
     def write(self, relative: PurePosixPath, chunks: Iterable[bytes]) -> int:
         staged = self._staging.stage(PurePosixPath(INCOMING), chunks)
         try:

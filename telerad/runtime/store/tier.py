@@ -35,8 +35,6 @@ class Tier(Protocol):
         """Make a claimed file durable and drop what staged it: after this, and only
         after, may it be acknowledged."""
 
-    def discard(self, staged: Staged) -> None: ...
-
     def write(self, relative: PurePosixPath, chunks: Iterable[bytes]) -> int:
         """Durably write (or replace) a file; returns its size."""
 
