@@ -9,6 +9,7 @@ from typing import Annotated, ClassVar, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_snake
 
 from telerad.api.aimodel import InferenceServer, IntendedUse, ModelRef, Thresholds
 from telerad.api.base import ApiModel, Rule
@@ -34,6 +35,10 @@ class TLSFiles(ApiModel):
     """Lowest TLS version accepted."""
 
 
+HOT, WARM, COLD = "hot", "warm", "cold"
+TIERS = (HOT, WARM, COLD)
+"""The tiers a study passes through as it ages, in order."""
+
 MIN_FREE_BYTES = 1 << 30
 """The hot tier's free-space watermark unless the site's size says less."""
 
@@ -55,6 +60,14 @@ S3_URL = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
 class ObjectStore(ApiModel):
     """A tier in an S3-compatible object store: one object per instance version."""
 
+    __rules__: ClassVar = (
+        Rule(
+            "!(has(self.credentialsFile) && has(self.credentialsDir))",
+            "credentials come from credentialsFile or credentialsDir, not both",
+            lambda s: s.credentials_file is None or s.credentials_dir is None,
+        ),
+    )
+
     url: str = Field(pattern=S3_URL)
     """`s3://BUCKET/PREFIX`: objects are named `PREFIX/studies/STUDY/SERIES/SOP[.vN].dcm`."""
     endpoint: HttpUrl | None = None
@@ -63,10 +76,19 @@ class ObjectStore(ApiModel):
     region: str = Field(default="us-east-1", pattern=r"^[a-z0-9-]{1,32}$")
     """Where the bucket is (data residency)."""
     storage_class: str | None = Field(default=None, pattern=r"^[A-Z_]{1,32}$")
-    """The S3 storage class of new objects (`STANDARD`, `STANDARD_IA`, ...)."""
+    """The S3 storage class of the tier's objects (`STANDARD`, `STANDARD_IA`,
+    `GLACIER_IR`, ...), sent with every PUT. In `GLACIER` or `DEEP_ARCHIVE` an object must be
+    restored before it is read: WADO-RS answers 202 with `Retry-After` and starts it."""
+    restore_tier: Literal["Expedited", "Standard", "Bulk"] = "Standard"
+    """How fast (and at what price) archived objects are restored (S3's retrieval tiers)."""
+    restore_days: int = Field(default=7, ge=1, le=365)
+    """Days a restored copy stays readable before it is archived again."""
     credentials_file: Path | None = None
-    """A file of `AWS_ACCESS_KEY_ID=...` and `AWS_SECRET_ACCESS_KEY=...` lines (a mounted
-    Secret); without it, the standard AWS environment variables or the pod's identity."""
+    """A file of `AWS_ACCESS_KEY_ID=...` and `AWS_SECRET_ACCESS_KEY=...` lines; without it
+    (or `credentialsDir`), the standard AWS environment variables or the pod's identity."""
+    credentials_dir: Path | None = None
+    """A mounted Secret with the keys `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, a
+    file each (what the operator mounts from `objectStore.credentialsSecretRef`)."""
 
     @property
     def bucket(self) -> str:
@@ -77,8 +99,38 @@ class ObjectStore(ApiModel):
         return self.url.removeprefix("s3://").partition("/")[2].strip("/")
 
 
+def _at_most_one(first: str, second: str) -> Rule:
+    a, b = to_snake(first), to_snake(second)
+    return Rule(
+        f"!(has(self.{first}) && has(self.{second}))",
+        f"a tier is a directory or an object store: {first} or {second}, not both",
+        lambda s: getattr(s, a) is None or getattr(s, b) is None,
+    )
+
+
 class StoragePaths(ApiModel):
-    """The site's tiers as mounted directories."""
+    """The site's tiers: hot, and optionally warm and cold, each a mounted directory or a
+    location in an object store. A study moves on as it ages (hot -> warm -> cold, skipping
+    a tier the site lacks) and is deleted from every tier after `retentionDays`."""
+
+    __rules__: ClassVar = (
+        _at_most_one("warmDir", "warmStore"),
+        _at_most_one("coldDir", "coldStore"),
+        Rule(
+            "self.hotDays <= self.retentionDays",
+            "hotDays must not exceed retentionDays",
+            lambda s: s.hot_days <= s.retention_days,
+        ),
+        Rule(
+            "!((has(self.warmDir) || has(self.warmStore)) && (has(self.coldDir) ||"
+            " has(self.coldStore))) || (self.hotDays < self.warmDays &&"
+            " self.warmDays <= self.retentionDays)",
+            "with a warm and a cold tier, ages increase: hotDays < warmDays <= retentionDays",
+            lambda s: (
+                not (s.has(WARM) and s.has(COLD)) or s.hot_days < s.warm_days <= s.retention_days
+            ),
+        ),
+    )
 
     hot_dir: Path
     """Hot tier: instances, the catalog and the job queue. With `hotStore`, where data
@@ -86,9 +138,18 @@ class StoragePaths(ApiModel):
     hot_store: ObjectStore | None = None
     """Keep the hot tier's instances in an object store instead of `hotDir`."""
     warm_dir: Path | None = None
-    """Warm tier, when the site has one."""
+    """Warm tier, when the site has one, as a directory."""
+    warm_store: ObjectStore | None = None
+    """Warm tier, when the site has one, in an object store."""
+    cold_dir: Path | None = None
+    """Cold (archive) tier, when the site has one, as a directory."""
+    cold_store: ObjectStore | None = None
+    """Cold (archive) tier, when the site has one, in an object store (an archive storage
+    class, restored before it is read when the class needs it)."""
     hot_days: int = Field(default=7, ge=1)
-    """Days in the hot tier."""
+    """Age in days at which a study leaves the hot tier (for warm, else cold)."""
+    warm_days: int = Field(default=30, ge=1)
+    """Age in days at which a study leaves the warm tier for the cold one."""
     retention_days: int = Field(default=30, ge=1)
     """Days before deletion from every tier."""
     min_free_bytes: int = Field(default=MIN_FREE_BYTES, ge=0)
@@ -99,6 +160,26 @@ class StoragePaths(ApiModel):
     encryption: Encryption | None = None
     """Seal every stored instance with AES-256-GCM; without it, files are stored as
     received."""
+
+    def has(self, tier: str) -> bool:
+        """Whether the site has the tier (`hot`, `warm` or `cold`)."""
+        return tier == HOT or self.place(tier) != (None, None)
+
+    def place(self, tier: str) -> tuple[Path | None, ObjectStore | None]:
+        """Where a tier is: its directory, or its object store (the other is None)."""
+        return {
+            HOT: (None if self.hot_store else self.hot_dir, self.hot_store),
+            WARM: (self.warm_dir, self.warm_store),
+            COLD: (self.cold_dir, self.cold_store),
+        }[tier]
+
+    def leaves_at(self, tier: str) -> int | None:
+        """Age in days at which a study moves on from `tier`; None where it stays until
+        retention (the last tier the site has)."""
+        later = TIERS[TIERS.index(tier) + 1 :]
+        if not any(self.has(t) for t in later):
+            return None
+        return self.hot_days if tier == HOT else self.warm_days
 
 
 def url_password(url: str) -> bool:

@@ -85,14 +85,84 @@ class ServiceSpec(ApiModel):
     """For LoadBalancer: source networks the cloud load balancer admits."""
 
 
+S3StorageClass = Literal[
+    "STANDARD",
+    "INTELLIGENT_TIERING",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "GLACIER_IR",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+]
+COLDNESS: dict[str, int] = {
+    "STANDARD": 0,
+    "INTELLIGENT_TIERING": 1,
+    "STANDARD_IA": 2,
+    "ONEZONE_IA": 2,
+    "GLACIER_IR": 3,
+    "GLACIER": 4,
+    "DEEP_ARCHIVE": 5,
+}
+"""How cold (cheap to keep, slow or dear to read) each S3 storage class is."""
+RESTORED_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+"""Classes whose objects must be restored before they are read."""
+_COLDNESS_CEL = "{" + ", ".join(f"'{k}': {v}" for k, v in COLDNESS.items()) + "}"
+
+
+class TierObjectStore(ApiModel):
+    """A tier in an S3-compatible bucket: one object per instance version."""
+
+    __rules__: ClassVar = (
+        Rule(
+            "!(self.storageClass == 'DEEP_ARCHIVE' && self.restoreTier == 'Expedited')",
+            "DEEP_ARCHIVE has no Expedited restores: use Standard or Bulk",
+            lambda s: not (s.storage_class == "DEEP_ARCHIVE" and s.restore_tier == "Expedited"),
+        ),
+    )
+
+    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    """The bucket (the platform's: telerad never creates one)."""
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9!_.*'()/-]*$", max_length=512)] = ""
+    """Key prefix of the site's objects in the bucket; a bucket can hold many sites."""
+    endpoint: HttpUrl | None = None
+    """The S3 endpoint for a server that is not AWS (MinIO, Ceph, versitygw, a cloud's
+    S3-compatible service); AWS's own for the region when unset."""
+    region: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,32}$")] = "us-east-1"
+    """The bucket's region: where the site's images are kept (data residency), shown in
+    the site's status."""
+    storage_class: S3StorageClass = "STANDARD"
+    """The class every object of the tier is written in. `GLACIER` and `DEEP_ARCHIVE` are
+    for the cold tier only: their objects are restored before they are read (WADO-RS
+    answers 202 with `Retry-After` meanwhile)."""
+    credentials_secret_ref: SecretRef | None = None
+    """Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, mounted read-only into
+    the gateway; without it the pod's cloud identity (IRSA, workload identity)."""
+    restore_tier: Literal["Expedited", "Standard", "Bulk"] = "Standard"
+    """How fast (and at what price) archived objects are restored."""
+    restore_days: Annotated[int, Field(ge=1, le=365)] = 7
+    """Days a restored copy stays readable."""
+
+
 class Tier(ApiModel):
-    """A storage tier: one PersistentVolumeClaim of the tenant's storage class."""
+    """A storage tier: a PersistentVolumeClaim of the tenant's storage class, or a
+    location in an object store."""
 
     __rules__: ClassVar = (
         Rule(
             "has(self.storageClassName) == has(oldSelf.storageClassName) && "
             "(!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)",
             "storageClassName is immutable: a tier's volume cannot move to another storage class",
+        ),
+        Rule(
+            "has(self.objectStore) == has(oldSelf.objectStore)",
+            "a tier cannot change between a volume and an object store: its studies would be"
+            " left behind",
+        ),
+        Rule(
+            "!(has(self.objectStore) && has(self.storageClassName))",
+            "storageClassName is a volume's: a tier in an object store sets"
+            " objectStore.storageClass",
+            lambda t: t.object_store is None or t.storage_class_name is None,
         ),
     )
 
@@ -101,9 +171,14 @@ class Tier(ApiModel):
     size: Quantity = "100Gi"
     """Capacity requested for the volume. The hot tier refuses stores (out of resources,
     nothing half-written) once its free space is below a twentieth of this size, at most
-    1 GiB."""
+    1 GiB. With `objectStore` on the hot tier, the volume still holds the data sets being
+    received, the embedded catalog (without `spec.catalog`) and the de-identification key;
+    the other tiers in an object store have no volume."""
+    object_store: TierObjectStore | None = None
+    """Keep the tier's instances in an S3-compatible bucket instead of the volume."""
     days: Days = 7
-    """Days a study stays in this tier before it moves to the next (or is deleted)."""
+    """Age in days (since the study's last instance) at which a study moves on from this
+    tier to the next one the site has; the last tier keeps it until `retentionDays`."""
 
 
 class StorageEncryption(ApiModel):
@@ -126,12 +201,50 @@ class Storage(ApiModel):
             "hot.days must not exceed retentionDays",
             lambda s: s.hot.days <= s.retention_days,
         ),
+        Rule(
+            "!has(self.warm) || !has(self.cold) || (self.hot.days < self.warm.days &&"
+            " self.warm.days <= self.retentionDays)",
+            "tier ages must increase: hot.days < warm.days <= retentionDays",
+            lambda s: (
+                s.warm is None or s.cold is None or s.hot.days < s.warm.days <= s.retention_days
+            ),
+        ),
+        Rule(
+            "!has(self.warm) || !has(self.cold) || !has(self.warm.objectStore) ||"
+            f" !has(self.cold.objectStore) || {_COLDNESS_CEL}[self.cold.objectStore.storageClass]"
+            f" > {_COLDNESS_CEL}[self.warm.objectStore.storageClass]",
+            "the cold tier needs a colder storage class than the warm one",
+            lambda s: (
+                s.warm is None
+                or s.cold is None
+                or s.warm.object_store is None
+                or s.cold.object_store is None
+                or COLDNESS[s.cold.object_store.storage_class]
+                > COLDNESS[s.warm.object_store.storage_class]
+            ),
+        ),
+        Rule(
+            "!(has(self.hot.objectStore) && self.hot.objectStore.storageClass in"
+            f" {list(RESTORED_CLASSES)}) && !(has(self.warm) && has(self.warm.objectStore) &&"
+            f" self.warm.objectStore.storageClass in {list(RESTORED_CLASSES)})",
+            "GLACIER and DEEP_ARCHIVE are for the cold tier: hot and warm are read at once",
+            lambda s: all(
+                t is None
+                or t.object_store is None
+                or t.object_store.storage_class not in RESTORED_CLASSES
+                for t in (s.hot, s.warm)
+            ),
+        ),
     )
 
     hot: Tier = Field(default_factory=Tier)
     """Fast tier every study lands in; also holds the catalog and job queue."""
     warm: Tier | None = None
-    """Cheaper tier studies move to after hot.days; without it they are deleted then."""
+    """Cheaper tier studies move to at `hot.days`."""
+    cold: Tier | None = None
+    """Archive tier studies move to at `warm.days` (at `hot.days` without a warm tier),
+    typically a bucket in an archive storage class. Without warm and cold, studies stay
+    hot until `retentionDays`."""
     retention_days: Days = 30
     """Days after which a study is deleted from every tier."""
     reclaim_policy: Literal["Retain", "Delete"] = "Retain"
@@ -277,8 +390,24 @@ class ImagingSiteSpec(ApiModel):
     """Compute resources of the gateway container."""
 
 
+class TierStatus(ApiModel):
+    """Where one of the site's tiers keeps its images."""
+
+    name: Annotated[str, Field(max_length=8)]
+    """The tier: hot, warm or cold."""
+    location: Annotated[str, Field(max_length=600)]
+    """`volume` (the tier's PersistentVolumeClaim), or `s3://BUCKET/PREFIX`."""
+    region: Annotated[str, Field(max_length=64)] | None = None
+    """The bucket's region (data residency); for a volume, the cluster's own."""
+    storage_class: Annotated[str, Field(max_length=64)] | None = None
+    """The S3 storage class its objects are written in."""
+
+
 class ImagingSiteStatus(Status):
     """Observed state of an imaging site."""
+
+    tiers: Annotated[list[TierStatus], Field(max_length=3)] = Field(default_factory=list)
+    """Where each tier keeps the site's images, and in which region."""
 
     endpoint: Annotated[str, Field(max_length=512)] | None = None
     """Where modalities send: host:port and AE title."""

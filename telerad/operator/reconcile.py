@@ -390,7 +390,10 @@ class Reconciler:
             body,
             conds,
             after,
-            {"endpoint": endpoint},
+            {
+                "endpoint": endpoint,
+                "tiers": [t.to_wire() for t in site_builders.tier_status(site)],
+            },
             problem.reason if problem else None,
             warning=problem.message if problem else None,
         )

@@ -120,6 +120,10 @@ def test_samples_become_ready_on_the_right_nodes(
     site = get(cluster, namespace, "imagingsite", "st-marys")
     assert site["status"]["observedGeneration"] == site["metadata"]["generation"]
     assert site["status"]["endpoint"] == f"TELERAD_STM@st-marys-gateway.{namespace}.svc:11112"
+    assert site["status"]["tiers"] == [
+        {"name": "hot", "location": "volume"},
+        {"name": "warm", "location": "volume"},
+    ]
     worker = get(cluster, namespace, "deployment", "ct-head-hyperdensity-worker")
     container = worker["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -134,6 +138,64 @@ def test_samples_become_ready_on_the_right_nodes(
     assert (
         'telerad_operator_reconcile_total{kind="ImagingSite",result="done"}' in operator.metrics()
     )
+
+
+def test_a_site_with_bucket_tiers_shows_their_region_and_has_no_volume_for_them(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    site = {
+        "apiVersion": "telerad.io/v1alpha1",
+        "kind": "ImagingSite",
+        "metadata": {"name": "lakeside"},
+        "spec": {
+            "aeTitle": "LAKESIDE",
+            "allowedCallers": [{"aeTitle": "CT01"}],
+            "storage": {
+                "hot": {"size": "10Gi"},
+                "warm": {
+                    "days": 60,
+                    "objectStore": {
+                        "bucket": "lakeside-images",
+                        "prefix": "warm",
+                        "region": "eu-central-1",
+                        "storageClass": "STANDARD_IA",
+                        "credentialsSecretRef": {"name": "lakeside-s3"},
+                    },
+                },
+                "cold": {
+                    "objectStore": {
+                        "bucket": "lakeside-archive",
+                        "region": "eu-central-1",
+                        "storageClass": "DEEP_ARCHIVE",
+                    }
+                },
+                "retentionDays": 3650,
+            },
+        },
+    }
+    cluster.kubectl("-n", namespace, "apply", "--server-side", "-f", "-", input=json.dumps(site))
+    eventually(
+        lambda: (
+            len(
+                (get(cluster, namespace, "imagingsite", "lakeside").get("status") or {}).get(
+                    "tiers", []
+                )
+            )
+            == 3
+        ),
+        "the tiers in the site's status",
+    )
+    status = get(cluster, namespace, "imagingsite", "lakeside")["status"]
+    assert {t["name"]: t.get("region") for t in status["tiers"]} == {
+        "hot": None,
+        "warm": "eu-central-1",
+        "cold": "eu-central-1",
+    }
+    assert status["tiers"][2]["location"] == "s3://lakeside-archive"
+    claims = cluster.kubectl_json("-n", namespace, "get", "pvc")["items"]
+    assert [c["metadata"]["name"] for c in claims] == ["lakeside-gateway-hot"]
+    config = get(cluster, namespace, "configmap", "lakeside-gateway")["data"]["gateway.yaml"]
+    assert "credentialsDir: /var/run/telerad/s3/warm" in config
 
 
 def test_change_touches_only_affected_children_and_resync_writes_nothing(

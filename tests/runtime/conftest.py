@@ -34,12 +34,12 @@ import yaml
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE
 
-from telerad.api.config import GatewayConfig, ObjectStore, TLSFiles, WorkerConfig
+from telerad.api.config import HOT, GatewayConfig, ObjectStore, TLSFiles, WorkerConfig
 from telerad.api.site import Completion, Notifications, Webhook
 from telerad.devcluster.pki import CertificateAuthority
 from telerad.runtime.gateway.example import ensure_keyring, ensure_token, example_config
 from telerad.runtime.store import backends
-from telerad.runtime.store.catalog import HOT, StoredInstance
+from telerad.runtime.store.catalog import StoredInstance
 from telerad.runtime.store.objects import s3_store
 from telerad.runtime.store.sql.catalog import SQLCatalog
 from telerad.runtime.store.tier import Tier

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path, PurePosixPath
 
+import httpx2 as httpx
 import obstore
 import pytest
 from pydantic import ValidationError
@@ -18,7 +19,17 @@ from telerad.runtime.store.objects import WRITE_TOKEN, ObjectStoreError, ObjectT
 from tests.conftest import S3Bucket
 from tests.s3proxy import S3Proxy
 
-from .conftest import GatewayProcess, object_store, retrieved, send_datasets, stored
+from .conftest import (
+    ANY_TRANSFER,
+    GatewayFactory,
+    GatewayProcess,
+    age_studies,
+    object_store,
+    parts,
+    retrieved,
+    send_datasets,
+    stored,
+)
 
 NAME = PurePosixPath("studies/1.2/1.2.3/1.2.3.4.dcm")
 AGAIN = PurePosixPath("studies/1.2/1.2.3/1.2.3.4.v2.dcm")
@@ -30,7 +41,7 @@ def tier(s3: S3Bucket, tmp_path: Path, endpoint: str | None = None) -> ObjectTie
     if endpoint is not None:
         config = config.model_copy(update={"endpoint": endpoint})
     add_key(tmp_path / "keys", "k1")
-    return ObjectTier("hot", s3_store(config), tmp_path / "staging", Keyring(tmp_path / "keys"))
+    return ObjectTier("hot", config, tmp_path / "staging", Keyring(tmp_path / "keys"))
 
 
 def test_a_claimed_object_is_sealed_in_the_bucket_and_reads_back(
@@ -98,8 +109,13 @@ def test_a_credentials_file_without_the_keys_is_refused_by_name(tmp_path: Path) 
     credentials = tmp_path / "credentials"
     credentials.write_text("AWS_ACCESS_KEY_ID=x\n")
     config = ObjectStore(url="s3://bucket/p", credentials_file=credentials)
-    with pytest.raises(ObjectStoreError, match="lacks AWS_SECRET_ACCESS_KEY"):
+    with pytest.raises(ObjectStoreError, match="lack AWS_SECRET_ACCESS_KEY"):
         s3_store(config)
+    secret = tmp_path / "secret"  # as the operator mounts a Secret: a file per key
+    secret.mkdir()
+    (secret / "AWS_ACCESS_KEY_ID").write_text("x")
+    with pytest.raises(ObjectStoreError, match="lack AWS_SECRET_ACCESS_KEY"):
+        s3_store(ObjectStore(url="s3://bucket/p", credentials_dir=secret))
     with pytest.raises(ValidationError):
         ObjectStore(url="s3://Not_A_Bucket")
 
@@ -132,3 +148,76 @@ def test_stores_fail_cleanly_while_the_bucket_is_down_and_the_gateway_recovers(
         uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
         assert retrieved(gateway, *uids)
     assert "failed a PUT" in gateway.log.read_text()
+
+
+@pytest.mark.parametrize("hot_tier", ["s3"])
+@pytest.mark.timeout(240)
+def test_a_study_ages_hot_warm_cold_with_its_classes_and_is_restored_for_wado(
+    start_gateway: GatewayFactory, s3: S3Bucket, s3_proxy: S3Proxy, tmp_path: Path
+) -> None:
+    """Hot -> warm (STANDARD_IA) -> cold (DEEP_ARCHIVE) in one bucket; versitygw ignores
+    classes, so they are checked on the PUTs, and the archive's refusals and restores are
+    played by the proxy's stand-in (tests/s3proxy.py). A cold study's QIDO answers at once;
+    its WADO-RS answers 202 with Retry-After and starts the restore, then the data."""
+    s3_proxy.archive(restore_seconds=3)
+    secret = tmp_path / "secret"  # warm and cold take their keys as a mounted Secret
+    secret.mkdir()
+    for key, value in s3.credentials.items():
+        (secret / key).write_text(value)
+    base = object_store(s3, tmp_path).model_copy(
+        update={"endpoint": s3_proxy.endpoint, "credentials_file": None, "credentials_dir": secret}
+    )
+
+    def place(name: str, storage_class: str, **more: str) -> ObjectStore:
+        url = f"s3://{s3.name}/{tmp_path.name}-{name}"
+        return base.model_copy(update={"url": url, "storage_class": storage_class, **more})
+
+    gateway = start_gateway(
+        storage={
+            "warm_dir": None,
+            "warm_store": place("warm", "STANDARD_IA"),
+            "cold_store": place("cold", "DEEP_ARCHIVE", restore_tier="Bulk"),
+            "warm_days": 30,
+            "retention_days": 90,
+            "lifecycle_interval_seconds": 1,
+        }
+    )
+    series = list(synthetic.ct_series(n_slices=4, size=32, seed=43))
+    assert send_datasets(gateway, series) == [0] * 4
+    study = str(series[0].StudyInstanceUID)
+    gateway.wait_for(lambda: gateway.metric("telerad_gateway_studies_completed_total") == 1)
+    uids = [(study, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)) for ds in series]
+    received = [retrieved(gateway, *u) for u in uids]
+    for days, tier in ((8, "warm"), (30, "cold")):
+        gateway.stop()
+        age_studies(gateway, days * 86400)
+        gateway.start()
+        gateway.wait_for(lambda tier=tier: {v.tier for v in stored(gateway)} == {tier})
+    assert gateway.objects() == [], "nothing is left on the hot tier"
+    puts = {
+        name: {
+            r.headers.get("x-amz-storage-class")
+            for r in s3_proxy.sent("PUT")
+            if f"-{name}/" in r.path
+        }
+        for name in ("warm", "cold")
+    }
+    assert puts == {"warm": {"STANDARD_IA"}, "cold": {"DEEP_ARCHIVE"}}
+
+    assert [s["0020000D"]["Value"] for s in gateway.get("/studies")] == [[study]]
+    url = f"{gateway.url}/studies/{study}"
+    first = httpx.get(url, headers={**gateway.auth, "Accept": ANY_TRANSFER}, timeout=30)
+    assert first.status_code == 202, first.text
+    assert int(first.headers["Retry-After"]) == 48 * 3600  # Bulk from DEEP_ARCHIVE
+    restores = [r for r in s3_proxy.sent("POST") if r.path.endswith("?restore")]
+    assert len(restores) == 4
+    again = httpx.get(f"{url}/metadata", headers=gateway.auth, timeout=30)
+    assert again.status_code == 202, "a restore under way: ask again later"
+    deadline = time.monotonic() + 30
+    while (
+        answer := httpx.get(url, headers={**gateway.auth, "Accept": ANY_TRANSFER}, timeout=30)
+    ).status_code == 202:
+        assert time.monotonic() < deadline, answer.text
+        time.sleep(0.5)
+    assert len(parts(answer)) == 4
+    assert [retrieved(gateway, *u) for u in uids] == received, "byte-identical after 2 moves"

@@ -13,13 +13,12 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from telerad.api.config import CatalogConfig
+from telerad.api.config import HOT, CatalogConfig
 from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.dicomweb import qido
 from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.store import backends
-from telerad.runtime.store.catalog import HOT
 from telerad.runtime.store.files import DiskTier
 from telerad.runtime.store.search import Level
 from tests.unit.test_runtime_store import store_bytes

@@ -437,6 +437,69 @@ def test_a_site_encrypting_at_rest_mounts_its_keyring_and_names_only_its_directo
     )
 
 
+def test_tiers_in_buckets_get_no_volume_and_their_keys_only_as_a_mounted_secret() -> None:
+    body = owner("st-marys")
+    warm = {"bucket": "images", "prefix": "st-marys/warm", "region": "eu-central-1"}
+    cold = {"bucket": "archive", "storageClass": "DEEP_ARCHIVE", "restoreTier": "Bulk"}
+    body["spec"]["storage"] = {
+        "hot": {"size": "20Gi", "days": 3},
+        "warm": {
+            "days": 90,
+            "objectStore": {
+                **warm,
+                "storageClass": "STANDARD_IA",
+                "credentialsSecretRef": {"name": "s3-keys"},
+            },
+        },
+        "cold": {"objectStore": cold},
+        "retentionDays": 3650,
+    }
+    site = ImagingSite.from_wire(body)
+    built = {
+        f"{c['kind']}/{c['metadata']['name']}": c
+        for c in site_builders.children(body, site, [], SETTINGS)
+    }
+    claims = [k for k in built if k.startswith("PersistentVolumeClaim/")]
+    assert claims == ["PersistentVolumeClaim/st-marys-gateway-hot"]
+    pod = built["Deployment/st-marys-gateway"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "s3-warm"]
+    items = [{"key": k, "path": k} for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    assert volume["secret"] == {"secretName": "s3-keys", "items": items}
+    assert {v["name"] for v in pod["volumes"]} >= {"hot", "s3-warm"}
+    assert not {"warm", "cold", "s3-cold"} & {v["name"] for v in pod["volumes"]}
+    text = built["ConfigMap/st-marys-gateway"]["data"][site_builders.CONFIG_FILE]
+    storage = yaml.safe_load(text)["storage"]
+    assert storage["warmStore"] == {
+        "url": "s3://images/st-marys/warm",
+        "region": "eu-central-1",
+        "storageClass": "STANDARD_IA",
+        "credentialsDir": "/var/run/telerad/s3/warm",
+        "restoreTier": "Standard",
+        "restoreDays": 7,
+    }
+    assert storage["coldStore"]["url"] == "s3://archive"
+    assert storage["coldStore"]["storageClass"] == "DEEP_ARCHIVE"
+    assert "credentialsDir" not in storage["coldStore"]  # the pod's own cloud identity
+    assert (storage["hotDays"], storage["warmDays"], storage["retentionDays"]) == (3, 90, 3650)
+    assert "warmDir" not in storage and "coldDir" not in storage
+    assert "s3-keys" not in text
+    assert [t.to_wire() for t in site_builders.tier_status(site)] == [
+        {"name": "hot", "location": "volume"},
+        {
+            "name": "warm",
+            "location": "s3://images/st-marys/warm",
+            "region": "eu-central-1",
+            "storageClass": "STANDARD_IA",
+        },
+        {
+            "name": "cold",
+            "location": "s3://archive",
+            "region": "us-east-1",
+            "storageClass": "DEEP_ARCHIVE",
+        },
+    ]
+
+
 def test_without_a_site_catalog_it_stays_sqlite_on_the_hot_tier() -> None:
     children = site_children("st-marys")
     pod = children["Deployment/st-marys-gateway"]["spec"]["template"]["spec"]

@@ -1,5 +1,5 @@
 """Storage and the catalog in one process, on real files: durable writes, versions, the
-lifecycle pass (hot -> warm -> deleted), and recovery from a pass cut short."""
+lifecycle pass (hot -> warm -> cold -> deleted), and recovery from a pass cut short."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from telerad.api.config import CatalogConfig, GatewayConfig
+from telerad.api.config import COLD, HOT, WARM, CatalogConfig, GatewayConfig, StoragePaths
 from telerad.runtime.dataset import StoreStatus
 from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.example import example_config
@@ -22,7 +22,7 @@ from telerad.runtime.gateway.ingest import Ingest, Outcome, file_meta
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.receivers import default_count
 from telerad.runtime.store import backends
-from telerad.runtime.store.catalog import HOT, WARM, Catalog
+from telerad.runtime.store.catalog import Catalog
 from telerad.runtime.store.files import DiskTier, instance_path, study_dir
 from telerad.runtime.store.search import Level, Search
 from telerad.runtime.store.sql.catalog import SQLCatalog
@@ -61,13 +61,15 @@ class Site:
         paths = self.config.storage
         assert paths.warm_dir is not None
         self.hot, self.warm = DiskTier(HOT, paths.hot_dir), DiskTier(WARM, paths.warm_dir)
+        self.tiers = {HOT: self.hot, WARM: self.warm}
+        if paths.cold_dir is not None:
+            self.tiers[COLD] = DiskTier(COLD, paths.cold_dir)
         self.config = self.config.model_copy(update={"catalog": catalog or CatalogConfig()})
         self.catalog = backends.open_site(self.config)
         self.metrics = GatewayMetrics("test")
         deid = Deidentifier(paths.hot_dir / "deid.key")
-        self.flow = Flow(self.config, self.catalog, self.hot, self.warm, self.metrics, deid=deid)
-        tiers = {HOT: self.hot, WARM: self.warm}
-        self.ingest = Ingest(self.catalog, tiers, self.metrics, paths.min_free_bytes)
+        self.flow = Flow(self.config, self.catalog, self.tiers, self.metrics, deid=deid)
+        self.ingest = Ingest(self.catalog, self.tiers, self.metrics, paths.min_free_bytes)
 
     def store_study(self, n: int = 2) -> str:
         study = generate_uid()
@@ -213,6 +215,65 @@ def test_lifecycle_moves_then_deletes(site: Site) -> None:
     )
 
 
+def late_instance(site: Site, study: str) -> str:
+    """Another instance of `study`, as a modality that sends one more days later."""
+    ds = pydicom.dcmread(CT)
+    ds.StudyInstanceUID, ds.SOPInstanceUID = study, generate_uid()
+    assert (
+        store_bytes(site.ingest, _encode(ds), EXPLICIT, CT_CLASS, ds.SOPInstanceUID, "X").status
+        == 0
+    )
+    return str(ds.SOPInstanceUID)
+
+
+def test_a_study_ages_from_hot_to_warm_to_cold_one_tier_a_pass(
+    tmp_path: Path, catalog_config: CatalogConfig
+) -> None:
+    site = Site(
+        tmp_path, catalog_config, cold_dir=tmp_path / "cold", warm_days=30, retention_days=90
+    )
+    cold = site.tiers[COLD]
+    study = site.store_study()
+    now = time.time()
+    site.flow.complete_due(now + 60)
+    age_study(site.catalog, study, 40 * DAY)  # due for warm and for cold: one move a pass
+    site.flow.lifecycle(now)
+    assert len(files_of(site.warm, study)) == 2 and not files_of(site.hot, study)
+    # One more instance arrives, to hot, after the study went warm; it completes again.
+    late = late_instance(site, study)
+    site.flow.complete_due(now + 60)
+    age_study(site.catalog, study, 40 * DAY)
+    site.flow.lifecycle(now)
+    assert isinstance(cold, DiskTier)
+    assert len(files_of(cold, study)) == 3, "the late instance goes from hot to cold directly"
+    assert not files_of(site.warm, study) and not files_of(site.hot, study)
+    assert {v.tier for v in site.catalog.versions(late)} == {COLD}
+    site.flow.lifecycle(now + 90 * DAY)
+    assert not files_of(cold, study)
+    assert site.catalog.worklist(10, 0) == []
+    moved = {
+        action: site.metrics.registry.get_sample_value(
+            "telerad_gateway_lifecycle_studies_total", {"site": "test", "action": action}
+        )
+        for action in (WARM, COLD, "deleted")
+    }
+    assert moved == {WARM: 1, COLD: 1, "deleted": 1}
+
+
+def test_tier_ages_must_increase_and_a_tier_is_one_place() -> None:
+    tiers = {"hot_dir": "/h", "warm_dir": "/w", "cold_dir": "/c"}
+    StoragePaths.model_validate({**tiers, "hot_days": 7, "warm_days": 30, "retention_days": 30})
+    with pytest.raises(ValueError, match="hotDays < warmDays <= retentionDays"):
+        StoragePaths.model_validate({**tiers, "hot_days": 7, "warm_days": 7})
+    with pytest.raises(ValueError, match="hotDays < warmDays <= retentionDays"):
+        StoragePaths.model_validate({**tiers, "warm_days": 60, "retention_days": 30})
+    with pytest.raises(ValueError, match="coldDir or coldStore, not both"):
+        StoragePaths.model_validate({**tiers, "cold_store": {"url": "s3://bucket/p"}})
+    # Without a warm tier a study goes from hot to cold at hotDays; warmDays is unused.
+    paths = StoragePaths.model_validate({"hot_dir": "/h", "cold_dir": "/c", "warm_days": 1})
+    assert (paths.leaves_at(HOT), paths.leaves_at(COLD)) == (7, None)
+
+
 def test_lifecycle_recovers_from_a_pass_cut_short(site: Site) -> None:
     moving, deleting = site.store_study(), site.store_study()
     now = time.time()
@@ -256,7 +317,7 @@ def test_an_instance_arriving_while_its_study_moves_to_warm_stays_safe(site: Sit
     late.SOPInstanceUID = generate_uid()
     body = _encode(late)
     assert store_bytes(site.ingest, body, EXPLICIT, CT_CLASS, late.SOPInstanceUID, "X").status == 0
-    site.flow._to_warm(picked)
+    site.flow._move(picked, WARM)
     (kept,) = site.catalog.versions(late.SOPInstanceUID)
     assert kept.tier == HOT
     assert site.hot.read(PurePosixPath(kept.path)).endswith(body)

@@ -4,21 +4,24 @@ NetworkPolicy and ServiceAccount."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from telerad.api import names
 from telerad.api.config import (
+    COLD,
+    HOT,
     MIN_FREE_BYTES,
+    WARM,
     CatalogConfig,
     CompiledRule,
     Encryption,
     GatewayConfig,
+    ObjectStore,
     StoragePaths,
     TLSFiles,
 )
-from telerad.api.site import ImagingSite
+from telerad.api.site import ImagingSite, Tier, TierStatus
 from telerad.api.types import quantity_bytes
 from telerad.operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
@@ -42,6 +45,8 @@ SECRETS_DIR = CONFIG_DIR / "secrets"
 DATA_DIR = Path("/var/lib/telerad")
 CATALOG_DIR = Path("/var/run/telerad/catalog")
 KEYS_DIR = Path("/var/run/telerad/keys")
+S3_DIR = Path("/var/run/telerad/s3")
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 TIER_LABEL = f"{names.GROUP}/tier"
 
 
@@ -65,9 +70,10 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
         allowed_callers=spec.allowed_callers,
         tls=tls,
         storage=StoragePaths(
-            hot_dir=DATA_DIR / "hot",
-            warm_dir=DATA_DIR / "warm" if spec.storage.warm else None,
+            hot_dir=DATA_DIR / HOT,
+            **_places(site),
             hot_days=spec.storage.hot.days,
+            **({"warm_days": spec.storage.warm.days} if spec.storage.warm else {}),
             retention_days=spec.storage.retention_days,
             min_free_bytes=free_space_watermark(spec.storage.hot.size),
             # Only where the Secret is mounted: no key enters the ConfigMap.
@@ -83,6 +89,49 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
         tokens_dir=TOKENS_DIR if spec.access is not None else None,
         secrets_dir=SECRETS_DIR if _mounted_secrets(site) else None,
     )
+
+
+def _places(site: ImagingSite) -> dict[str, Path | ObjectStore]:
+    """Each tier's directory (its volume's mount) or object store, as StoragePaths names
+    them; the hot tier's directory is always there (data sets are received into it)."""
+    found: dict[str, Path | ObjectStore] = {}
+    for tier, spec in _tiers(site):
+        bucket = spec.object_store
+        if bucket is None:
+            if tier != HOT:
+                found[f"{tier}_dir"] = DATA_DIR / tier
+            continue
+        found[f"{tier}_store"] = ObjectStore(
+            url=f"s3://{bucket.bucket}/{bucket.prefix}".rstrip("/"),
+            endpoint=bucket.endpoint,
+            region=bucket.region,
+            storage_class=bucket.storage_class,
+            # Only where the Secret is mounted: no key enters the ConfigMap.
+            credentials_dir=S3_DIR / tier if bucket.credentials_secret_ref else None,
+            restore_tier=bucket.restore_tier,
+            restore_days=bucket.restore_days,
+        )
+    return found
+
+
+def tier_status(site: ImagingSite) -> list[TierStatus]:
+    """Where each tier keeps the site's images (data residency), for the site's status."""
+    found = []
+    for tier, spec in _tiers(site):
+        bucket = spec.object_store
+        if bucket is None:
+            found.append(TierStatus(name=tier, location="volume"))
+        else:
+            location = f"s3://{bucket.bucket}/{bucket.prefix}".rstrip("/")
+            found.append(
+                TierStatus(
+                    name=tier,
+                    location=location,
+                    region=bucket.region,
+                    storage_class=bucket.storage_class,
+                )
+            )
+    return found
 
 
 def free_space_watermark(size: str) -> int:
@@ -116,9 +165,17 @@ def config_map(owner: Manifest, config: GatewayConfig) -> Manifest:
     }
 
 
-def _tiers(site: ImagingSite) -> list[tuple[str, Any]]:
+def _tiers(site: ImagingSite) -> list[tuple[str, Tier]]:
     storage = site.spec.storage
-    return [("hot", storage.hot)] + ([("warm", storage.warm)] if storage.warm else [])
+    found = ((HOT, storage.hot), (WARM, storage.warm), (COLD, storage.cold))
+    return [(name, tier) for name, tier in found if tier is not None]
+
+
+def _volumes(site: ImagingSite) -> list[tuple[str, Tier]]:
+    """The tiers that need a PersistentVolumeClaim: the hot one always (what is being
+    received, the embedded catalog, the de-identification key), the others unless they are
+    in an object store."""
+    return [(n, t) for n, t in _tiers(site) if n == HOT or t.object_store is None]
 
 
 def deployment(
@@ -134,7 +191,7 @@ def deployment(
         {"name": "config", "configMap": {"name": name}},
         {"name": "tmp", "emptyDir": {}},
     ]
-    for tier, _ in _tiers(site):
+    for tier, _ in _volumes(site):
         mounts.append({"name": tier, "mountPath": str(DATA_DIR / tier)})
         volumes.append(
             {
@@ -142,6 +199,13 @@ def deployment(
                 "persistentVolumeClaim": {"claimName": names.site_child(site_name, tier)},
             }
         )
+    for tier, spec in _tiers(site):
+        ref = spec.object_store.credentials_secret_ref if spec.object_store else None
+        if ref is not None:
+            volume = f"s3-{tier}"
+            mounts.append({"name": volume, "mountPath": str(S3_DIR / tier), "readOnly": True})
+            items = [{"key": key, "path": key} for key in S3_KEYS]
+            volumes.append({"name": volume, "secret": {"secretName": ref.name, "items": items}})
     if site.spec.tls is not None:
         mounts.append({"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True})
         volumes.append({"name": "tls", "secret": {"secretName": site.spec.tls.secret_name}})
@@ -255,7 +319,7 @@ def volume_claims(owner: Manifest, site: ImagingSite) -> list[Manifest]:
     # Retained volumes carry no owner reference, so garbage collection leaves them.
     owned = site.spec.storage.reclaim_policy == "Delete"
     claims = []
-    for tier, spec in _tiers(site):
+    for tier, spec in _volumes(site):
         claim_spec: Manifest = {
             "accessModes": ["ReadWriteOnce"],
             "resources": {"requests": {"storage": spec.size}},

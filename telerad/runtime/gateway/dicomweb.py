@@ -30,7 +30,7 @@ from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.ingest import Incoming, Ingest
 from telerad.runtime.store.catalog import Catalog, LeaseLost, Located, UnknownJob
 from telerad.runtime.store.envelope import EnvelopeError
-from telerad.runtime.store.tier import Tier
+from telerad.runtime.store.tier import Archived, Tier
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -107,11 +107,21 @@ def _malformed(request: web.Request, exc: Exception, parts: int, *, inside: bool
 
 
 class DicomWebError(Exception):
-    def __init__(self, status: int, title: str, detail: str, *, close: bool = False) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        close: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail = status, title, detail
         self.close = close
         """Whether the connection is closed after the answer (what follows is not a request)."""
+        self.headers = headers or {}
+        """Headers of the answer besides the problem's own (`Retry-After`)."""
 
 
 @contextlib.contextmanager
@@ -387,9 +397,36 @@ class DicomWeb:
         with _unopened():
             return self._tier(where).read(PurePosixPath(where.path))
 
-    def _check(self, where: Located) -> None:
-        with _unopened():
-            self._tier(where).check(PurePosixPath(where.path))
+    async def _readable(self, located: list[Located]) -> None:
+        """Fail the answer before its first byte where it could not be given whole: a
+        keyring that cannot open what is stored (500), or a study in an archive class,
+        whose restore this starts (202 with `Retry-After`: ask again then)."""
+
+        def check() -> int | None:
+            with _unopened():
+                try:
+                    self._tier(located[0]).check(PurePosixPath(located[0].path))
+                except Archived:
+                    pass
+                else:
+                    return None
+                # Restored together, so that they come back together.
+                waits = [
+                    self._tier(w).restore(PurePosixPath(w.path))
+                    for w in located
+                    if w.tier == located[0].tier
+                ]
+                return max(waits)
+
+        wait = await asyncio.to_thread(check)
+        if wait is not None:
+            log.info("%d archived instance(s) asked for: restoring", len(located))
+            raise DicomWebError(
+                202,
+                "Accepted",
+                f"in the {located[0].tier} tier's archive: being restored, ask again in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         job = await self._job(request, request.match_info.get("study"))
@@ -399,8 +436,7 @@ class DicomWeb:
         located = await self._locate(request)
         # Decided for all before the first byte: a 406 cannot follow a 200.
         syntaxes = [_checked(wado.check, w.transfer_syntax, wanted) for w in located]
-        # A keyring that cannot open what is stored fails the answer before its first byte.
-        await asyncio.to_thread(self._check, located[0])
+        await self._readable(located)
         boundary = multipart.new_boundary()
         response = Streamed(
             headers={"Content-Type": multipart.content_type(boundary, "application/dicom")}
@@ -431,6 +467,7 @@ class DicomWeb:
         located = await asyncio.to_thread(self.catalog.locate, job.study_uid)
         if not located:
             raise _not_found("study")
+        await self._readable(located)
         boundary = multipart.new_boundary()
         response = Streamed(
             headers={"Content-Type": multipart.content_type(boundary, "application/dicom")}
@@ -462,6 +499,7 @@ class DicomWeb:
     async def metadata(self, request: web.Request) -> web.Response:
         content_type = _acceptable(media.dicom_json, request)
         located = await self._locate(request)
+        await self._readable(located)
         base = base_url(request)
 
         def render() -> list[dict[str, Any]]:
@@ -479,6 +517,7 @@ class DicomWeb:
         (where,) = await self._locate(request)
         syntax = _checked(wado.frame_syntax, where.transfer_syntax)
         part_type = _acceptable(lambda accept: media.frames(accept, syntax), request)
+        await self._readable([where])
         data = await asyncio.to_thread(self._read, where)
         parts = _checked(wado.frames, data, numbers)
         return await _parts(request, parts, part_type)
@@ -486,6 +525,7 @@ class DicomWeb:
     async def bulkdata(self, request: web.Request) -> web.StreamResponse:
         _acceptable(media.octet_stream, request)
         (where,) = await self._locate(request)
+        await self._readable([where])
         data = await asyncio.to_thread(self._read, where)
         value = _checked(wado.bulkdata, data, request.match_info["tag"].upper())
         return await _parts(request, [value], media.OCTET_STREAM)

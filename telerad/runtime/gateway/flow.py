@@ -1,5 +1,5 @@
 """What happens to studies and jobs over time: completion and routing, the job service
-workers call, and the hot -> warm -> deleted lifecycle. Plain synchronous code over the
+workers call, and the hot -> warm -> cold -> deleted lifecycle. Plain synchronous code over the
 catalog; the server runs it off the event loop."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import logging
 import time
 from pathlib import PurePosixPath
 
-from telerad.api.config import GatewayConfig, ModelRoute, backoff
+from telerad.api.config import TIERS, GatewayConfig, ModelRoute, backoff
 from telerad.api.jobs import Finding, Job, ResultRef
 from telerad.runtime import phi
 from telerad.runtime.gateway import outbox
 from telerad.runtime.gateway.deid import Deidentifier
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.routing import route
-from telerad.runtime.store.catalog import HOT, WARM, Catalog, StudyFiles
+from telerad.runtime.store.catalog import Catalog, StudyFiles
 from telerad.runtime.store.files import study_dir
 from telerad.runtime.store.tier import Tier
 
@@ -28,8 +28,7 @@ class Flow:
         self,
         config: GatewayConfig,
         catalog: Catalog,
-        hot: Tier,
-        warm: Tier | None,
+        tiers: dict[str, Tier],
         metrics: GatewayMetrics,
         *,
         deid: Deidentifier,
@@ -37,8 +36,8 @@ class Flow:
         self.config = config
         self.deid = deid
         self.catalog = catalog
-        self.hot = hot
-        self.warm = warm
+        self.tiers = tiers
+        """The site's tiers by name, hot first, in the order studies pass through them."""
         self.metrics = metrics
         self._models: dict[str, ModelRoute] = {
             m.name: m for rule in config.routing for m in rule.models
@@ -172,35 +171,40 @@ class Flow:
         for study in self.catalog.deleting_studies():
             self._delete(study)
         expired_before = now - storage.retention_days * DAY
-        for tier in (HOT, WARM):
+        for tier in self.tiers:
             for study in self.catalog.lifecycle_candidates(tier, expired_before, 1000):
                 self.catalog.mark_deleting(study.study_uid)
                 self._delete(study)
-        if self.warm is None:
-            return
-        for study in self.catalog.lifecycle_candidates(HOT, now - storage.hot_days * DAY, 1000):
-            self._to_warm(study)
+        # The oldest tier first, so that a study due for two moves makes one per pass.
+        for source in reversed(self.tiers):
+            age = storage.leaves_at(source)
+            if age is None:
+                continue
+            target = next(t for t in TIERS[TIERS.index(source) + 1 :] if t in self.tiers)
+            for study in self.catalog.lifecycle_candidates(source, now - age * DAY, 1000):
+                self._move(study, target)
 
     def _delete(self, study: StudyFiles) -> None:
-        for tier in (self.hot, self.warm):
-            if tier is not None:
-                tier.remove_tree(study_dir(study.study_uid))
+        for tier in self.tiers.values():
+            tier.remove_tree(study_dir(study.study_uid))
         self.catalog.forget_study(study.study_uid)
         self.metrics.lifecycle("deleted")
         log.info("study %s deleted after retention", phi.ref(study.study_uid))
 
-    def _to_warm(self, study: StudyFiles) -> None:
-        assert self.warm is not None  # noqa: S101
-        # Copy (durably) first, switch the catalog, then free the hot copy: a crash in
-        # between leaves two good copies, never none.
-        # Only the files listed are moved and removed: an instance that arrives meanwhile
-        # stays in the hot tier, catalogued there.
-        for path in study.paths:
+    def _move(self, study: StudyFiles, target: str) -> None:
+        # Copy (durably) first, switch the catalog, then free the old copies: a crash in
+        # between leaves two good copies, never none. Each file is read from the tier
+        # the catalog has it on (one that arrived after the study moved on is still hot);
+        # one that arrives meanwhile is not listed, and stays where it landed.
+        moving = {path: tier for path, tier in study.files.items() if tier != target}
+        to = self.tiers[target]
+        for path, tier in moving.items():
             relative = PurePosixPath(path)
-            self.warm.write(relative, self.hot.chunks(relative))
-        self.catalog.set_tier(study.study_uid, WARM, study.paths)
-        for path in study.paths:
-            self.hot.remove(PurePosixPath(path))
-        self.hot.prune(study_dir(study.study_uid))
-        self.metrics.lifecycle("warm")
-        log.info("study %s moved to the warm tier", phi.ref(study.study_uid))
+            to.write(relative, self.tiers[tier].chunks(relative))
+        self.catalog.set_tier(study.study_uid, target, list(moving))
+        for path, tier in moving.items():
+            self.tiers[tier].remove(PurePosixPath(path))
+        for tier in set(moving.values()):
+            self.tiers[tier].prune(study_dir(study.study_uid))
+        self.metrics.lifecycle(target)
+        log.info("study %s moved to the %s tier", phi.ref(study.study_uid), target)

@@ -141,6 +141,7 @@ async def _errors(  # noqa: PLR0911  (one answer per kind of failure)
         return problem(409, "Lease lost", str(exc))
     except DicomWebError as exc:
         response = problem(exc.status, exc.title, exc.detail)
+        response.headers.update(exc.headers)
         return await _closing(request, response) if exc.close else response
     except BodyTimeout as exc:
         return await _closing(request, problem(408, "Request timeout", str(exc)))

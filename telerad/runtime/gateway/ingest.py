@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from telerad.api.config import CompiledRule
+from telerad.api.config import HOT, CompiledRule
 from telerad.runtime import phi
 from telerad.runtime.dataset import (
     DEFLATED_LE,
@@ -27,7 +27,7 @@ from telerad.runtime.dataset import (
 )
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.routing import reopens_study
-from telerad.runtime.store.catalog import HOT, Added, Catalog, Received
+from telerad.runtime.store.catalog import Added, Catalog, Received
 from telerad.runtime.store.envelope import EnvelopeError
 from telerad.runtime.store.files import Staged, instance_path, mapped
 from telerad.runtime.store.tier import Tier

@@ -76,6 +76,8 @@ def _models(
 
 def _problems(*statuses: int) -> dict[str, Schema]:
     reasons = {
+        ARCHIVED: "Stored in an archive storage class: its restore has started; ask again"
+        " after Retry-After seconds.",
         400: "The request is malformed; the detail says which part.",
         401: "No valid bearer token of this site's tenant.",
         403: "The token belongs to another tenant.",
@@ -90,7 +92,15 @@ def _problems(*statuses: int) -> dict[str, Schema]:
         503: "The gateway cannot serve the request now.",
     }
     content = {"application/problem+json": {"schema": _ref("Problem")}}
-    return {str(s): {"description": reasons[s], "content": content} for s in statuses}
+    retry = {"Retry-After": {"description": "Seconds.", "schema": {"type": "integer"}}}
+    return {
+        str(s): {
+            "description": reasons[s],
+            "content": content,
+            **({"headers": retry} if s == ARCHIVED else {}),
+        }
+        for s in statuses
+    }
 
 
 def _json(schema: Schema, description: str) -> Schema:
@@ -148,6 +158,8 @@ MAX_OFFSET = (1 << 31) - 1
 # Any operation that needs a token: refused it, or answered 503 when its audit record
 # cannot be written.
 GUARDED_PROBLEMS = (401, 403, 503)
+ARCHIVED = 202
+"""A WADO-RS answer for what must be restored first: not a failure, but no data yet."""
 _READINESS: Schema = {
     "type": "object",
     "required": ["ready", "listening", "draining"],
@@ -224,7 +236,12 @@ def _wado(scope: list[Schema], what: str, *, job: bool = False) -> Schema:
             "responses": {
                 "200": _multipart("One part per instance, in its stored transfer syntax."),
                 **_problems(
-                    400, *GUARDED_PROBLEMS, 404, 406, *((LEASE_NOT_HELD, 501) if job else ())
+                    ARCHIVED,
+                    400,
+                    *GUARDED_PROBLEMS,
+                    404,
+                    406,
+                    *((LEASE_NOT_HELD, 501) if job else ()),
                 ),
             },
         }
@@ -239,7 +256,7 @@ def _metadata(scope: list[Schema], what: str) -> Schema:
             "parameters": scope,
             "responses": {
                 "200": _dicom_json({"type": "array", "items": _ref("DicomJson")}, "Metadata."),
-                **_problems(400, *GUARDED_PROBLEMS, 404, 406),
+                **_problems(ARCHIVED, 400, *GUARDED_PROBLEMS, 404, 406),
             },
         }
     }
@@ -387,7 +404,7 @@ def document() -> Schema:
                         "One part per frame, in the order asked; each part's Content-Type"
                         " has its transfer-syntax."
                     ),
-                    **_problems(400, *GUARDED_PROBLEMS, 404, 406),
+                    **_problems(ARCHIVED, 400, *GUARDED_PROBLEMS, 404, 406),
                 },
             }
         },
@@ -405,7 +422,7 @@ def document() -> Schema:
                 ],
                 "responses": {
                     "200": _multipart("One application/octet-stream part."),
-                    **_problems(400, *GUARDED_PROBLEMS, 404, 406),
+                    **_problems(ARCHIVED, 400, *GUARDED_PROBLEMS, 404, 406),
                 },
             }
         },

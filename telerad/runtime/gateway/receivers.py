@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from telerad import logs
-from telerad.api.config import GatewayConfig
+from telerad.api.config import HOT, GatewayConfig
 from telerad.runtime.gateway.dimse import DimseServer, Slots
 from telerad.runtime.gateway.ingest import Ingest
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.store import backends
-from telerad.runtime.store.catalog import HOT, Catalog
+from telerad.runtime.store.catalog import Catalog
 from telerad.runtime.store.tier import Tier
 from telerad.runtime.store.tiers import open_tiers
 

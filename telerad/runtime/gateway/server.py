@@ -27,7 +27,7 @@ from telerad.runtime.gateway.outbox import Outbox
 from telerad.runtime.gateway.receivers import STOP_GRACE_S, Pool, Receiver, default_count
 from telerad.runtime.gateway.waiters import Waiters
 from telerad.runtime.store import backends
-from telerad.runtime.store.catalog import WARM, Catalog
+from telerad.runtime.store.catalog import Catalog
 
 log = logging.getLogger(__name__)
 COMPLETION_TICK_S = 1.0
@@ -50,10 +50,10 @@ class Gateway:
             self.receiver.metrics,
         )
         self.dimse = self.receiver.dimse
-        self.warm = self.receiver.tiers.get(WARM)
         # A crash mid-store leaves temporaries in the hot tier, and files renamed but not
-        # catalogued; one mid-move, in the warm. No receiver runs yet: nothing is mid-store.
-        tiers = [t for t in (self.hot, self.warm) if t is not None]
+        # catalogued; one mid-move, in the tier it moved to (or from). No receiver runs
+        # yet: nothing is mid-store.
+        tiers = list(self.receiver.tiers.values())
         swept = sum(t.sweep_temporaries() for t in tiers)
         if swept:
             log.info("removed %d unacknowledged partial files left by a crash", swept)
@@ -61,7 +61,7 @@ class Gateway:
         if swept:
             log.warning("removed %d uncatalogued (unacknowledged) files left by a crash", swept)
         self.deid = Deidentifier(storage.hot_dir / DEID_KEY_FILE)
-        self.flow = Flow(config, self.catalog, self.hot, self.warm, self.metrics, deid=self.deid)
+        self.flow = Flow(config, self.catalog, self.receiver.tiers, self.metrics, deid=self.deid)
         expires = _certificate_expiry(config)
         self.metrics.watch(
             self.catalog,

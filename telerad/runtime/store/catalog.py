@@ -20,9 +20,6 @@ from telerad.api.types import Priority
 from telerad.runtime.dataset import Header
 from telerad.runtime.store.search import Search, SearchResult
 
-HOT = "hot"
-WARM = "warm"
-
 
 @dataclass(frozen=True, slots=True)
 class StoredInstance:
@@ -113,12 +110,13 @@ class Completion:
 
 @dataclass(frozen=True, slots=True)
 class StudyFiles:
-    """A study for the lifecycle pass: its tier and its instances' paths."""
+    """A study for the lifecycle pass: its tier and where each of its instances lies
+    (path -> tier: one that arrived after the study moved on is still on the hot tier)."""
 
     study_uid: str
     tier: str
     deleting: bool
-    paths: list[str]
+    files: dict[str, str]
 
 
 class DeliveryKind(StrEnum):

@@ -287,6 +287,10 @@ class DiskTier:
         source, _ = open_file(self.path(relative), self.keyring, self._what)
         source.close()
 
+    def restore(self, relative: PurePosixPath) -> int:
+        """Nothing to do: a directory has no archive class, its files are always readable."""
+        return 0
+
     def exists(self, relative: PurePosixPath) -> bool:
         return self.path(relative).is_file()
 

@@ -7,6 +7,11 @@ plays the part fsync and link play on a disk, so the acknowledgement order stays
 durable -> catalog row committed -> success. A PUT whose answer was lost is retried by
 obstore and meets its own object: the write token in the object's metadata tells it from
 another writer's (docs/object-storage.md).
+
+Every PUT carries the tier's storage class. In an archive class (`GLACIER`, `DEEP_ARCHIVE`)
+a GET is refused (403 `InvalidObjectState`) until the object is restored: reads raise
+`tier.Archived`, and `restore` asks for a readable copy with RestoreObject, the one call
+obstore lacks, through botocore.
 """
 
 from __future__ import annotations
@@ -19,14 +24,19 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
+from typing import Any
 
+import botocore.config
+import botocore.session
 import obstore
+from botocore.exceptions import BotoCoreError, ClientError
 from obstore.exceptions import AlreadyExistsError
 from obstore.store import S3Store
 
 from telerad.api.config import ObjectStore
 from telerad.runtime.store.envelope import HEADER, TAG, Keyring, Opened
 from telerad.runtime.store.files import CHUNK, INCOMING, STUDIES, DiskTier, Staged
+from telerad.runtime.store.tier import Archived
 
 WRITE_TOKEN = "telerad-write"  # noqa: S105  (a metadata key, not a secret)
 """User metadata (`x-amz-meta-telerad-write`) that says which write stored an object."""
@@ -54,6 +64,18 @@ class ObjectStoreError(OSError):
 
 
 _UIDS = re.compile(r"[0-9]+(?:\.[0-9]+){4,}")
+_ARCHIVED = "<Code>InvalidObjectState</Code>"
+"""S3's refusal to GET an object of an archive class that is not restored."""
+
+RESTORE_SECONDS = {
+    # S3's documented typical restore times, per class and retrieval tier: what
+    # `Retry-After` says (a client asking sooner only gets another 202).
+    ("GLACIER", "Expedited"): 5 * 60,
+    ("GLACIER", "Standard"): 5 * 3600,
+    ("GLACIER", "Bulk"): 12 * 3600,
+    ("DEEP_ARCHIVE", "Standard"): 12 * 3600,
+    ("DEEP_ARCHIVE", "Bulk"): 48 * 3600,
+}
 
 
 def s3_store(config: ObjectStore) -> S3Store:
@@ -63,8 +85,7 @@ def s3_store(config: ObjectStore) -> S3Store:
     options: dict[str, object] = {"region": config.region, "checksum_algorithm": "SHA256"}
     if config.endpoint is not None:
         options |= {"endpoint": config.endpoint, "virtual_hosted_style_request": False}
-    if config.credentials_file is not None:
-        found = _credentials(config.credentials_file)
+    if found := _credentials(config):
         options |= {
             "access_key_id": found["AWS_ACCESS_KEY_ID"],
             "secret_access_key": found["AWS_SECRET_ACCESS_KEY"],
@@ -83,35 +104,61 @@ def s3_store(config: ObjectStore) -> S3Store:
     )
 
 
-def _credentials(path: Path) -> dict[str, str]:
+def _credentials(config: ObjectStore) -> dict[str, str]:
+    """The access key pair from the configured file or mounted Secret, else nothing (the
+    client's own chain: the AWS environment, the pod's identity)."""
+    keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    where = config.credentials_file or config.credentials_dir
     try:
-        lines = path.read_text().splitlines()
+        if config.credentials_file is not None:
+            lines = config.credentials_file.read_text().splitlines()
+            found = dict(line.strip().partition("=")[::2] for line in lines if "=" in line)
+        elif config.credentials_dir is not None:
+            files = {key: config.credentials_dir / key for key in keys}
+            found = {k: f.read_text().strip() for k, f in files.items() if f.is_file()}
+        else:
+            return {}
     except OSError as exc:
-        raise ObjectStoreError(f"credentials file {path}: {exc.strerror}") from None
-    found = dict(line.strip().partition("=")[::2] for line in lines if "=" in line)
-    missing = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} - set(found)
+        raise ObjectStoreError(f"credentials in {where}: {exc.strerror}") from None
+    missing = keys - set(found)
     if missing:
-        raise ObjectStoreError(f"credentials file {path} lacks {', '.join(sorted(missing))}")
+        raise ObjectStoreError(f"credentials in {where} lack {', '.join(sorted(missing))}")
     return found
+
+
+def _restore_client(config: ObjectStore) -> Any:
+    """botocore's S3 client for the bucket, with the credentials obstore gets."""
+    options: dict[str, Any] = {"region_name": config.region}
+    if config.endpoint is not None:
+        options["endpoint_url"] = config.endpoint
+    if found := _credentials(config):
+        options |= {
+            "aws_access_key_id": found["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": found["AWS_SECRET_ACCESS_KEY"],
+        }
+    settings = botocore.config.Config(
+        s3={"addressing_style": "path" if config.endpoint is not None else "auto"},
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=60,
+    )
+    return botocore.session.get_session().create_client("s3", config=settings, **options)
 
 
 class ObjectTier:
     """One tier in a bucket; `staging` is the local directory data sets arrive in."""
 
     def __init__(
-        self,
-        name: str,
-        store: S3Store,
-        staging: Path,
-        keyring: Keyring | None = None,
-        storage_class: str | None = None,
+        self, name: str, config: ObjectStore, staging: Path, keyring: Keyring | None = None
     ) -> None:
         self.name = name
         self.keyring = keyring
-        self._store = store
+        self._config = config
+        self._store = s3_store(config)
         self._staging = DiskTier(name, staging, keyring)
-        self._attributes = {"Storage-Class": storage_class} if storage_class else {}
+        self._attributes = {"Storage-Class": config.storage_class} if config.storage_class else {}
         self._what = f"an instance on the {name} tier"
+        self._restorer: Any = None  # made at the first restore: most tiers never need one
 
     # -- storing ----------------------------------------------------------------------
     def receive(self) -> Staged:
@@ -169,12 +216,18 @@ class ObjectTier:
             staged.discard()
 
     # -- reading ----------------------------------------------------------------------
-    def _get(self, relative: PurePosixPath) -> bytes:
+    def _get(self, relative: PurePosixPath, length: int | None = None) -> bytes:
         try:
+            if length is not None:
+                return bytes(obstore.get_range(self._store, str(relative), start=0, length=length))
             return bytes(obstore.get(self._store, str(relative)).bytes())
         except FileNotFoundError:
             raise FileNotFoundError(f"no such object on the {self.name} tier") from None
         except Exception as exc:
+            if _ARCHIVED in str(exc):
+                raise Archived(
+                    errno.EAGAIN, f"an object on the {self.name} tier must be restored first"
+                ) from None
             raise ObjectStoreError(f"the {self.name} tier's store failed a GET", exc) from exc
 
     def read(self, relative: PurePosixPath) -> bytes:
@@ -199,17 +252,31 @@ class ObjectTier:
         return True
 
     def check(self, relative: PurePosixPath) -> None:
+        # A ranged GET, not a HEAD: S3 answers HEAD for an archived object, GET refuses it.
         if self.keyring is None:
-            if not self.exists(relative):
-                raise FileNotFoundError(f"no such object on the {self.name} tier")
+            self._get(relative, 1)
             return
-        try:
-            head = bytes(obstore.get_range(self._store, str(relative), start=0, length=HEADER))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such object on the {self.name} tier") from None
-        except Exception as exc:
-            raise ObjectStoreError(f"the {self.name} tier's store failed a GET", exc) from exc
+        head = self._get(relative, HEADER)
         Opened(io.BytesIO(head), HEADER + TAG, self.keyring, self._what)
+
+    def restore(self, relative: PurePosixPath) -> int:
+        config = self._config
+        if self._restorer is None:
+            self._restorer = _restore_client(config)
+        key = f"{config.prefix}/{relative}" if config.prefix else str(relative)
+        request = {
+            "Days": config.restore_days,
+            "GlacierJobParameters": {"Tier": config.restore_tier},
+        }
+        try:
+            self._restorer.restore_object(Bucket=config.bucket, Key=key, RestoreRequest=request)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "RestoreAlreadyInProgress":
+                what = f"the {self.name} tier's store refused a restore"
+                raise ObjectStoreError(what, exc) from exc
+        except BotoCoreError as exc:
+            raise ObjectStoreError(f"the {self.name} tier's store failed a restore", exc) from exc
+        return RESTORE_SECONDS.get((config.storage_class or "", config.restore_tier), 60)
 
     # -- removing ---------------------------------------------------------------------
     def remove(self, relative: PurePosixPath) -> None:

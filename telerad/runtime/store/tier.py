@@ -18,6 +18,11 @@ from telerad.runtime.store.envelope import Keyring
 from telerad.runtime.store.files import Staged
 
 
+class Archived(OSError):
+    """A file in an archive storage class: it must be restored (`Tier.restore`) before
+    it is read. Its message names the tier, never the file (names hold UIDs)."""
+
+
 class Tier(Protocol):
     name: str
     keyring: Keyring | None
@@ -47,7 +52,11 @@ class Tier(Protocol):
     def exists(self, relative: PurePosixPath) -> bool: ...
 
     def check(self, relative: PurePosixPath) -> None:
-        """Raise what reading the file would, without reading it."""
+        """Raise what reading the file would, without reading it (`Archived` included)."""
+
+    def restore(self, relative: PurePosixPath) -> int:
+        """Start bringing an archived file back to where it can be read (again, if it
+        was already asked for); seconds until it is worth asking again."""
 
     def remove(self, relative: PurePosixPath) -> None:
         """Delete a file; missing is fine."""

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from telerad.api.config import HOT
 from telerad.api.jobs import Finding, Job, JobState, Lease, WorklistEntry, WorklistJob
 from telerad.api.types import Priority
 from telerad.runtime.dataset import Header
 from telerad.runtime.store.catalog import (
-    HOT,
     Added,
     Completion,
     Delivery,
@@ -744,13 +744,13 @@ class SQLCatalog:
             tier, deleting = tx.execute(
                 "SELECT tier, deleting FROM studies WHERE study_uid = ?", (study_uid,)
             ).fetchone()
-            paths = [
-                r[0]
-                for r in tx.execute(
-                    "SELECT path FROM instances WHERE study_uid = ? ORDER BY path", (study_uid,)
+            files = dict(
+                tx.execute(
+                    "SELECT path, tier FROM instances WHERE study_uid = ? ORDER BY path",
+                    (study_uid,),
                 )
-            ]
-        return StudyFiles(study_uid=study_uid, tier=tier, deleting=bool(deleting), paths=paths)
+            )
+        return StudyFiles(study_uid=study_uid, tier=tier, deleting=bool(deleting), files=files)
 
     def set_tier(self, study_uid: str, tier: str, paths: list[str]) -> None:
         with self.db.write() as db:
