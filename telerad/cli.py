@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -358,21 +359,26 @@ def rewrap(config_file: Path) -> None:
     """Wrap every stored instance's data key with the keyring's current key, so that the
     keys before it can be retired. No image byte is rewritten; crash-safe and resumable
     (run it again after an interruption), and safe beside running gateways."""
-    from telerad.runtime.store.envelope import EnvelopeError  # noqa: PLC0415
+    from telerad.runtime.store.envelope import EnvelopeError, Rewrap  # noqa: PLC0415
     from telerad.runtime.store.tiers import open_tiers  # noqa: PLC0415
 
     config = _encrypted(config_file)
     try:
         for tier in open_tiers(config.storage).values():
-            seen = changed = 0
-            for moved in tier.rewrap():
-                seen += 1
-                changed += moved
-                if seen % REWRAP_PROGRESS == 0:
-                    progress = f"{tier.name}: {seen} files looked at, {changed} rewrapped"
-                    click.echo(progress, err=True)
-            click.echo(f"{tier.name}: {changed} of {seen} files rewrapped to the current key")
-    except (EnvelopeError, ValueError) as exc:
+            done = Counter[Rewrap]()
+            for outcome in tier.rewrap():
+                done[outcome] += 1
+                if done.total() % REWRAP_PROGRESS == 0:
+                    progress = f"{tier.name}: {done.total()} files looked at, {done[Rewrap.DONE]}"
+                    click.echo(f"{progress} rewrapped", err=True)
+            line = f"{tier.name}: {done[Rewrap.DONE]} of {done.total()} files rewrapped to the"
+            click.echo(f"{line} current key")
+            if done[Rewrap.ARCHIVED]:
+                click.echo(
+                    f"{tier.name}: {done[Rewrap.ARCHIVED]} archived files keep their key until"
+                    " restored: keep that key in the keyring"
+                )
+    except (EnvelopeError, ValueError, OSError) as exc:
         raise click.ClickException(f"rewrap stopped: {exc}") from None
 
 

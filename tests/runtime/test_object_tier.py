@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from telerad import synthetic
 from telerad.api.config import ObjectStore
-from telerad.runtime.store.envelope import Keyring, add_key
+from telerad.runtime.store.envelope import HEADER, Keyring, Rewrap, add_key
 from telerad.runtime.store.objects import WRITE_TOKEN, ObjectStoreError, ObjectTier, s3_store
 from tests.conftest import S3Bucket
 from tests.s3proxy import S3Proxy
@@ -89,6 +89,46 @@ def test_a_put_whose_answer_was_lost_is_known_as_ours(
     assert not objects.exists(AGAIN)
     head = obstore.get(s3_store(object_store(s3, tmp_path)), str(NAME), options={"head": True})
     assert WRITE_TOKEN in head.attributes
+
+
+def test_rewrap_in_a_bucket_moves_each_object_to_the_current_key_and_skips_archived_ones(
+    s3: S3Bucket, s3_proxy: S3Proxy, tmp_path: Path
+) -> None:
+    objects = tier(s3, tmp_path, endpoint=s3_proxy.endpoint)
+    s3_proxy.archive(restore_seconds=3600)
+    names = [PurePosixPath(f"studies/1.2/1.2.3/1.2.3.{i}.dcm") for i in range(3)]
+    for i, name in enumerate(names):
+        file = objects.receive()
+        file.write(b"pixel data %d " % i * 20_000)
+        objects.claim(file, [(1, name)])
+        objects.settle(file)
+    cold_config = object_store(s3, tmp_path).model_copy(
+        update={
+            "url": f"s3://{s3.name}/{tmp_path.name}-cold",
+            "endpoint": s3_proxy.endpoint,
+            "storage_class": "DEEP_ARCHIVE",
+        }
+    )
+    cold = ObjectTier("cold", cold_config, tmp_path / "staging", Keyring(tmp_path / "keys"))
+    cold.write(names[0], [b"archived pixels"])
+    raw = s3.server.data_dir / s3.name / tmp_path.name
+    before = {n: (raw / n).read_bytes() for n in names}
+
+    add_key(tmp_path / "keys", "k2")
+    assert list(objects.rewrap()) == [Rewrap.DONE] * 3
+    assert list(objects.rewrap()) == [Rewrap.CURRENT] * 3, "a rerun finds them done"
+    assert list(cold.rewrap()) == [Rewrap.ARCHIVED]
+    for name in names:
+        after = (raw / name).read_bytes()
+        assert after[HEADER:] == before[name][HEADER:], "no image byte is rewritten"
+        assert after[:HEADER] != before[name][:HEADER]
+    # The old key can go: every object opens with the new one alone.
+    only_new = tmp_path / "only-new"
+    only_new.mkdir()
+    for key in ("k2", "current"):
+        (only_new / key).write_bytes((tmp_path / "keys" / key).read_bytes())
+    fresh = ObjectTier("hot", object_store(s3, tmp_path), tmp_path / "staging", Keyring(only_new))
+    assert [fresh.read(n) for n in names] == [b"pixel data %d " % i * 20_000 for i in range(3)]
 
 
 def test_a_server_that_is_down_is_an_error_that_names_no_uid(s3: S3Bucket, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from telerad.runtime.store.envelope import (
     EnvelopeError,
     Keyring,
     Opened,
+    Rewrap,
     Sealer,
     add_key,
     open_file,
@@ -159,8 +160,8 @@ def test_rewrap_moves_an_object_to_the_current_key_without_touching_its_segments
     path.write_bytes(seal(keyring, data))
     before = path.read_bytes()
     add_key(keys, "k2")
-    assert rewrap(path, keyring) is True
-    assert rewrap(path, keyring) is False  # a rerun finds it done
+    assert rewrap(path, keyring) == Rewrap.DONE
+    assert rewrap(path, keyring) == Rewrap.CURRENT  # a rerun finds it done
     after = path.read_bytes()
     assert after[HEADER:] == before[HEADER:]
     (keys / "k1").unlink()  # the old key retired: the object opens with the new one
@@ -186,7 +187,7 @@ def test_a_rewrap_torn_by_a_crash_leaves_the_old_slot_in_use(keys: Path, tmp_pat
     with source:
         assert found.slot.key_id == "k2"  # slot 1, whole
         assert found.read() == b"x" * 1000
-    assert rewrap(path, keyring) is True  # the rerun finishes it
+    assert rewrap(path, keyring) == Rewrap.DONE  # the rerun finishes it
     source, found = open_file(path, keyring)
     with source:
         assert found.slot.key_id == "k3"

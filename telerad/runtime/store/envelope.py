@@ -24,6 +24,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
@@ -290,22 +291,43 @@ def open_file(
         raise
 
 
-def rewrap(path: Path, keyring: Keyring, name: str = "a stored object") -> bool:
-    """Wrap a sealed file's data key with the keyring's current key, in the header slot
-    not in use, and flush it; False when it already is. Crash-safe: until the new slot is
-    whole on disk (its checksum), readers use the old one."""
+class Rewrap(StrEnum):
+    """What `rewrap` did to one stored object."""
+
+    DONE = "rewrapped"
+    """Its data key is now wrapped by the current key."""
+    CURRENT = "current"
+    """It already was."""
+    ARCHIVED = "archived"
+    """In an archive storage class: it cannot be read, so it keeps its key until it is
+    restored (keep that key in the keyring meanwhile)."""
+
+
+def new_slot(opened: Opened, keyring: Keyring) -> tuple[int, bytes] | None:
+    """Where in an object, and what, to write so that the keyring's current key wraps its
+    data key: the header slot not in use, one generation up. None when it already does."""
     key_id, kek = keyring.current()
+    if opened.slot.key_id == key_id:
+        return None
+    data_key = aes_key_unwrap(keyring.key(opened.slot.key_id), opened.slot.wrapped)
+    slot = Slot(opened.slot.generation + 1, key_id, aes_key_wrap(kek, data_key))
+    return _PREFIX.size + (1 - opened.slot_index) * _SLOT.size, _slot_bytes(slot)
+
+
+def rewrap(path: Path, keyring: Keyring, name: str = "a stored object") -> Rewrap:
+    """Wrap a sealed file's data key with the keyring's current key, in the header slot
+    not in use, and flush it. Crash-safe: until the new slot is whole on disk (its
+    checksum), readers use the old one."""
     source, opened = open_file(path, keyring, name)
     with source:
-        if opened.slot.key_id == key_id:
-            return False
-        data_key = aes_key_unwrap(keyring.key(opened.slot.key_id), opened.slot.wrapped)
-        slot = Slot(opened.slot.generation + 1, key_id, aes_key_wrap(kek, data_key))
-        at = _PREFIX.size + (1 - opened.slot_index) * _SLOT.size
+        change = new_slot(opened, keyring)
+    if change is None:
+        return Rewrap.CURRENT
+    at, slot = change
     fd = os.open(path, os.O_WRONLY)
     try:
-        os.pwrite(fd, _slot_bytes(slot), at)
+        os.pwrite(fd, slot, at)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return True
+    return Rewrap.DONE

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from telerad.runtime.dataset import Pieces, valid_uid
-from telerad.runtime.store.envelope import Keyring, Opened, Sealer, open_file, rewrap
+from telerad.runtime.store.envelope import Keyring, Opened, Rewrap, Sealer, open_file, rewrap
 
 STUDIES = "studies"
 INCOMING = "incoming"
@@ -318,9 +318,9 @@ class DiskTier:
         with self._lock:
             self._known_dirs = {d for d in self._known_dirs if not d.is_relative_to(target)}
 
-    def rewrap(self) -> Iterator[bool]:
+    def rewrap(self) -> Iterator[Rewrap]:
         """Wrap every stored file's data key with the keyring's current key, file by file,
-        yielding whether each changed: no image byte is rewritten, each file is flushed
+        yielding what it did to each: no image byte is rewritten, each file is flushed
         before the next, and a rerun after a crash finds the finished ones unchanged. Safe
         beside a running gateway (readers use the old slot until the new one is whole)."""
         if self.keyring is None:

@@ -34,7 +34,7 @@ from obstore.exceptions import AlreadyExistsError
 from obstore.store import S3Store
 
 from telerad.api.config import ObjectStore
-from telerad.runtime.store.envelope import HEADER, TAG, Keyring, Opened
+from telerad.runtime.store.envelope import HEADER, TAG, Keyring, Opened, Rewrap, new_slot
 from telerad.runtime.store.files import CHUNK, INCOMING, STUDIES, DiskTier, Staged
 from telerad.runtime.store.tier import Archived
 
@@ -331,8 +331,33 @@ class ObjectTier:
                     removed += 1
         return removed
 
-    def rewrap(self) -> Iterator[bool]:
-        raise ValueError(
-            f"the {self.name} tier is in an object store: rewrap there is not built yet "
-            "(it would rewrite each object's header with a server-side copy)"
-        )
+    def rewrap(self) -> Iterator[Rewrap]:
+        """Wrap every object's data key with the keyring's current key, object by object.
+        An object cannot be changed in place: one whose header needs the new slot is read
+        and PUT again whole, its image bytes as they were (the same ciphertext), so a crash
+        leaves it old or new, never torn, and a rerun skips the finished ones (a ranged
+        GET of the header each). Archived objects cannot be read and keep their key."""
+        if self.keyring is None:
+            raise ValueError(f"the {self.name} tier is not encrypted")
+        for page in self._list(PurePosixPath(STUDIES)):
+            for meta in page:
+                relative = PurePosixPath(str(meta["path"]))
+                if relative.suffix != ".dcm":
+                    continue
+                try:
+                    yield self._rewrap(relative, self.keyring)
+                except FileNotFoundError:
+                    continue  # moved to another tier or deleted meanwhile
+                except Archived:
+                    yield Rewrap.ARCHIVED
+
+    def _rewrap(self, relative: PurePosixPath, keyring: Keyring) -> Rewrap:
+        head = self._get(relative, HEADER)
+        change = new_slot(Opened(io.BytesIO(head), HEADER + TAG, keyring, self._what), keyring)
+        if change is None:
+            return Rewrap.CURRENT
+        at, slot = change
+        body = bytearray(self._get(relative))
+        body[at : at + len(slot)] = slot
+        self._put(relative, bytes(body), {}, create=False)
+        return Rewrap.DONE

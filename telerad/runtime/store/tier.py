@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Protocol
 
-from telerad.runtime.store.envelope import Keyring
+from telerad.runtime.store.envelope import Keyring, Rewrap
 from telerad.runtime.store.files import Staged
 
 
@@ -76,8 +76,9 @@ class Tier(Protocol):
     def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]]) -> int:
         """Remove files no catalog row names (`catalogued(tier, study)`), at start."""
 
-    def rewrap(self) -> Iterator[bool]:
-        """Wrap every file's data key with the keyring's current key, file by file."""
+    def rewrap(self) -> Iterator[Rewrap]:
+        """Wrap every file's data key with the keyring's current key, file by file,
+        yielding what was done to each."""
 
 
 @dataclass(frozen=True, slots=True)
