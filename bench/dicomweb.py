@@ -1,10 +1,13 @@
-"""DICOMweb STOW-RS ingest and WADO-RS retrieval of a 300-slice CT: telerad vs Orthanc.
+"""DICOMweb STOW-RS ingest and WADO-RS retrieval of a 300-slice CT: telerad (hot tier on
+disk, and in an S3 bucket) vs Orthanc.
 
 Same run, same machine, same files, same HTTP client. Servers:
 
 - ``telerad``: ``telerad gateway --config FILE``, FILE from ``telerad gateway
   --example-config`` (fsync per stored instance); every request carries the bearer token
   that ``--example-config`` writes to ``DIR/tokens/local``.
+- ``telerad-s3``: the same, with the hot tier in a bucket of a versitygw server the bench
+  starts (bench/ingest.py's ``telerad-s3``).
 - ``orthanc``: Orthanc with its DICOMweb plugin (``/dicom-web/``), its own JSON config:
   SyncStorageArea (fsync per stored file), no storage compression, no HTTP compression,
   the default SQLite index, no DICOM server, fresh storage/index directories.
@@ -74,8 +77,11 @@ JSON_ACCEPT = "application/dicom+json"
 REQUEST_TIMEOUT_S = 600.0
 READ_CHUNK = 1 << 20
 SETTLE_S = 0.3
-SYSTEMS = ("telerad", "orthanc")
-LABELS = {"telerad": "telerad", "orthanc": "Orthanc"}
+SYSTEMS = ("telerad", "telerad-s3", "orthanc")
+LABELS = {"telerad": "telerad", "telerad-s3": "telerad-s3", "orthanc": "Orthanc"}
+SHORT = {"telerad": "t", "telerad-s3": "s3", "orthanc": "O"}
+RATIOS = (("telerad", "orthanc"), ("telerad-s3", "telerad"))
+"""The ratios of the table: telerad against its peer, and the S3 hot tier against disk."""
 # DICOM JSON tags in STOW-RS answers.
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
@@ -160,6 +166,12 @@ class TeleradWeb(ingest.Telerad):
     """ingest.py's telerad, ready when /healthz answers, with its bearer token."""
 
     name = "telerad"
+    # ingest.py's describe() is about DIMSE; this one is the DICOMweb server's.
+    web_describe = (
+        "`telerad gateway --config gateway.yaml`, gateway.yaml = the output of "
+        "`telerad gateway --example-config --port PORT --http-port PORT --data-dir DIR`, "
+        "token from DIR/tokens/local"
+    )
 
     def __init__(self, settings: ingest.Settings) -> None:
         super().__init__(settings)
@@ -192,11 +204,16 @@ class TeleradWeb(ingest.Telerad):
         return [ln for ln in lines if re.search(r"ERROR|WARNING|CRITICAL|Traceback", ln)]
 
     def describe(self) -> str:
-        return (
-            "`telerad gateway --config gateway.yaml`, gateway.yaml = the output of "
-            "`telerad gateway --example-config --port PORT --http-port PORT --data-dir DIR`, "
-            "token from DIR/tokens/local"
-        )
+        return self.web_describe
+
+
+class TeleradWebS3(TeleradWeb, ingest.TeleradS3):
+    """As telerad, with ingest.py's S3 hot tier (its configured(): a fresh bucket)."""
+
+    name = "telerad-s3"
+
+    def describe(self) -> str:
+        return f"{self.web_describe}; {ingest.TeleradS3.describe(self)}"
 
 
 Server = TeleradWeb | OrthancWeb
@@ -210,7 +227,12 @@ def read_lines(path: Path) -> list[str]:
 
 
 def make_server(name: str, settings: ingest.Settings) -> Server:
-    return TeleradWeb(settings) if name == "telerad" else OrthancWeb(settings)
+    kinds: dict[str, type[Server]] = {
+        "telerad": TeleradWeb,
+        "telerad-s3": TeleradWebS3,
+        "orthanc": OrthancWeb,
+    }
+    return kinds[name](settings)
 
 
 # --------------------------------------------------------------------------- data
@@ -603,16 +625,21 @@ def _settings(base: Path, args: argparse.Namespace) -> ingest.Settings:
     """The ingest bench's receiver settings, for the two systems here: both on their
     embedded catalogs, so the run's PostgreSQL is never started."""
     postgres = ingest.SharedPostgres(base / "postgres")
-    return ingest.Settings(base, "unset", args.telerad, postgres, index_connections=1)
+    s3 = ingest.SharedS3(base / "s3")
+    return ingest.Settings(base, "unset", args.telerad, postgres, index_connections=1, s3=s3)
 
 
 def run_all(study: Study, args: argparse.Namespace, base: Path) -> Results:
     settings = _settings(base, args)
     servers = [make_server(name, settings) for name in SYSTEMS]
     out = Results()
-    for rep in range(args.repeats):
-        for server in servers:
-            one_system(server, study, args, base, out, rep=rep)
+    try:
+        for rep in range(args.repeats):
+            for server in servers:
+                one_system(server, study, args, base, out, rep=rep)
+    finally:
+        assert settings.s3 is not None
+        settings.s3.close()
     return out
 
 
@@ -672,9 +699,11 @@ def pair(runs: dict[str, list[Run]], attr: str) -> str:
 
 
 def table(results: Results, rounds: int) -> list[str]:
-    head = ["workload", "unit", "telerad", "Orthanc", "telerad / Orthanc"]
-    head += ["server CPU s (t / O)", "client CPU s (t / O)", "others' CPU s (t / O)"]
-    head += ["wall s (t / O)", "ok runs (t / O)"]
+    short = " / ".join(SHORT[s] for s in SYSTEMS)
+    head = ["workload", "unit", *(LABELS[s] for s in SYSTEMS)]
+    head += [f"{LABELS[a]} / {LABELS[b]}" for a, b in RATIOS]
+    head += [f"server CPU s ({short})", f"client CPU s ({short})", f"others' CPU s ({short})"]
+    head += [f"wall s ({short})", f"ok runs ({short})"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for wl in WORKLOADS:
         every = {
@@ -682,9 +711,9 @@ def table(results: Results, rounds: int) -> list[str]:
         }
         good = {s: [r for r in rs if r.ok] or rs for s, rs in every.items()}
         values = {s: main_value(wl, good[s]) for s in SYSTEMS}
-        ratio = f"{values['telerad'] / values['orthanc']:.2f}" if values["orthanc"] else "-"
+        ratios = [f"{values[a] / values[b]:.2f}" if values[b] else "-" for a, b in RATIOS]
         label = wl.label.replace("x R", f"x {rounds}")
-        cells = [label, wl.unit, cell(wl, good["telerad"]), cell(wl, good["orthanc"]), ratio]
+        cells = [label, wl.unit, *(cell(wl, good[s]) for s in SYSTEMS), *ratios]
         cells += [pair(good, a) for a in ("server_cpu_s", "client_cpu_s", "other_cpu_s")]
         cells.append(pair(good, "wall_s"))
         cells.append(" / ".join(f"{sum(r.ok for r in every[s])}/{len(every[s])}" for s in SYSTEMS))
@@ -712,11 +741,12 @@ def notes(results: Results, study: Study, rounds: int, servers: list[Server]) ->
         f"process tree (/proc) over the workload + {SETTLE_S} s; client CPU = this process "
         "over the workload (1.00 per wall second = one core saturated); others' CPU = busy "
         "CPU of the whole machine (/proc/stat) minus both (kernel threads: writeback, "
-        "softirq, ...); all columns are medians over the repeats, ratio = telerad / Orthanc "
-        "of the median rate (>1: telerad faster)",
+        "softirq, ...); all columns are medians over the repeats, ratios of the median "
+        "rates (telerad / Orthanc > 1: telerad faster; telerad-s3 / telerad: the S3 hot "
+        "tier against the directory, goal >= 0.8 for whole-study WADO)",
         "per repeat and system: a fresh server on empty storage for STOW 1/request; another "
         "fresh server for STOW of quarters, then whole-study WADO, then per-instance WADO "
-        "on what it just stored (its files in the page cache); telerad and Orthanc take "
+        "on what it just stored (its files in the page cache); the systems take "
         "turns; client and server share the machine's cores",
         ingest.KEEP_NOTE,
     ]
@@ -769,7 +799,7 @@ def render(args: argparse.Namespace, results: Results, study: Study, base: Path)
     today = datetime.date.today().isoformat()
     lines = [
         f"## DICOMweb: STOW-RS and WADO-RS of a {len(study.instances)}-slice CT, "
-        "telerad vs Orthanc",
+        "telerad (disk, S3) vs Orthanc",
         "",
         f"`{command}`, {today}, {args.repeats} repeat(s), medians.",
         "",

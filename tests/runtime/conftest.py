@@ -250,12 +250,21 @@ class GatewayProcess:
 
 GatewayFactory = Callable[..., GatewayProcess]
 
+ON_DISK = pytest.mark.parametrize("hot_tier", ["disk"])
+"""For a test that looks into the hot tier's directory (its files, temporaries, free
+space, a file's bytes as stored): both catalogs, the hot tier on disk."""
+
 
 @pytest.fixture
-def hot_tier() -> str:
-    """Where the hot tier's instances go: `disk` (the default), or `s3` in a test that
-    parametrizes this name (a bucket of its own on the session's S3 server)."""
-    return "disk"
+def hot_tier(request: pytest.FixtureRequest) -> str:
+    """Where the hot tier's instances go, paired with the catalog's backend as sites are
+    deployed: the embedded site (SQLite, a directory) and the scale-out one (PostgreSQL, a
+    bucket of its own on the session's S3 server). So the runtime suite runs on both tiers
+    and both catalogs in two runs, not four. A test that parametrizes this name picks its
+    own (`disk` for what only a directory has)."""
+    callspec = getattr(request.node, "callspec", None)
+    catalog = callspec.params.get("new_catalog") if callspec is not None else None
+    return "s3" if catalog == "postgresql" else "disk"
 
 
 def object_store(bucket: S3Bucket, workdir: Path) -> ObjectStore:

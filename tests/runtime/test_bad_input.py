@@ -26,7 +26,7 @@ from pynetdicom.pdu import P_DATA_TF
 from telerad import synthetic
 from telerad.api.config import CatalogConfig
 
-from .conftest import GatewayFactory, GatewayProcess, dataset_bytes, stored
+from .conftest import ON_DISK, GatewayFactory, GatewayProcess, dataset_bytes, stored
 from .test_disk_full import tmpfs
 from .test_roundtrip import BROKEN, PYDICOM_FILES, REAL_IMAGES
 
@@ -91,6 +91,7 @@ def catalogued(gateway: GatewayProcess) -> list[tuple[str, str]]:
 
 
 @pytest.mark.reliability("attack", "malformed data sets over C-STORE")
+@ON_DISK
 def test_broken_data_sets_are_refused_and_nothing_else_changes(
     gateway: GatewayProcess, tmp_path: Path
 ) -> None:

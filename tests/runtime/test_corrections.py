@@ -16,7 +16,7 @@ from telerad import synthetic
 from telerad.runtime.gateway.ingest import file_meta
 from telerad.runtime.store.files import instance_path
 
-from .conftest import GatewayFactory, GatewayProcess, read_rows, send_datasets, stored
+from .conftest import ON_DISK, GatewayFactory, GatewayProcess, read_rows, send_datasets, stored
 from .test_worker import retrieve
 
 STUDY_INSTANCES = "00201208"
@@ -84,6 +84,7 @@ def test_a_then_b_then_a_again_serves_a(gateway: GatewayProcess) -> None:
 
 
 @pytest.mark.reliability("fault", "a file written but not catalogued when the gateway died")
+@ON_DISK
 def test_a_file_a_crash_left_uncatalogued_is_swept_and_its_resend_is_version_1(
     start_gateway: GatewayFactory,
 ) -> None:

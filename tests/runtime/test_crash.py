@@ -18,6 +18,7 @@ import pytest
 from telerad import synthetic
 
 from .conftest import (
+    ON_DISK,
     GatewayFactory,
     GatewayProcess,
     age_studies,
@@ -68,7 +69,6 @@ def acknowledged(lines: list[str]) -> list[Path]:
 
 @pytest.mark.reliability("fault", "kill -9 of the gateway during C-STORE")
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("hot_tier", ["disk", "s3"])
 def test_kill_9_mid_study_loses_no_acknowledged_instance(
     gateway: GatewayProcess, tmp_path: Path
 ) -> None:
@@ -116,7 +116,6 @@ STOW_KILL_AFTER = 40
 
 @pytest.mark.reliability("fault", "kill -9 of the gateway during STOW-RS")
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("hot_tier", ["disk", "s3"])
 def test_kill_9_during_stow_loses_no_acknowledged_instance(
     gateway: GatewayProcess, tmp_path: Path
 ) -> None:
@@ -179,6 +178,7 @@ def test_kill_9_during_stow_loses_no_acknowledged_instance(
 
 @pytest.mark.reliability("fault", "kill -9 of the gateway during a move to the warm tier")
 @pytest.mark.timeout(300)
+@ON_DISK
 def test_kill_9_mid_move_to_warm_keeps_one_good_copy(
     start_gateway: GatewayFactory, tmp_path: Path
 ) -> None:

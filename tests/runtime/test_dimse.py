@@ -15,7 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from telerad.api.site import AllowedCaller, Dimse
 
-from .conftest import GatewayFactory, GatewayProcess, TlsMaterial, env_nodelay, tool
+from .conftest import ON_DISK, GatewayFactory, GatewayProcess, TlsMaterial, env_nodelay, tool
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 MR_SMALL = Path(str(get_testdata_file("MR_small.dcm")))
@@ -39,6 +39,7 @@ def echo(gateway: GatewayProcess, *extra: str, aet: str = "ECHOSCU", aec: str | 
     )  # fmt: skip
 
 
+@ON_DISK
 def test_echo_and_store_plain(gateway: GatewayProcess) -> None:
     assert echo(gateway).returncode == 0
     result = dcmtk(

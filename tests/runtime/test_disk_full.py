@@ -19,7 +19,7 @@ from telerad import synthetic
 from telerad.api.config import MIN_FREE_BYTES
 from telerad.operator.builders.site import free_space_watermark
 
-from .conftest import GatewayFactory, assert_kept, send_datasets, stored, stow, temporaries
+from .conftest import ON_DISK, GatewayFactory, assert_kept, send_datasets, stored, stow, temporaries
 
 SLICES = 80
 INODES = 60  # the catalog, its journal, the audit log and directories take a few
@@ -49,6 +49,7 @@ def grow(mount: Path, inodes: int) -> None:
 
 @pytest.mark.reliability("fault", "hot tier full for real (ENOSPC: a tmpfs out of inodes)")
 @pytest.mark.timeout(300)
+@ON_DISK
 def test_a_full_hot_tier_refuses_cleanly_and_recovers_when_it_grows(
     start_gateway: GatewayFactory, small_disk: Path, tmp_path: Path
 ) -> None:

@@ -20,7 +20,16 @@ from pydicom.dataset import Dataset
 from telerad import synthetic
 from telerad.runtime.store.envelope import CURRENT, Keyring, open_file
 
-from .conftest import ANY_TRANSFER, TELERAD, GatewayProcess, parts, send_datasets, stored, stow
+from .conftest import (
+    ANY_TRANSFER,
+    ON_DISK,
+    TELERAD,
+    GatewayProcess,
+    parts,
+    send_datasets,
+    stored,
+    stow,
+)
 
 CATALOG_FILES = ("catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm")
 """What of the hot tier is the embedded catalog: its indexed attributes are the database's
@@ -92,7 +101,6 @@ def key_ids(gateway: GatewayProcess) -> list[str]:
     return ids
 
 
-@pytest.mark.parametrize("hot_tier", ["disk", "s3"])
 def test_a_session_leaves_nothing_of_its_patients_readable_on_the_tiers(
     gateway: GatewayProcess, hot_tier: str, request: pytest.FixtureRequest
 ) -> None:
@@ -159,6 +167,7 @@ def storage_command(gateway: GatewayProcess, *args: str) -> subprocess.Completed
 
 @pytest.mark.timeout(600)
 @pytest.mark.reliability("fault", "key rotation under load; rewrap killed halfway and rerun")
+@ON_DISK
 def test_keys_rotate_under_load_and_a_killed_rewrap_finishes_when_run_again(
     gateway: GatewayProcess,
 ) -> None:

@@ -52,7 +52,7 @@ from telerad import synthetic
 from telerad.runtime.dataset import parse
 from telerad.runtime.gateway.ingest import meta_length
 
-from .conftest import GatewayProcess, audit_records, stored, temporaries
+from .conftest import ON_DISK, GatewayProcess, audit_records, stored, temporaries
 
 # raw_sending is autouse: with it pynetdicom sends each mutated data set verbatim.
 from .test_bad_input import (
@@ -516,6 +516,7 @@ def encoded(ds: Dataset, syntax: str) -> bytes:
     "fuzz",
     "random bytes and mutated A-ASSOCIATE-RQ / P-DATA-TF PDUs on the DICOM port",
 )
+@ON_DISK
 def test_fuzzed_pdus_never_crash_hang_or_leave_files(
     gateway: GatewayProcess, record_property: Callable[[str, object], None]
 ) -> None:
@@ -701,6 +702,7 @@ def unique_uid(n: int) -> str:
     "mutated data sets over C-STORE (flipped and cut bytes, wrong VRs and lengths, "
     "inserted elements and sequences)",
 )
+@ON_DISK
 def test_fuzzed_data_sets_are_stored_whole_or_refused(
     gateway: GatewayProcess, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:

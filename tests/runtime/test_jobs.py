@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from telerad.api.config import JobPolicy
 from telerad.api.site import Completion
 
-from .conftest import GatewayFactory, GatewayProcess, send_datasets
+from .conftest import ON_DISK, GatewayFactory, GatewayProcess, send_datasets
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 
@@ -167,6 +167,7 @@ def test_bad_requests_say_what_was_wrong(gateway: GatewayProcess) -> None:
     assert lost.status_code == 400
 
 
+@ON_DISK
 def test_different_bytes_under_one_uid_are_kept_as_a_new_version(gateway: GatewayProcess) -> None:
     (original,) = study(1, modality="CT", body_part="HEAD")
     changed = pydicom.dcmread(CT_SMALL)

@@ -26,7 +26,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .conftest import GatewayFactory, GatewayProcess, catalog
+from .conftest import ON_DISK, GatewayFactory, GatewayProcess, catalog
 from .test_bad_input import CT_SMALL, _associate, _wait_closed, catalogued, store
 from .test_load import tree_rss
 
@@ -221,6 +221,7 @@ def remove_large_files(gateway: GatewayProcess) -> None:
     "attack", "a 2 GiB data set over C-STORE and a 2 GiB STOW part: memory stays flat"
 )
 @pytest.mark.timeout(1800)
+@ON_DISK
 def test_a_2_gib_data_set_and_stow_part_are_streamed_to_disk(
     start_gateway: GatewayFactory, tmp_path: Path
 ) -> None:

@@ -23,6 +23,7 @@ from pydicom.data import get_testdata_file
 from telerad import synthetic
 from telerad.api.site import Destination, DicomWebPeer
 from tests.runtime.conftest import (
+    ON_DISK,
     GatewayFactory,
     GatewayProcess,
     free_port,
@@ -147,6 +148,7 @@ def ours(gateway: GatewayProcess) -> dict[str, bytes]:
     }
 
 
+@ON_DISK
 def test_orthanc_lists_and_retrieves_our_studies(
     gateway: GatewayProcess, orthanc_for: OrthancFactory
 ) -> None:
@@ -183,6 +185,7 @@ def test_orthanc_lists_and_retrieves_our_studies(
     )
 
 
+@ON_DISK
 def test_gateway_stows_a_study_into_orthanc(
     start_gateway: GatewayFactory, orthanc_for: OrthancFactory
 ) -> None:

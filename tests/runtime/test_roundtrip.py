@@ -103,7 +103,6 @@ def test_there_are_samples_of_every_kind() -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("hot_tier", ["disk", "s3"])
 def test_every_sample_round_trips_byte_identical(gateway: GatewayProcess) -> None:
     statuses = send(gateway, SAMPLES)
     assert statuses == [0] * len(SAMPLES), [

@@ -26,10 +26,7 @@ from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import botocore.config
-import botocore.session
 import obstore
-from botocore.exceptions import BotoCoreError, ClientError
 from obstore.exceptions import AlreadyExistsError
 from obstore.store import S3Store
 
@@ -128,6 +125,11 @@ def _credentials(config: ObjectStore) -> dict[str, str]:
 
 def _restore_client(config: ObjectStore) -> Any:
     """botocore's S3 client for the bucket, with the credentials obstore gets."""
+    # Imported here: botocore takes half a second to import, and only a site that restores
+    # from an archive class ever needs it.
+    import botocore.config  # noqa: PLC0415
+    import botocore.session  # noqa: PLC0415
+
     options: dict[str, Any] = {"region_name": config.region}
     if config.endpoint is not None:
         options["endpoint_url"] = config.endpoint
@@ -268,6 +270,8 @@ class ObjectTier:
             "Days": config.restore_days,
             "GlacierJobParameters": {"Tier": config.restore_tier},
         }
+        from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
         try:
             self._restorer.restore_object(Bucket=config.bucket, Key=key, RestoreRequest=request)
         except ClientError as exc:
