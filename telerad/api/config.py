@@ -173,13 +173,13 @@ class StoragePaths(ApiModel):
             COLD: (self.cold_dir, self.cold_store),
         }[tier]
 
-    def leaves_at(self, tier: str) -> int | None:
-        """Age in days at which a study moves on from `tier`; None where it stays until
-        retention (the last tier the site has)."""
-        later = TIERS[TIERS.index(tier) + 1 :]
-        if not any(self.has(t) for t in later):
+    def moves_on(self, tier: str) -> tuple[str, int] | None:
+        """The tier a study moves to from `tier`, and the age in days at which it does;
+        None where it stays until retention (the last tier the site has)."""
+        later = [t for t in TIERS[TIERS.index(tier) + 1 :] if self.has(t)]
+        if not later:
             return None
-        return self.hot_days if tier == HOT else self.warm_days
+        return later[0], self.hot_days if tier == HOT else self.warm_days
 
 
 def url_password(url: str) -> bool:

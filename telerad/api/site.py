@@ -142,6 +142,11 @@ class TierObjectStore(ApiModel):
     restore_days: Annotated[int, Field(ge=1, le=365)] = 7
     """Days a restored copy stays readable."""
 
+    @property
+    def url(self) -> str:
+        """`s3://BUCKET/PREFIX`, as the gateway's configuration and the status name it."""
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
 
 class Tier(ApiModel):
     """A storage tier: a PersistentVolumeClaim of the tenant's storage class, or a
@@ -398,7 +403,8 @@ class TierStatus(ApiModel):
     location: Annotated[str, Field(max_length=600)]
     """`volume` (the tier's PersistentVolumeClaim), or `s3://BUCKET/PREFIX`."""
     region: Annotated[str, Field(max_length=64)] | None = None
-    """The bucket's region (data residency); for a volume, the cluster's own."""
+    """The bucket's region (data residency); none for a volume, which is where the cluster
+    is."""
     storage_class: Annotated[str, Field(max_length=64)] | None = None
     """The S3 storage class its objects are written in."""
 

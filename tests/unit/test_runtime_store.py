@@ -271,7 +271,7 @@ def test_tier_ages_must_increase_and_a_tier_is_one_place() -> None:
         StoragePaths.model_validate({**tiers, "cold_store": {"url": "s3://bucket/p"}})
     # Without a warm tier a study goes from hot to cold at hotDays; warmDays is unused.
     paths = StoragePaths.model_validate({"hot_dir": "/h", "cold_dir": "/c", "warm_days": 1})
-    assert (paths.leaves_at(HOT), paths.leaves_at(COLD)) == (7, None)
+    assert (paths.moves_on(HOT), paths.moves_on(COLD)) == ((COLD, 7), None)
 
 
 def test_lifecycle_recovers_from_a_pass_cut_short(site: Site) -> None:

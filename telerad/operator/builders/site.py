@@ -102,7 +102,7 @@ def _places(site: ImagingSite) -> dict[str, Path | ObjectStore]:
                 found[f"{tier}_dir"] = DATA_DIR / tier
             continue
         found[f"{tier}_store"] = ObjectStore(
-            url=f"s3://{bucket.bucket}/{bucket.prefix}".rstrip("/"),
+            url=bucket.url,
             endpoint=bucket.endpoint,
             region=bucket.region,
             storage_class=bucket.storage_class,
@@ -122,11 +122,10 @@ def tier_status(site: ImagingSite) -> list[TierStatus]:
         if bucket is None:
             found.append(TierStatus(name=tier, location="volume"))
         else:
-            location = f"s3://{bucket.bucket}/{bucket.prefix}".rstrip("/")
             found.append(
                 TierStatus(
                     name=tier,
-                    location=location,
+                    location=bucket.url,
                     region=bucket.region,
                     storage_class=bucket.storage_class,
                 )

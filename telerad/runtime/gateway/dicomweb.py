@@ -403,20 +403,15 @@ class DicomWeb:
         whose restore this starts (202 with `Retry-After`: ask again then)."""
 
         def check() -> int | None:
+            first = located[0]
             with _unopened():
                 try:
-                    self._tier(located[0]).check(PurePosixPath(located[0].path))
+                    self._tier(first).check(PurePosixPath(first.path))
                 except Archived:
-                    pass
-                else:
-                    return None
-                # Restored together, so that they come back together.
-                waits = [
-                    self._tier(w).restore(PurePosixPath(w.path))
-                    for w in located
-                    if w.tier == located[0].tier
-                ]
-                return max(waits)
+                    # Restored together, so that they come back together.
+                    archived = [w for w in located if w.tier == first.tier]
+                    return max(self._tier(w).restore(PurePosixPath(w.path)) for w in archived)
+            return None
 
         wait = await asyncio.to_thread(check)
         if wait is not None:

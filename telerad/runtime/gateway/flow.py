@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import PurePosixPath
 
-from telerad.api.config import TIERS, GatewayConfig, ModelRoute, backoff
+from telerad.api.config import GatewayConfig, ModelRoute, backoff
 from telerad.api.jobs import Finding, Job, ResultRef
 from telerad.runtime import phi
 from telerad.runtime.gateway import outbox
@@ -177,10 +177,10 @@ class Flow:
                 self._delete(study)
         # The oldest tier first, so that a study due for two moves makes one per pass.
         for source in reversed(self.tiers):
-            age = storage.leaves_at(source)
-            if age is None:
+            move = storage.moves_on(source)
+            if move is None:
                 continue
-            target = next(t for t in TIERS[TIERS.index(source) + 1 :] if t in self.tiers)
+            target, age = move
             for study in self.catalog.lifecycle_candidates(source, now - age * DAY, 1000):
                 self._move(study, target)
 
