@@ -141,7 +141,10 @@ def test_one_of_two_gateways_killed_mid_transfer_the_other_serves_everything_ack
     serves every instance either acknowledged, byte for byte; the sender that lost its
     gateway sends its half again to the survivor (as it would through the site's Service),
     and the study completes once, with one job per model."""
-    survivor = start_gateway(completion=Completion(quiet_seconds=3))
+    # The quiet window must outlast the check of every acknowledged instance below (a
+    # hundred retrieves, seconds on a loaded machine): were it shorter, the survivor would
+    # complete the half it has and then, rightly, again once the rest came.
+    survivor = start_gateway(completion=Completion(quiet_seconds=15))
     victim = same_site(start_gateway, survivor)
     files = synthetic.write_series(
         synthetic.ct_series(n_slices=160, size=256, seed=1702), tmp_path / "ct"
@@ -171,6 +174,7 @@ def test_one_of_two_gateways_killed_mid_transfer_the_other_serves_everything_ack
         served = retrieved(survivor, study, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
         assert served == dataset_bytes(path)[1], f"{path.name} differs"
 
+    assert survivor.metric(COMPLETED) == 0, "the check outlasted the quiet window"
     send_all(survivor, theirs)
     survivor.wait_for(lambda: survivor.metric(COMPLETED) >= 1)
     settle()
