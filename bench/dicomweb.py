@@ -453,10 +453,10 @@ def stow_check(answers: Sequence[tuple[int, bytes]], expected: Sequence[int]) ->
 
 
 def measure(server: Server, run: Run, groups: Sequence[Sequence[Request]]) -> Drive:
-    cpu0, busy0 = ingest.tree_cpu_seconds(server.pid), ingest.machine_busy_seconds()
+    cpu0, busy0 = ingest.receiver_cpu_seconds(server), ingest.machine_busy_seconds()
     result = drive(groups)
     time.sleep(SETTLE_S)
-    run.server_cpu_s = ingest.tree_cpu_seconds(server.pid) - cpu0
+    run.server_cpu_s = ingest.receiver_cpu_seconds(server) - cpu0
     busy = ingest.machine_busy_seconds() - busy0
     run.wall_s, run.client_cpu_s = result.wall_s, result.client_cpu_s
     run.other_cpu_s = max(0.0, busy - run.server_cpu_s - run.client_cpu_s)
@@ -562,16 +562,16 @@ def settle(server: Server, step: float = 0.5, idle: float = 0.02, limit: float =
     `idle` CPU seconds in `step` s, so the end of its start-up is not measured; then
     return the cores it keeps busy while idle, measured over one more second."""
     started = time.monotonic()
-    cpu = ingest.tree_cpu_seconds(server.pid)
+    cpu = ingest.receiver_cpu_seconds(server)
     while time.monotonic() - started < limit:
         time.sleep(step)
-        now = ingest.tree_cpu_seconds(server.pid)
+        now = ingest.receiver_cpu_seconds(server)
         if now - cpu < idle:
             break
         cpu = now
-    cpu, t0 = ingest.tree_cpu_seconds(server.pid), time.perf_counter()
+    cpu, t0 = ingest.receiver_cpu_seconds(server), time.perf_counter()
     time.sleep(1.0)
-    return (ingest.tree_cpu_seconds(server.pid) - cpu) / (time.perf_counter() - t0)
+    return (ingest.receiver_cpu_seconds(server) - cpu) / (time.perf_counter() - t0)
 
 
 def progress(run: Run, rep: int, repeats: int) -> None:

@@ -27,6 +27,7 @@ from telerad import synthetic
 from telerad.runtime.gateway.access import new_token
 from telerad.runtime.gateway.example import ensure_keyring, example_config
 from tests.runtime.conftest import (
+    ANY_TRANSFER,
     TELERAD,
     GatewayProcess,
     audit_records,
@@ -132,6 +133,31 @@ def test_store_search_and_retrieve_through_dicomweb_client(
     (one,) = web.retrieve_series(uid, mr.SeriesInstanceUID)
     assert one == mr
     assert web.retrieve_instance(uid, ct_series, study[1].SOPInstanceUID) == study[1]
+
+
+def test_a_client_that_hangs_up_mid_study_costs_the_next_one_nothing(
+    gateway: GatewayProcess,
+) -> None:
+    """The instances read ahead of the one being sent are dropped when the client goes:
+    nothing is logged as failing, and the next retrieval gets every instance, in order."""
+    ct = list(synthetic.ct_series(n_slices=24, size=256, seed=4))
+    assert send_datasets(gateway, ct) == [0] * len(ct)
+    uid = str(ct[0].StudyInstanceUID)
+    url, headers = f"{gateway.url}/studies/{uid}", {**gateway.auth, "Accept": ANY_TRANSFER}
+    with httpx.stream("GET", url, headers=headers, timeout=30) as answer:
+        assert answer.status_code == 200
+        assert next(answer.iter_raw(64 << 10))  # a part of the first instance, then gone
+    whole = httpx.get(url, headers=headers, timeout=30)
+    assert whole.status_code == 200
+    order = [
+        pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True).SOPInstanceUID
+        for _, body in parts(whole)
+    ]
+    assert sorted(order) == sorted(ds.SOPInstanceUID for ds in ct)
+    listed = gateway.get(f"/studies/{uid}/instances", limit=100)
+    assert order == [i["00080018"]["Value"][0] for i in listed], "parts out of catalog order"
+    log = gateway.log.read_text()
+    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
 
 
 def test_metadata_bulk_data_and_frames(gateway: GatewayProcess, study: list[Dataset]) -> None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -33,12 +35,17 @@ from telerad.runtime.store.envelope import EnvelopeError
 from telerad.runtime.store.tier import Archived, Tier
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Problem = Callable[[int, str, str], web.Response]
 DICOM_JSON = "application/dicom+json"
 PUBLIC_URL = web.AppKey("public_url", str)
 CHUNK = 1 << 20
 SMALL_FILE = 8 << 20
+"""Largest instance read whole to be sent; larger ones are streamed a chunk at a time."""
+READ_AHEAD = 3
+"""Instances of a retrieval read ahead of the one being sent."""
 HEAD = 1 << 20
 """What of a STOW part is read into memory before its file meta is known: real ones are
 a few hundred bytes."""
@@ -67,7 +74,19 @@ class Streamed(web.StreamResponse):
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self.sent += len(data)
-        await super().write(data)
+        try:
+            await super().write(data)
+        except ConnectionResetError as exc:
+            raise ClientGone(self) from exc
+
+
+class ClientGone(Exception):
+    """The client closed the connection in the middle of a streamed answer: nothing to
+    answer, and nothing failed (the HTTP layer ends the exchange with `response`)."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the client closed the connection mid-answer")
+        self.response = response
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,19 +457,26 @@ class DicomWeb:
         )
         await response.prepare(request)
         base = base_url(request)
-        for where, syntax in zip(located, syntaxes, strict=True):
-            head = multipart.part_head(
-                boundary, f"application/dicom; transfer-syntax={syntax}", _url(base, where)
-            )
-            await response.write(head)
-            if syntax == where.transfer_syntax:
-                # As stored: straight from the file, never whole in memory.
-                await self._send_file(response, where)
-            else:
-                data = await asyncio.to_thread(self._read, where)
-                body, _ = await asyncio.to_thread(wado.render, data, where.transfer_syntax, wanted)
-                await response.write(body)
-            await response.write(b"\r\n")
+
+        def body(item: tuple[Located, str]) -> bytes | None:
+            """An instance's part, read (and transcoded where asked); None for a large
+            one sent as stored, streamed from its tier (never whole in memory)."""
+            where, syntax = item
+            if syntax != where.transfer_syntax:
+                return wado.render(self._read(where), where.transfer_syntax, wanted)[0]
+            if where.size > SMALL_FILE:
+                return None
+            return self._tier(where).read(PurePosixPath(where.path))
+
+        items = list(zip(located, syntaxes, strict=True))
+        async with contextlib.aclosing(_ahead(items, body)) as bodies:
+            async for (where, syntax), data in bodies:
+                head = multipart.part_head(
+                    boundary, f"application/dicom; transfer-syntax={syntax}", _url(base, where)
+                )
+                await response.write(head)
+                await (self._stream(response, where) if data is None else response.write(data))
+                await response.write(b"\r\n")
         await response.write(multipart.closing(boundary))
         await response.write_eof()
         request["audit"] = {"instances": len(located)}
@@ -480,14 +506,8 @@ class DicomWeb:
         request["audit"] = {**request.get("audit", {}), "instances": len(located), "deid": True}
         return response
 
-    async def _send_file(self, response: web.StreamResponse, where: Located) -> None:
-        tier = self._tier(where)
-        relative = PurePosixPath(where.path)
-        if where.size <= SMALL_FILE:
-            # One hop to a thread for the common file (a CT slice is 0.5 MB).
-            await response.write(await asyncio.to_thread(tier.read, relative))
-            return
-        chunks = tier.chunks(relative)
+    async def _stream(self, response: web.StreamResponse, where: Located) -> None:
+        chunks = self._tier(where).chunks(PurePosixPath(where.path))
         while chunk := await asyncio.to_thread(next, chunks, b""):
             await response.write(chunk)
 
@@ -524,6 +544,27 @@ class DicomWeb:
         data = await asyncio.to_thread(self._read, where)
         value = _checked(wado.bulkdata, data, request.match_info["tag"].upper())
         return await _parts(request, [value], media.OCTET_STREAM)
+
+
+async def _ahead(
+    items: Sequence[T], load: Callable[[T], R], window: int = READ_AHEAD
+) -> AsyncGenerator[tuple[T, R], None]:
+    """Each item with what `load` made of it, in order, up to `window` loads running in
+    threads ahead of the one being sent: a bucket's GET is a round trip, which the next
+    instances' reads overlap. Those left when the caller stops are cancelled."""
+    pending: deque[tuple[T, asyncio.Future[R]]] = deque()
+    upcoming = iter(items)
+    try:
+        while True:
+            for item in itertools.islice(upcoming, window - len(pending)):
+                pending.append((item, asyncio.ensure_future(asyncio.to_thread(load, item))))
+            if not pending:
+                return
+            item, loading = pending.popleft()
+            yield item, await loading
+    finally:
+        for _, loading in pending:
+            loading.cancel()
 
 
 def _acceptable(negotiate: Callable[[str | None], Any], request: web.Request) -> Any:

@@ -39,6 +39,7 @@ from telerad.runtime.gateway import openapi
 from telerad.runtime.gateway.access import Tokens, Verdict, query_keys
 from telerad.runtime.gateway.dicomweb import (
     PUBLIC_URL,
+    ClientGone,
     DicomWeb,
     DicomWebError,
     Streamed,
@@ -127,6 +128,12 @@ def _strict_query(description: dict[str, Any]) -> Middleware:
     return strict
 
 
+def _route(request: web.Request) -> str:
+    """The route a request took, as declared (`/studies/{study}`): its path holds UIDs."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "(no route)"
+
+
 @web.middleware
 async def _errors(  # noqa: PLR0911  (one answer per kind of failure)
     request: web.Request, handler: Handler
@@ -134,6 +141,9 @@ async def _errors(  # noqa: PLR0911  (one answer per kind of failure)
     try:
         return await handler(request)
     except _Problem as exc:
+        return exc.response
+    except ClientGone as exc:
+        log.info("%s %s: the client left mid-answer", request.method, _route(request))
         return exc.response
     except UnknownJob as exc:
         return problem(404, "Not found", f"no job {exc.args[0]}")
@@ -158,7 +168,7 @@ async def _errors(  # noqa: PLR0911  (one answer per kind of failure)
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except Exception:
-        log.exception("%s %s failed", request.method, request.match_info.route.resource)
+        log.exception("%s %s failed", request.method, _route(request))
         return problem(500, "Internal error", "the gateway failed; see its log")
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -197,14 +197,39 @@ def seal(keyring: Keyring, data: bytes) -> bytes:
     return sealer.header + sealer.update(data) + sealer.final()
 
 
+class Source(Protocol):
+    """What a sealed object is opened from: an open file, or a `Buffer`."""
+
+    def read(self, size: int, /) -> bytes | memoryview: ...
+
+    def seek(self, offset: int, /) -> int: ...
+
+
+class Buffer:
+    """A sealed object already in memory (an S3 GET's body), read without a copy."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self._at = 0
+
+    def read(self, size: int, /) -> memoryview:
+        piece = self._data[self._at : self._at + size]
+        self._at += len(piece)
+        return piece
+
+    def seek(self, offset: int, /) -> int:
+        self._at = offset
+        return offset
+
+
 class Opened:
     """A sealed object opened with the keyring: its plaintext size and its bytes, a
     segment at a time. Every failure is an EnvelopeError that names the object."""
 
-    def __init__(self, source: BinaryIO, size: int, keyring: Keyring, name: str) -> None:
+    def __init__(self, source: Source, size: int, keyring: Keyring, name: str) -> None:
         self.name = name
         self._source = source
-        head = source.read(HEADER)
+        head = bytes(source.read(HEADER))
         if len(head) < HEADER or not head.startswith(MAGIC):
             raise EnvelopeError(f"{name} is not a sealed object")
         _, segment, self._prefix = _PREFIX.unpack_from(head)
@@ -237,7 +262,7 @@ class Opened:
             sealed = self._source.read(stored)
             yield self._open(index, sealed)
 
-    def _open(self, index: int, sealed: bytes) -> bytes:
+    def _open(self, index: int, sealed: bytes | memoryview) -> bytes:
         last = index == self._count - 1
         if len(sealed) < TAG or (not last and len(sealed) != self._segment + TAG):
             raise EnvelopeError(f"{self.name} is truncated")

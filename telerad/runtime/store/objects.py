@@ -17,7 +17,6 @@ obstore lacks, through botocore.
 from __future__ import annotations
 
 import errno
-import io
 import re
 import secrets
 import shutil
@@ -31,7 +30,15 @@ from obstore.exceptions import AlreadyExistsError
 from obstore.store import S3Store
 
 from telerad.api.config import ObjectStore
-from telerad.runtime.store.envelope import HEADER, TAG, Keyring, Opened, Rewrap, new_slot
+from telerad.runtime.store.envelope import (
+    HEADER,
+    TAG,
+    Buffer,
+    Keyring,
+    Opened,
+    Rewrap,
+    new_slot,
+)
 from telerad.runtime.store.files import CHUNK, INCOMING, STUDIES, DiskTier, Staged
 from telerad.runtime.store.tier import Archived
 
@@ -218,11 +225,14 @@ class ObjectTier:
             staged.discard()
 
     # -- reading ----------------------------------------------------------------------
-    def _get(self, relative: PurePosixPath, length: int | None = None) -> bytes:
+    def _get(self, relative: PurePosixPath, length: int | None = None) -> memoryview:
+        """An object's bytes (the first `length` of them), as the client received them:
+        a view, not a copy."""
         try:
             if length is not None:
-                return bytes(obstore.get_range(self._store, str(relative), start=0, length=length))
-            return bytes(obstore.get(self._store, str(relative)).bytes())
+                got = obstore.get_range(self._store, str(relative), start=0, length=length)
+                return memoryview(got)
+            return memoryview(obstore.get(self._store, str(relative)).bytes())
         except FileNotFoundError:
             raise FileNotFoundError(f"no such object on the {self.name} tier") from None
         except Exception as exc:
@@ -233,16 +243,17 @@ class ObjectTier:
             raise ObjectStoreError(f"the {self.name} tier's store failed a GET", exc) from exc
 
     def read(self, relative: PurePosixPath) -> bytes:
-        raw = self._get(relative)
-        if self.keyring is None:
-            return raw
-        return Opened(io.BytesIO(raw), len(raw), self.keyring, self._what).read()
+        return b"".join(self.chunks(relative))
 
     def chunks(self, relative: PurePosixPath) -> Iterator[bytes]:
-        # Whole, then a chunk at a time: a ranged read per segment is a request per 64 KiB.
-        data = self.read(relative)
-        for start in range(0, len(data), CHUNK):
-            yield data[start : start + CHUNK]
+        # One GET, then opened a segment at a time: a ranged GET per segment would be a
+        # request per 64 KiB, and each copy of a whole instance costs more than its AES.
+        raw = self._get(relative)
+        if self.keyring is None:
+            for start in range(0, len(raw), CHUNK):
+                yield bytes(raw[start : start + CHUNK])
+            return
+        yield from Opened(Buffer(raw), len(raw), self.keyring, self._what).chunks()
 
     def exists(self, relative: PurePosixPath) -> bool:
         try:
@@ -259,7 +270,7 @@ class ObjectTier:
             self._get(relative, 1)
             return
         head = self._get(relative, HEADER)
-        Opened(io.BytesIO(head), HEADER + TAG, self.keyring, self._what)
+        Opened(Buffer(head), HEADER + TAG, self.keyring, self._what)
 
     def restore(self, relative: PurePosixPath) -> int:
         config = self._config
@@ -357,7 +368,7 @@ class ObjectTier:
 
     def _rewrap(self, relative: PurePosixPath, keyring: Keyring) -> Rewrap:
         head = self._get(relative, HEADER)
-        change = new_slot(Opened(io.BytesIO(head), HEADER + TAG, keyring, self._what), keyring)
+        change = new_slot(Opened(Buffer(head), HEADER + TAG, keyring, self._what), keyring)
         if change is None:
             return Rewrap.CURRENT
         at, slot = change
