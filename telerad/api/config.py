@@ -40,6 +40,9 @@ TIERS = (HOT, WARM, COLD)
 """The tiers a study passes through as it ages, in order."""
 
 MIN_FREE_BYTES = 1 << 30
+SHARED_SWEEP_GRACE_S = 900
+"""Age of a left-over file a gateway sharing its catalog removes at start: a store's
+bytes arrive within the DIMSE and HTTP deadlines (minutes), and its commit follows."""
 """The hot tier's free-space watermark unless the site's size says less."""
 
 
@@ -155,6 +158,11 @@ class StoragePaths(ApiModel):
     min_free_bytes: int = Field(default=MIN_FREE_BYTES, ge=0)
     """Below this much free space on the hot tier, stores are refused (out of resources)
     rather than half-written."""
+    sweep_grace_seconds: int | None = Field(default=None, ge=0, le=86400)
+    """At start, a gateway removes what a crash left in its tiers (staged files, files
+    never catalogued) that was last written longer ago than this: younger ones may be the
+    stores in flight of another gateway of the site. Default: 0 with an SQLite catalog
+    (one gateway per site), `SHARED_SWEEP_GRACE_S` with a shared one."""
     lifecycle_interval_seconds: int = Field(default=300, ge=1, le=86400)
     """How often the hot -> warm -> deleted pass runs."""
     encryption: Encryption | None = None
@@ -233,6 +241,11 @@ class CatalogConfig(ApiModel):
         if url is not None and url_password(url):
             raise ValueError(CREDENTIALS_IN_URL)
         return url
+
+    @property
+    def shared(self) -> bool:
+        """Whether other gateways may use the catalog too (PostgreSQL, not SQLite)."""
+        return self.secret_dir is not None or not (self.url or "sqlite:").startswith("sqlite:")
 
 
 class DimseTimeouts(ApiModel):
@@ -384,6 +397,13 @@ class GatewayConfig(ApiModel):
     """Retries of webhooks and result forwarding."""
     http: HttpLimits = Field(default_factory=HttpLimits)
     """Deadlines of request bodies on the HTTP port."""
+
+    @property
+    def sweep_grace_seconds(self) -> int:
+        """How old a left-over file must be for the start-up sweep to remove it."""
+        if self.storage.sweep_grace_seconds is not None:
+            return self.storage.sweep_grace_seconds
+        return SHARED_SWEEP_GRACE_S if self.catalog.shared else 0
 
 
 class GatewayEndpoint(ApiModel):

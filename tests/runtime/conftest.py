@@ -296,7 +296,9 @@ def start_gateway(
         workdir = tmp_path_factory.mktemp("gateway")
         hot_store = object_store(bucket, workdir) if bucket is not None else None
         config = example_config(free_port(), free_port(), workdir / "data", hot_store=hot_store)
-        storage = overrides.pop("storage", {})
+        # Each the only gateway of its site unless a test says otherwise: its start-up
+        # sweep takes everything a crash left, as a one-replica site's does.
+        storage = {"sweep_grace_seconds": 0, **overrides.pop("storage", {})}
         config = config.model_copy(
             update={
                 "storage": config.storage.model_copy(update=storage),

@@ -64,6 +64,19 @@ def test_a_claimed_object_is_sealed_in_the_bucket_and_reads_back(
         objects.read(AGAIN)
 
 
+def test_the_sweep_spares_objects_newer_than_its_grace_period(s3: S3Bucket, tmp_path: Path) -> None:
+    """An object no row names may be another gateway's, between its PUT and its commit:
+    the sweep takes it only once it is older than the grace period."""
+    objects = tier(s3, tmp_path)
+    for relative in (NAME, AGAIN):
+        objects.write(relative, [b"sealed bytes"])
+    catalogued = {str(NAME)}
+    assert objects.sweep_uncatalogued(lambda _tier, _study: catalogued, time.time() - 900) == 0
+    assert objects.exists(AGAIN)
+    assert objects.sweep_uncatalogued(lambda _tier, _study: catalogued, time.time() + 5) == 1
+    assert objects.exists(NAME) and not objects.exists(AGAIN)
+
+
 def test_a_name_another_writer_holds_is_skipped_for_the_next(s3: S3Bucket, tmp_path: Path) -> None:
     objects = tier(s3, tmp_path)
     first = objects.receive()

@@ -71,6 +71,7 @@ def same_site(start_gateway: GatewayFactory, first: GatewayProcess) -> GatewayPr
             "hot_dir": first.hot,
             "warm_dir": first.config.storage.warm_dir,
             "encryption": first.config.storage.encryption,
+            "sweep_grace_seconds": None,  # a shared catalog's default
         },
     )
 

@@ -125,7 +125,31 @@ def test_write_is_atomic_and_leaves_no_temporaries(site: Site) -> None:
     assert site.hot.write(relative, (b"a", b"bc")) == 3
     assert site.hot.read(relative) == b"abc"
     (site.hot.path(relative).parent / ".1.4.dcm.abc.tmp").write_bytes(b"crash leftover")
-    assert site.hot.sweep_temporaries() == 1
+    assert site.hot.sweep_temporaries(time.time() + 1) == 1
+
+
+def test_the_start_up_sweep_spares_what_may_be_a_peers_store_in_flight(site: Site) -> None:
+    study = site.store_study(1)
+    (kept,) = files_of(site.hot, study)
+    stray = instance_path(study, "1.2.3", "1.2.3.4", 1)
+    site.hot.write(stray, [b"renamed, never catalogued"])
+    known, grace = site.catalog.catalogued_paths, time.time() - 900
+    assert site.hot.sweep_uncatalogued(known, grace) == 0
+    os.utime(site.hot.path(stray), (time.time() - 1000,) * 2)
+    assert site.hot.sweep_uncatalogued(known, grace) == 1
+    assert not site.hot.exists(stray)
+    assert site.hot.exists(kept)
+
+
+def test_the_sweep_grace_period_follows_the_catalog(tmp_path: Path) -> None:
+    config = example_config(11112, 8080, tmp_path)
+    assert config.sweep_grace_seconds == 0  # SQLite: the site's only gateway
+    shared = CatalogConfig(url="postgresql://telerad@db:5432/site")
+    assert config.model_copy(update={"catalog": shared}).sweep_grace_seconds == 900
+    assert CatalogConfig(secret_dir=tmp_path).shared
+    storage = config.storage.model_copy(update={"sweep_grace_seconds": 30})
+    both = config.model_copy(update={"catalog": shared, "storage": storage})
+    assert both.sweep_grace_seconds == 30
 
 
 def test_stored_file_is_meta_plus_the_bytes_received(site: Site) -> None:

@@ -53,11 +53,14 @@ class Gateway:
         # A crash mid-store leaves temporaries in the hot tier, and files renamed but not
         # catalogued; one mid-move, in the tier it moved to (or from). No receiver runs
         # yet: nothing is mid-store.
+        # With a shared catalog, only what is older than the grace period: a newer file may
+        # be another gateway's store in flight.
         tiers = list(self.receiver.tiers.values())
-        swept = sum(t.sweep_temporaries() for t in tiers)
+        before = time.time() - config.sweep_grace_seconds
+        swept = sum(t.sweep_temporaries(before) for t in tiers)
         if swept:
             log.info("removed %d unacknowledged partial files left by a crash", swept)
-        swept = sum(t.sweep_uncatalogued(self.catalog.catalogued_paths) for t in tiers)
+        swept = sum(t.sweep_uncatalogued(self.catalog.catalogued_paths, before) for t in tiers)
         if swept:
             log.warning("removed %d uncatalogued (unacknowledged) files left by a crash", swept)
         self.deid = Deidentifier(storage.hot_dir / DEID_KEY_FILE)

@@ -335,22 +335,22 @@ class DiskTier:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def sweep_temporaries(self) -> int:
-        """Remove temporary files a crash left behind; they were never acknowledged."""
+    def sweep_temporaries(self, before: float) -> int:
+        """Remove temporary files a crash left behind (never acknowledged) that were last
+        written before `before`: a store in flight writes its file as its bytes come."""
         removed = 0
         for directory in (self.root / STUDIES, self.root / INCOMING):
             if not directory.exists():
                 continue
             for tmp in directory.rglob(f".*{_TMP_SUFFIX}"):
-                tmp.unlink(missing_ok=True)
-                removed += 1
+                removed += _remove_if_older(tmp, before)
         return removed
 
-    def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]]) -> int:
+    def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]], before: float) -> int:
         """Remove instance files that no catalog row names (`catalogued(tier, study)`: the
-        paths it holds). A crash between a file's rename and its catalog commit leaves
-        one: never acknowledged, it must not become data, and it must not occupy the path
-        its re-send takes. Only safe while nothing stores into this tier (at start)."""
+        paths it holds), last written before `before`. A crash between a file's rename and
+        its catalog commit leaves one: never acknowledged, it must not become data. A
+        newer one may be between those two steps in another gateway of the site."""
         removed = 0
         studies = self.root / STUDIES
         if not studies.exists():
@@ -359,8 +359,7 @@ class DiskTier:
             known = catalogued(self.name, study.name)
             for file in study.rglob("*.dcm"):
                 if file.relative_to(self.root).as_posix() not in known:
-                    file.unlink(missing_ok=True)
-                    removed += 1
+                    removed += _remove_if_older(file, before)
         return removed
 
     def _ensure_dir(self, directory: Path) -> None:
@@ -378,6 +377,17 @@ class DiskTier:
             _fsync_dir(new.parent)
         with self._lock:
             self._known_dirs.add(directory)
+
+
+def _remove_if_older(path: Path, before: float) -> int:
+    """Remove a file last written before `before`; 1 when it was removed."""
+    try:
+        if path.stat().st_mtime >= before:
+            return 0
+        path.unlink()
+    except FileNotFoundError:
+        return 0  # removed meanwhile (stored on, or swept by a peer)
+    return 1
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -21,7 +21,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -323,13 +323,13 @@ class ObjectTier:
         """Free space where data sets are received: a bucket has no watermark."""
         return shutil.disk_usage(self._staging.root).free
 
-    def sweep_temporaries(self) -> int:
-        return self._staging.sweep_temporaries()
+    def sweep_temporaries(self, before: float) -> int:
+        return self._staging.sweep_temporaries(before)
 
-    def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]]) -> int:
-        """Objects no catalog row names: a crash between the PUT and the commit leaves one.
-        At start only, as on a disk (with several gateways per site this needs a grace
-        period: issue 19)."""
+    def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]], before: float) -> int:
+        """Objects no catalog row names, last modified before `before`: a crash between
+        the PUT and the commit leaves one; a newer one may be another gateway's store
+        between the two."""
         removed = 0
         known: dict[str, set[str]] = {}
         for page in self._list(PurePosixPath(STUDIES)):
@@ -341,7 +341,9 @@ class ObjectTier:
                 study = parts[1]
                 if study not in known:
                     known[study] = catalogued(self.name, study)
-                if path not in known[study]:
+                written = meta["last_modified"]
+                assert isinstance(written, datetime)  # noqa: S101  (obstore's ObjectMeta)
+                if path not in known[study] and written.timestamp() < before:
                     self._call(obstore.delete, path)
                     removed += 1
         return removed

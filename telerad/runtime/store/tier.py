@@ -70,11 +70,13 @@ class Tier(Protocol):
     def free_bytes(self) -> int:
         """Free space where data sets are received."""
 
-    def sweep_temporaries(self) -> int:
-        """Remove staged files a crash left behind."""
+    def sweep_temporaries(self, before: float) -> int:
+        """Remove staged files a crash left behind: those last written before `before`
+        (a POSIX time; later ones may be another gateway's stores in flight)."""
 
-    def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]]) -> int:
-        """Remove files no catalog row names (`catalogued(tier, study)`), at start."""
+    def sweep_uncatalogued(self, catalogued: Callable[[str, str], set[str]], before: float) -> int:
+        """Remove files no catalog row names (`catalogued(tier, study)`) last written
+        before `before`."""
 
     def rewrap(self) -> Iterator[Rewrap]:
         """Wrap every file's data key with the keyring's current key, file by file,
