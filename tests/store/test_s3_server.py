@@ -98,8 +98,9 @@ def test_obstore_asks_for_create_only_a_checksum_and_a_class(
     assert put.headers["if-none-match"] == "*"
     assert put.headers["x-amz-checksum-sha256"] == sha256_b64(data)
     assert put.headers["x-amz-storage-class"] == "GLACIER_IR"
-    # The payload's own hash is signed too (unsigned_payload stays off).
-    assert put.headers["x-amz-content-sha256"] == hashlib.sha256(data).hexdigest()
+    # The body is not hashed into the signature (unsigned_payload): the checksum header
+    # is signed, and the server checks the body against it (the next test).
+    assert put.headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
     signed = put.headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
     assert {"if-none-match", "x-amz-checksum-sha256", "x-amz-storage-class"} <= set(signed)
 
@@ -109,6 +110,28 @@ def test_obstore_asks_for_create_only_a_checksum_and_a_class(
     copy = s3_proxy.sent("PUT")[1]
     assert copy.headers["x-amz-copy-source"] == f"{s3.name}/a"
     assert not {"x-amz-storage-class", "if-none-match"} & set(copy.headers)
+
+
+def test_a_body_that_does_not_match_its_signed_checksum_is_refused(s3: S3Bucket) -> None:
+    """What an unsigned payload relies on: a body altered on its way fails the checksum
+    the signature covers, and nothing is stored."""
+    unsigned = {"x-amz-content-sha256": "UNSIGNED-PAYLOAD"}
+    sent = s3.server.request(
+        "PUT",
+        f"/{s3.name}/altered",
+        headers={**unsigned, "x-amz-checksum-sha256": sha256_b64(b"what was sent")},
+        body=b"what arrived",
+    )
+    assert sent.status == 400
+    assert b"<Code>BadDigest</Code>" in sent.body
+    assert s3.server.request("GET", f"/{s3.name}/altered").status == 404
+    intact = s3.server.request(
+        "PUT",
+        f"/{s3.name}/intact",
+        headers={**unsigned, "x-amz-checksum-sha256": sha256_b64(b"what was sent")},
+        body=b"what was sent",
+    )
+    assert intact.status == 200
 
 
 def test_a_large_create_only_put_is_one_request_not_a_multipart_upload(

@@ -166,15 +166,15 @@ class Sealer:
         self._pending += data
         if len(self._pending) <= SEGMENT:
             return b""
-        out = bytearray()
         # A full segment is sealed only once more follows it: the last one is marked.
         whole = (len(self._pending) - 1) // SEGMENT * SEGMENT
-        view = memoryview(self._pending)
-        for start in range(0, whole, SEGMENT):
-            out += self._seal(view[start : start + SEGMENT], last=False)
-        view.release()
+        with memoryview(self._pending) as view:
+            out = b"".join(
+                self._seal(view[start : start + SEGMENT], last=False)
+                for start in range(0, whole, SEGMENT)
+            )
         del self._pending[:whole]
-        return bytes(out)
+        return out
 
     def final(self) -> bytes:
         out = self._seal(self._pending, last=True)
@@ -184,7 +184,7 @@ class Sealer:
     def _seal(self, plain: bytes | bytearray | memoryview, *, last: bool) -> bytes:
         nonce = self._prefix + struct.pack(">I", self._index)
         self._index += 1
-        return self._aead.encrypt(nonce, bytes(plain), _aad(SEGMENT, last=last))
+        return self._aead.encrypt(nonce, plain, _aad(SEGMENT, last=last))
 
 
 def _aad(segment: int, *, last: bool) -> bytes:

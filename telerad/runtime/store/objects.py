@@ -86,7 +86,14 @@ def s3_store(config: ObjectStore) -> S3Store:
     """The client for a configured bucket: credentials from its file, else from the
     standard AWS environment (obstore reads it), path-style requests to an endpoint of
     one's own."""
-    options: dict[str, object] = {"region": config.region, "checksum_algorithm": "SHA256"}
+    # The body is not hashed into the signature: its SHA-256 checksum header is, and the
+    # server refuses a body that does not match it, so the same bytes are hashed once on
+    # each side instead of twice.
+    options: dict[str, object] = {
+        "region": config.region,
+        "checksum_algorithm": "SHA256",
+        "unsigned_payload": True,
+    }
     if config.endpoint is not None:
         options |= {"endpoint": config.endpoint, "virtual_hosted_style_request": False}
     if found := _credentials(config):
