@@ -239,17 +239,18 @@ class Ingest:
         return header
 
     def _parse(self, incoming: Incoming) -> Header:
-        """The strict check, over the file as written (mapped or opened, not read)."""
+        """The strict check, over the file as written (mapped, or opened)."""
         assert incoming.staged is not None  # noqa: S101  (checked by the caller)
         with incoming.staged.plaintext(incoming.offset) as data:
-            if incoming.transfer_syntax != DEFLATED_LE or not isinstance(data, memoryview):
-                # Sealed, a deflated one is inflated in memory: nothing plain goes to disk.
-                return parse(data, incoming.transfer_syntax)
-            # Inflated to a file too: a few kilobytes may become gigabytes.
-            with tempfile.TemporaryFile(dir=incoming.staged.path.parent) as inflated:
-                inflate(data, inflated.write)
-                inflated.flush()
-                return parse(mapped(inflated), EXPLICIT_LE)
+            plain = incoming.staged.keyring is None
+            if incoming.transfer_syntax == DEFLATED_LE and plain and isinstance(data, memoryview):
+                # Inflated to a file too: a few kilobytes may become gigabytes.
+                with tempfile.TemporaryFile(dir=incoming.staged.path.parent) as inflated:
+                    inflate(data, inflated.write)
+                    inflated.flush()
+                    return parse(mapped(inflated), EXPLICIT_LE)
+            # Sealed, a deflated one is inflated in memory: nothing plain goes to disk.
+            return parse(data, incoming.transfer_syntax)
 
     def _write(
         self,

@@ -287,8 +287,10 @@ class Opened:
         if start >= stop:
             return b""
         first, last = start // self._segment, (stop - 1) // self._segment
-        out = b"".join(self._segment_at(i) for i in range(first, last + 1))
         offset = first * self._segment
+        if first == last:  # the common case: an element's header or a short value
+            return self._segment_at(first)[start - offset : stop - offset]
+        out = b"".join(self._segment_at(i) for i in range(first, last + 1))
         return out[start - offset : stop - offset]
 
     def _segment_at(self, index: int) -> bytes:

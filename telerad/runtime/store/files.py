@@ -33,6 +33,8 @@ INCOMING = "incoming"
 _TMP_SUFFIX = ".tmp"
 CHUNK = 1 << 20
 """What large files are read and copied in: a 2 GiB instance never sits in memory."""
+WHOLE = 8 << 20
+"""A sealed data set up to this size is opened in memory whole to be checked."""
 
 
 def instance_path(study_uid: str, series_uid: str, sop_uid: str, version: int) -> PurePosixPath:
@@ -83,14 +85,20 @@ class Staged:
 
     @contextlib.contextmanager
     def plaintext(self, start: int = 0) -> Iterator[memoryview | Pieces]:
-        """The bytes written from `start`: the file mapped read-only, or, sealed, opened a
-        segment at a time where they are read (never whole in memory, never plain on
-        disk)."""
+        """The bytes written from `start`: the file mapped read-only, or, sealed, opened
+        (in memory up to `WHOLE`, else a segment at a time where they are read; never
+        plain on disk)."""
         self.complete()
         if self.keyring is not None:
             source, opened = open_file(self.path, self.keyring, "an instance being received")
             with source:
-                yield _After(opened, start)
+                # A common data set is opened whole: read a piece at a time, each element
+                # of its header is a call through the envelope.
+                yield (
+                    memoryview(opened.read())[start:]
+                    if len(opened) <= WHOLE
+                    else _After(opened, start)
+                )
             return
         with self.path.open("rb") as file:
             yield mapped(file)[start:]
