@@ -160,18 +160,33 @@ def _catalog(url: str | None, password_file: Path | None) -> CatalogConfig:
         raise click.BadParameter(reasons, param_hint="--catalog-url") from None
 
 
-def _hot_store(url: str | None, endpoint: str | None, region: str) -> ObjectStore | None:
+EXAMPLE_CLASSES = {"hot": None, "warm": "STANDARD_IA", "cold": "GLACIER_IR"}
+"""The storage class each tier of the example gets in a bucket: the cold one an archive
+class read without a restore (edit `storageClass` in the printed config for another)."""
+
+
+def _object_stores(
+    urls: dict[str, str | None], endpoint: str | None, region: str
+) -> dict[str, ObjectStore]:
+    """The tiers given a bucket (`--hot-url`, `--warm-url`, `--cold-url`)."""
     from telerad.api.config import ObjectStore  # noqa: PLC0415
 
-    if url is None:
-        if endpoint is not None:
-            raise click.BadParameter("needs --hot-url", param_hint="--s3-endpoint")
-        return None
-    try:
-        return ObjectStore(url=url, endpoint=endpoint, region=region)
-    except ValidationError as exc:
-        reasons = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors(include_input=False))
-        raise click.BadParameter(reasons, param_hint="--hot-url/--s3-endpoint") from None
+    given = {tier: url for tier, url in urls.items() if url is not None}
+    if not given and endpoint is not None:
+        raise click.BadParameter(
+            "needs --hot-url, --warm-url or --cold-url", param_hint="--s3-endpoint"
+        )
+    stores = {}
+    for tier, url in given.items():
+        try:
+            stores[tier] = ObjectStore(
+                url=url, endpoint=endpoint, region=region, storage_class=EXAMPLE_CLASSES[tier]
+            )
+        except ValidationError as exc:
+            errors = exc.errors(include_input=False)
+            reasons = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in errors)
+            raise click.BadParameter(reasons, param_hint=f"--{tier}-url/--s3-endpoint") from None
+    return stores
 
 
 @cli.command()
@@ -215,11 +230,22 @@ def _hot_store(url: str | None, endpoint: str | None, region: str) -> ObjectStor
     "from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the config's credentialsFile).",
 )
 @click.option(
+    "--warm-url",
+    metavar="s3://BUCKET/PREFIX",
+    help="With --example-config: the warm tier in this bucket (STANDARD_IA), not a directory.",
+)
+@click.option(
+    "--cold-url",
+    metavar="s3://BUCKET/PREFIX",
+    help="With --example-config: add a cold (archive) tier in this bucket (GLACIER_IR): "
+    "studies move there after 30 days and are kept 10 years.",
+)
+@click.option(
     "--s3-endpoint",
     metavar="URL",
-    help="With --hot-url: the S3 endpoint, e.g. http://127.0.0.1:7070 (default: AWS).",
+    help="With a tier's URL: the S3 endpoint, e.g. http://127.0.0.1:7070 (default: AWS).",
 )
-@click.option("--s3-region", default="us-east-1", show_default=True, help="With --hot-url.")
+@click.option("--s3-region", default="us-east-1", show_default=True, help="With a tier's URL.")
 @click.option("-v", "--verbose", is_flag=True)
 def gateway(
     *,
@@ -231,6 +257,8 @@ def gateway(
     catalog_url: str | None,
     catalog_password_file: Path | None,
     hot_url: str | None,
+    warm_url: str | None,
+    cold_url: str | None,
     s3_endpoint: str | None,
     s3_region: str,
     verbose: bool,
@@ -261,9 +289,9 @@ def gateway(
         )
 
         catalog = _catalog(catalog_url, catalog_password_file)
-        config = build(
-            port, http_port, data_dir, catalog, _hot_store(hot_url, s3_endpoint, s3_region)
-        )
+        urls = {"hot": hot_url, "warm": warm_url, "cold": cold_url}
+        stores = _object_stores(urls, s3_endpoint, s3_region)
+        config = build(port, http_port, data_dir, catalog, **stores)
         token = ensure_token(config)
         keyring = ensure_keyring(config)
         _print_example("gateway", config)

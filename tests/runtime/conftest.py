@@ -295,7 +295,7 @@ def start_gateway(
     def start(**overrides: Any) -> GatewayProcess:
         workdir = tmp_path_factory.mktemp("gateway")
         hot_store = object_store(bucket, workdir) if bucket is not None else None
-        config = example_config(free_port(), free_port(), workdir / "data", hot_store=hot_store)
+        config = example_config(free_port(), free_port(), workdir / "data", hot=hot_store)
         # Each the only gateway of its site unless a test says otherwise: its start-up
         # sweep takes everything a crash left, as a one-replica site's does.
         storage = {"sweep_grace_seconds": 0, **overrides.pop("storage", {})}

@@ -4,16 +4,18 @@ running gateway."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path, PurePosixPath
 
 import httpx2 as httpx
 import obstore
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from telerad import synthetic
-from telerad.api.config import ObjectStore
+from telerad.api.config import GatewayConfig, ObjectStore
 from telerad.runtime.store.envelope import HEADER, Keyring, Rewrap, add_key
 from telerad.runtime.store.objects import WRITE_TOKEN, ObjectStoreError, ObjectTier, s3_store
 from tests.conftest import S3Bucket
@@ -21,9 +23,11 @@ from tests.s3proxy import S3Proxy
 
 from .conftest import (
     ANY_TRANSFER,
+    TELERAD,
     GatewayFactory,
     GatewayProcess,
     age_studies,
+    free_port,
     object_store,
     parts,
     retrieved,
@@ -274,3 +278,50 @@ def test_a_study_ages_hot_warm_cold_with_its_classes_and_is_restored_for_wado(
         time.sleep(0.5)
     assert len(parts(answer)) == 4
     assert [retrieved(gateway, *u) for u in uids] == received, "byte-identical after 2 moves"
+
+
+def test_the_example_config_keeps_each_tier_given_a_url_in_its_bucket(
+    s3: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interface others rely on: `--example-config` with `--hot-url` (and the warm and
+    cold ones) and `--s3-endpoint` prints a config whose tiers are those buckets; the
+    gateway it starts takes its credentials from the standard AWS environment."""
+    data = tmp_path / "data"
+    url = f"s3://{s3.name}/{tmp_path.name}"
+    printed = subprocess.run(
+        [
+            *(str(TELERAD), "gateway", "--example-config", "--data-dir", str(data)),
+            *("--port", str(free_port()), "--http-port", str(free_port())),
+            *("--hot-url", f"{url}/hot", "--warm-url", f"{url}/warm", "--cold-url", f"{url}/cold"),
+            *("--s3-endpoint", s3.endpoint, "--s3-region", s3.region),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    config = GatewayConfig.model_validate(yaml.safe_load(printed.stdout))
+    hot, warm, cold = (config.storage.place(t)[1] for t in ("hot", "warm", "cold"))
+    assert hot is not None and warm is not None and cold is not None
+    assert (hot.url, warm.url, cold.url) == (f"{url}/hot", f"{url}/warm", f"{url}/cold")
+    assert (hot.storage_class, warm.storage_class, cold.storage_class) == (
+        None,
+        "STANDARD_IA",
+        "GLACIER_IR",
+    )
+    assert config.storage.warm_dir is None and config.storage.encryption is not None
+    assert f"encrypted at rest with the keys in {data / 'keys'}" in printed.stderr
+
+    for key, value in s3.credentials.items():
+        monkeypatch.setenv(key, value)
+    gateway = GatewayProcess(config, tmp_path)
+    gateway.start()
+    try:
+        ct = list(synthetic.ct_series(n_slices=3, size=32, seed=1811))
+        assert send_datasets(gateway, ct) == [0] * 3
+        assert len(gateway.objects()) == 3
+        assert not list(config.storage.hot_dir.rglob("*.dcm")), "instances left on the volume"
+        ds = ct[0]
+        kept = retrieved(gateway, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        assert ds.PixelData in kept
+    finally:
+        gateway.stop()

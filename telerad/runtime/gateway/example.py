@@ -42,11 +42,15 @@ def example_config(
     http_port: int,
     data_dir: Path,
     catalog: CatalogConfig | None = None,
-    hot_store: ObjectStore | None = None,
+    *,
+    hot: ObjectStore | None = None,
+    warm: ObjectStore | None = None,
+    cold: ObjectStore | None = None,
 ) -> GatewayConfig:
     """A local site named `example`: gateways given the same catalog URL and data
-    directory (each its own ports) are replicas of one site. With `hot_store` the hot
-    tier's instances go to that bucket (the data directory still receives them)."""
+    directory (each its own ports) are replicas of one site. A tier given an object store
+    keeps its instances in that bucket (the data directory still receives them); with a
+    cold tier, studies are archived there after 30 days and kept 10 years."""
     data_dir = data_dir.absolute()
     return GatewayConfig(
         site="example",
@@ -62,10 +66,13 @@ def example_config(
         tokens_dir=data_dir / "tokens",
         storage=StoragePaths(
             hot_dir=data_dir / "hot",
-            hot_store=hot_store,
-            warm_dir=data_dir / "warm",
+            hot_store=hot,
+            warm_dir=None if warm is not None else data_dir / "warm",
+            warm_store=warm,
+            cold_store=cold,
             hot_days=7,
-            retention_days=30,
+            warm_days=30,
+            retention_days=30 if cold is None else 3650,
             min_free_bytes=256 << 20,
             encryption=Encryption(key_dir=data_dir / "keys"),
         ),
