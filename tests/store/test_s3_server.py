@@ -23,6 +23,7 @@ from telerad.api.config import ObjectStore
 from telerad.runtime.store.objects import RETRIES, s3_store
 from tests.conftest import S3Bucket
 from tests.processes import alive, signal_inner_pytest
+from tests.s3 import Response
 from tests.s3proxy import S3Proxy
 
 
@@ -115,23 +116,17 @@ def test_obstore_asks_for_create_only_a_checksum_and_a_class(
 def test_a_body_that_does_not_match_its_signed_checksum_is_refused(s3: S3Bucket) -> None:
     """What an unsigned payload relies on: a body altered on its way fails the checksum
     the signature covers, and nothing is stored."""
-    unsigned = {"x-amz-content-sha256": "UNSIGNED-PAYLOAD"}
-    sent = s3.server.request(
-        "PUT",
-        f"/{s3.name}/altered",
-        headers={**unsigned, "x-amz-checksum-sha256": sha256_b64(b"what was sent")},
-        body=b"what arrived",
-    )
-    assert sent.status == 400
-    assert b"<Code>BadDigest</Code>" in sent.body
+
+    def put(name: str, body: bytes) -> Response:
+        checksum = sha256_b64(b"what was sent")
+        headers = {"x-amz-content-sha256": "UNSIGNED-PAYLOAD", "x-amz-checksum-sha256": checksum}
+        return s3.server.request("PUT", f"/{s3.name}/{name}", headers=headers, body=body)
+
+    altered = put("altered", b"what arrived")
+    assert altered.status == 400
+    assert b"<Code>BadDigest</Code>" in altered.body
     assert s3.server.request("GET", f"/{s3.name}/altered").status == 404
-    intact = s3.server.request(
-        "PUT",
-        f"/{s3.name}/intact",
-        headers={**unsigned, "x-amz-checksum-sha256": sha256_b64(b"what was sent")},
-        body=b"what was sent",
-    )
-    assert intact.status == 200
+    assert put("intact", b"what was sent").status == 200
 
 
 def test_a_large_create_only_put_is_one_request_not_a_multipart_upload(
