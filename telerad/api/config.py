@@ -374,6 +374,12 @@ class GatewayConfig(ApiModel):
     """Retries of failed jobs."""
     receivers: int | None = Field(default=None, ge=1, le=64)
     """Processes serving the DICOM port; default one per CPU the gateway may run on."""
+    drain_seconds: int = Field(default=20, ge=1, le=3600)
+    """On SIGTERM, how long running associations may go on once the gateway has stopped
+    being ready and accepting; the pod's grace period is longer."""
+    deidentification_key_file: Path | None = None
+    """The key behind the pseudonyms of de-identified copies (a mounted Secret's key, the
+    same for every gateway of the site); default `<hotDir>/deid.key`, made on first use."""
     routing: list[CompiledRule] = Field(default_factory=list)
     """Rules of every policy that selects this site, in order."""
     destinations: list[Destination] = Field(default_factory=list)

@@ -350,8 +350,48 @@ class Dimse(ApiModel):
     """Largest PDU the receiver accepts, in bytes."""
 
 
+class Gateway(ApiModel):
+    """The site's gateway pods: how many, and how they stop."""
+
+    replicas: Annotated[int, Field(ge=1, le=16)] | None = None
+    """Gateway pods serving the site together behind its Service. The default is 2 where
+    they can (the site `shared`: its catalog in PostgreSQL, its hot tier in an object store,
+    and a de-identification key they share), else 1: a catalog in SQLite or a hot tier on a
+    volume has one writer, and such a site rolls out by stopping its gateway first."""
+    drain_seconds: Annotated[int, Field(ge=1, le=3600)] = 20
+    """How long a stopping gateway (a rollout, its node drained) lets running associations
+    and requests finish once it has stopped being ready; the pod's grace period follows."""
+    deidentification_key_ref: SecretKeyRef | None = None
+    """The key behind the pseudonyms of de-identified copies (64 hex digits from a secure
+    source, e.g. `openssl rand -hex 32`), which every gateway of the site must share.
+    Without it the gateway keeps one of its own on the hot tier's volume."""
+
+
+def shared(spec: ImagingSiteSpec) -> bool:
+    """Whether several gateways can serve the site: nothing they write is on one pod's
+    volume."""
+    return (
+        spec.catalog is not None
+        and spec.storage.hot.object_store is not None
+        and spec.gateway.deidentification_key_ref is not None
+    )
+
+
 class ImagingSiteSpec(ApiModel):
     """Desired state of an imaging site."""
+
+    __rules__: ClassVar = (
+        Rule(
+            "!has(self.gateway) || !has(self.gateway.replicas) || self.gateway.replicas == 1"
+            " || (has(self.catalog) && has(self.storage) && has(self.storage.hot)"
+            " && has(self.storage.hot.objectStore)"
+            " && has(self.gateway.deidentificationKeyRef))",
+            "more than one gateway needs spec.catalog (PostgreSQL), spec.storage.hot.objectStore"
+            " and spec.gateway.deidentificationKeyRef: nothing they write may be on one pod's"
+            " volume",
+            lambda s: (s.gateway.replicas or 1) == 1 or shared(s),
+        ),
+    )
 
     ae_title: AETitle
     """The site's own (called) AE title that modalities send to."""
@@ -393,6 +433,12 @@ class ImagingSiteSpec(ApiModel):
     """DICOM receiver limits."""
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     """Compute resources of the gateway container."""
+    gateway: Gateway = Field(default_factory=Gateway)
+    """The gateway pods: replicas, drain, shared key."""
+
+    @property
+    def gateway_replicas(self) -> int:
+        return self.gateway.replicas or (2 if shared(self) else 1)
 
 
 class TierStatus(ApiModel):
@@ -421,6 +467,8 @@ class ImagingSiteStatus(Status):
     """Studies received since the gateway started."""
     jobs_queued: Annotated[int, Field(ge=0)] | None = None
     """Inference jobs waiting."""
+    gateways: Annotated[str, Field(max_length=256)] | None = None
+    """How many gateway pods serve the site, and why not more where it is one."""
 
 
 class ImagingSite(ApiModel):

@@ -33,6 +33,7 @@ CHILDREN = (  # (apiVersion, plural) of every kind of child
     ("v1", "persistentvolumeclaims"),
     ("apps/v1", "deployments"),
     ("networking.k8s.io/v1", "networkpolicies"),
+    ("policy/v1", "poddisruptionbudgets"),
 )
 KIND_OF_CHILD = {
     "configmaps": "ConfigMap",
@@ -41,6 +42,7 @@ KIND_OF_CHILD = {
     "persistentvolumeclaims": "PersistentVolumeClaim",
     "deployments": "Deployment",
     "networkpolicies": "NetworkPolicy",
+    "poddisruptionbudgets": "PodDisruptionBudget",
 }
 RETRY_FIRST = 2.0
 RETRY_MAX = 300.0

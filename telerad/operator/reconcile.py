@@ -393,6 +393,7 @@ class Reconciler:
             {
                 "endpoint": endpoint,
                 "tiers": [t.to_wire() for t in site_builders.tier_status(site)],
+                "gateways": site_builders.gateways(site),
             },
             problem.reason if problem else None,
             warning=problem.message if problem else None,

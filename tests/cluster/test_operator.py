@@ -7,11 +7,14 @@ import base64
 import copy
 import datetime
 import json
+import threading
 import time
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 from cryptography import x509
+from lightkube.resources.core_v1 import Pod
 
 from telerad.devcluster.pki import CertificateAuthority
 from tests.api_examples import SAMPLES as SAMPLES_DIR
@@ -756,3 +759,81 @@ def test_invalid_stored_object_is_degraded_without_retry_storm(
     quiet_from = now()
     settle(operator)
     assert operator.writes_in(namespace, quiet_from) == []
+
+
+def test_a_shared_site_rolls_its_gateways_without_fewer_ready_than_its_replicas(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    site = {
+        "apiVersion": "telerad.io/v1alpha1",
+        "kind": "ImagingSite",
+        "metadata": {"name": "harbour"},
+        "spec": {
+            "aeTitle": "HARBOUR",
+            "allowedCallers": [{"aeTitle": "CT01"}],
+            "catalog": {"secretRef": {"name": "tenant-db-app"}},
+            "storage": {"hot": {"size": "10Gi", "objectStore": {"bucket": "harbour-hot"}}},
+            "gateway": {"deidentificationKeyRef": {"name": "harbour-deid", "key": "key"}},
+        },
+    }
+    apply = ("-n", namespace, "apply", "--server-side", "-f", "-")
+    cluster.kubectl(*apply, input=json.dumps(site))
+
+    def ready_pods() -> set[str]:
+        pods = cluster.client(namespace).list(Pod, labels={"app.kubernetes.io/instance": "harbour"})
+        return {p.metadata.name for p in pods if _ready(p)}
+
+    eventually(lambda: len(ready_pods()) == 2, "two ready gateways")
+    gateway = get(cluster, namespace, "deployment", "harbour-gateway")
+    assert gateway["spec"]["replicas"] == 2
+    assert gateway["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    budget = get(cluster, namespace, "poddisruptionbudget", "harbour-gateway")
+    assert budget["spec"]["maxUnavailable"] == 1
+    eventually(lambda: budget_allows(cluster, namespace) == 1, "the budget to allow one eviction")
+    assert not cluster.kubectl_json("-n", namespace, "get", "pvc")["items"]
+    status = get(cluster, namespace, "imagingsite", "harbour")["status"]
+    assert status["gateways"] == "2 replicas"
+
+    # Every change of a pod, watched while a config change rolls both.
+    seen: list[int] = []
+    stop = threading.Event()
+    before = ready_pods()
+
+    def watch() -> None:
+        ready: set[str] = set(before)
+        client = cluster.client(namespace)
+        try:
+            for _, pod in client.watch(Pod, labels={"app.kubernetes.io/instance": "harbour"}):
+                if stop.is_set():
+                    return
+                (ready.add if _ready(pod) else ready.discard)(pod.metadata.name)
+                seen.append(len(ready))
+        except httpx.HTTPError:
+            if not stop.is_set():  # else: the API server went at the session's end
+                raise
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    time.sleep(1)  # the watch is open before the change
+    site["spec"]["completion"] = {"quietSeconds": 45}
+    cluster.kubectl(*apply, input=json.dumps(site))
+    eventually(
+        lambda: (now_ready := ready_pods()) and len(now_ready) == 2 and not now_ready & before,
+        "two new ready gateways in place of the old ones",
+    )
+    stop.set()  # the watch thread (a daemon) ends at its next event
+    counts = list(seen)
+    # Four pods came and went: two new ones ready, two old ones gone.
+    assert len(counts) >= 4, counts
+    assert min(counts) >= 2, counts
+
+
+def _ready(pod: Pod) -> bool:
+    if pod.metadata.deletionTimestamp is not None or pod.status is None:
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def budget_allows(cluster: Cluster, namespace: str) -> int:
+    budget = get(cluster, namespace, "poddisruptionbudget", "harbour-gateway")
+    return int((budget.get("status") or {}).get("disruptionsAllowed", -1))

@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 
 from telerad.api.config import JobPolicy
 from telerad.api.site import Completion
+from telerad.runtime.gateway.deid import Deidentifier
 
 from .conftest import ON_DISK, GatewayFactory, GatewayProcess, send_datasets
 
@@ -182,3 +183,29 @@ def test_different_bytes_under_one_uid_are_kept_as_a_new_version(gateway: Gatewa
     assert gateway.metric("telerad_gateway_duplicates_total", result="identical") == 1
     assert gateway.metric("telerad_gateway_duplicates_total", result="new-version") == 1
     assert gateway.metric("telerad_gateway_instances_received_total") == 2
+
+
+def test_gateways_given_one_deidentification_key_file_give_a_study_one_pseudonym(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    # As a site's replicas share the key from its Secret: each would otherwise make its
+    # own on its pod's disk, and a worker would see one study under two UIDs.
+    key_file = tmp_path / "deid" / "key"
+    key_file.parent.mkdir()
+    key_file.write_text("ab" * 32 + "\n")
+    key_file.chmod(0o400)
+    chest = study(1, modality="DX", body_part="CHEST")
+    uids = []
+    for _ in range(2):
+        gateway = start_gateway(
+            completion=Completion(quiet_seconds=1), deidentification_key_file=key_file
+        )
+        assert send_datasets(gateway, chest) == [0]
+        gateway.wait_for(lambda g=gateway: len(g.get("/jobs", model="cxr-opacity")) == 1)
+        job = claim(gateway, "cxr-opacity", "worker-a")
+        assert job is not None and job["deidentify"] is True
+        uids.append(job["studyUid"])
+        assert not (gateway.config.storage.hot_dir / "deid.key").exists()
+    expected = Deidentifier(key_file).pseudonym(chest[0].StudyInstanceUID)
+    assert uids == [expected, expected]
+    assert expected != chest[0].StudyInstanceUID

@@ -537,3 +537,82 @@ def test_quantities_are_read_as_lightkube_reads_them(number: Decimal, suffix: st
     """The API layer's own reading of a quantity agrees with the Kubernetes client's."""
     quantity = f"{number.normalize():f}{suffix}"
     assert quantity_bytes(quantity) == int(parse_quantity(quantity))
+
+
+def shared_site(**gateway: Any) -> tuple[dict[str, Any], ImagingSite]:
+    body = owner("st-marys")
+    body["spec"]["catalog"] = {"secretRef": {"name": "tenant-db-app"}}
+    body["spec"]["storage"] = {
+        "hot": {"size": "20Gi", "objectStore": {"bucket": "images", "prefix": "st-marys/hot"}},
+    }
+    body["spec"]["gateway"] = {
+        "deidentificationKeyRef": {"name": "st-marys-deid", "key": "key"},
+        **gateway,
+    }
+    return body, ImagingSite.from_wire(body)
+
+
+def test_a_shared_site_gets_two_gateways_that_roll_one_at_a_time_on_no_volume() -> None:
+    body, site = shared_site(drainSeconds=45)
+    built = {
+        f"{c['kind']}/{c['metadata']['name']}": c
+        for c in site_builders.children(body, site, [], SETTINGS)
+    }
+    assert not [k for k in built if k.startswith("PersistentVolumeClaim/")]
+    deployment = built["Deployment/st-marys-gateway"]["spec"]
+    assert deployment["replicas"] == 2
+    assert deployment["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    selector = deployment["selector"]["matchLabels"]
+    budget = built["PodDisruptionBudget/st-marys-gateway"]["spec"]
+    assert budget == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    pod = deployment["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 45 + site_builders.STOP_MARGIN_S
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"] == {
+        "labelSelector": {"matchLabels": selector},
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    (spread,) = pod["topologySpreadConstraints"]
+    assert (spread["topologyKey"], spread["whenUnsatisfiable"]) == (
+        "topology.kubernetes.io/zone",
+        "ScheduleAnyway",
+    )
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # What is being received waits on the pod's own disk, never on a shared claim.
+    assert volumes["hot"] == {"name": "hot", "emptyDir": {"sizeLimit": "20Gi"}}
+    assert volumes["deid"]["secret"] == {
+        "secretName": "st-marys-deid",
+        "items": [{"key": "key", "path": "key"}],
+    }
+    text = built["ConfigMap/st-marys-gateway"]["data"][site_builders.CONFIG_FILE]
+    config = yaml.safe_load(text)
+    assert config["drainSeconds"] == 45
+    assert config["deidentificationKeyFile"] == "/var/run/telerad/deid/key"
+    assert site_builders.gateways(site) == "2 replicas"
+    body, three = shared_site(replicas=3)
+    assert site_builders.children(body, three, [], SETTINGS)[-1]["spec"]["replicas"] == 3
+    body, one = shared_site(replicas=1)
+    assert site_builders.disruption_budget(body, one) is None
+    assert site_builders.gateways(one) == "1 replica (spec.gateway.replicas)"
+
+
+def test_a_site_on_a_volume_keeps_one_gateway_and_says_what_more_would_need() -> None:
+    children = site_children("st-marys")
+    assert "PodDisruptionBudget/st-marys-gateway" not in children
+    deployment = children["Deployment/st-marys-gateway"]["spec"]
+    assert (deployment["replicas"], deployment["strategy"]) == (1, {"type": "Recreate"})
+    assert "affinity" not in deployment["template"]["spec"]
+    site = ImagingSite.from_wire(owner("st-marys"))
+    assert site_builders.gateways(site) == (
+        "1 replica: more need spec.catalog (the catalog is SQLite),"
+        " spec.storage.hot.objectStore, spec.gateway.deidentificationKeyRef"
+    )
+    body, _ = shared_site()
+    del body["spec"]["gateway"]["deidentificationKeyRef"]
+    body["spec"]["gateway"]["replicas"] = 2
+    # Each pod would make a key of its own: one study's pseudonyms would differ by pod.
+    with pytest.raises(ValueError, match="more than one gateway needs"):
+        ImagingSite.from_wire(body)

@@ -21,7 +21,7 @@ from telerad.api.config import (
     StoragePaths,
     TLSFiles,
 )
-from telerad.api.site import ImagingSite, Tier, TierStatus
+from telerad.api.site import ImagingSite, Tier, TierStatus, shared
 from telerad.api.types import quantity_bytes
 from telerad.operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
@@ -46,6 +46,12 @@ DATA_DIR = Path("/var/lib/telerad")
 CATALOG_DIR = Path("/var/run/telerad/catalog")
 KEYS_DIR = Path("/var/run/telerad/keys")
 S3_DIR = Path("/var/run/telerad/s3")
+DEID_DIR = Path("/var/run/telerad/deid")
+DEID_FILE = "key"
+# After the drain: the outbox, the catalog and the audit trail close.
+STOP_MARGIN_S = 10
+ZONE = "topology.kubernetes.io/zone"
+HOSTNAME = "kubernetes.io/hostname"
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 TIER_LABEL = f"{names.GROUP}/tier"
 
@@ -88,6 +94,10 @@ def gateway_config(site: ImagingSite, namespace: str, rules: list[CompiledRule])
         notifications=spec.notifications,
         tokens_dir=TOKENS_DIR if spec.access is not None else None,
         secrets_dir=SECRETS_DIR if _mounted_secrets(site) else None,
+        drain_seconds=spec.gateway.drain_seconds,
+        deidentification_key_file=(
+            DEID_DIR / DEID_FILE if spec.gateway.deidentification_key_ref else None
+        ),
     )
 
 
@@ -171,10 +181,37 @@ def _tiers(site: ImagingSite) -> list[tuple[str, Tier]]:
 
 
 def _volumes(site: ImagingSite) -> list[tuple[str, Tier]]:
-    """The tiers that need a PersistentVolumeClaim: the hot one always (what is being
-    received, the embedded catalog, the de-identification key), the others unless they are
-    in an object store."""
-    return [(n, t) for n, t in _tiers(site) if n == HOT or t.object_store is None]
+    """The tiers that need a PersistentVolumeClaim: those not in an object store, and the
+    hot one unless the site is shared (else it holds the embedded catalog, the
+    de-identification key, the audit files; a shared site keeps only what is being received
+    there, on each pod's own emptyDir)."""
+    return [
+        (n, t)
+        for n, t in _tiers(site)
+        if t.object_store is None or (n == HOT and not shared(site.spec))
+    ]
+
+
+def gateways(site: ImagingSite) -> str:
+    """The status line saying how many gateways serve the site, and why only one."""
+    count = site.spec.gateway_replicas
+    if count > 1:
+        return f"{count} replicas"
+    if shared(site.spec):
+        return "1 replica (spec.gateway.replicas)"
+    missing = [
+        what
+        for what, absent in (
+            ("spec.catalog (the catalog is SQLite)", site.spec.catalog is None),
+            ("spec.storage.hot.objectStore", site.spec.storage.hot.object_store is None),
+            (
+                "spec.gateway.deidentificationKeyRef",
+                site.spec.gateway.deidentification_key_ref is None,
+            ),
+        )
+        if absent
+    ]
+    return "1 replica: more need " + ", ".join(missing)
 
 
 def deployment(
@@ -190,6 +227,7 @@ def deployment(
         {"name": "config", "configMap": {"name": name}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    several = shared(site.spec)
     for tier, _ in _volumes(site):
         mounts.append({"name": tier, "mountPath": str(DATA_DIR / tier)})
         volumes.append(
@@ -198,6 +236,14 @@ def deployment(
                 "persistentVolumeClaim": {"claimName": names.site_child(site_name, tier)},
             }
         )
+    if several:
+        mounts.append({"name": HOT, "mountPath": str(DATA_DIR / HOT)})
+        volumes.append({"name": HOT, "emptyDir": {"sizeLimit": site.spec.storage.hot.size}})
+    deid = site.spec.gateway.deidentification_key_ref
+    if deid is not None:
+        mounts.append({"name": "deid", "mountPath": str(DEID_DIR), "readOnly": True})
+        items = [{"key": deid.key, "path": DEID_FILE}]
+        volumes.append({"name": "deid", "secret": {"secretName": deid.name, "items": items}})
     for tier, spec in _tiers(site):
         ref = spec.object_store.credentials_secret_ref if spec.object_store else None
         if ref is not None:
@@ -234,14 +280,34 @@ def deployment(
         get = {"path": path, "port": "http", "scheme": scheme}
         return {"httpGet": get, "periodSeconds": period}
 
+    replicas = site.spec.gateway_replicas
+    pod: Manifest = {}
+    if replicas > 1:
+        # Apart where the nodes allow: one node or one zone lost takes one gateway.
+        spread = {"labelSelector": {"matchLabels": selector}}
+        pod["affinity"] = {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 100, "podAffinityTerm": {**spread, "topologyKey": HOSTNAME}}
+                ]
+            }
+        }
+        pod["topologySpreadConstraints"] = [
+            {**spread, "maxSkew": 1, "topologyKey": ZONE, "whenUnsatisfiable": "ScheduleAnyway"}
+        ]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": metadata(owner, name, COMPONENT),
         "spec": {
-            # One writer per SQLite catalog: never two gateways on the same volume.
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
+            "replicas": replicas,
+            # A shared site's new gateway is ready before an old one stops; elsewhere one
+            # writer per SQLite catalog and volume: never two gateways on it.
+            "strategy": (
+                {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+                if several
+                else {"type": "Recreate"}
+            ),
             "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {
@@ -252,6 +318,9 @@ def deployment(
                     "serviceAccountName": name,
                     "automountServiceAccountToken": False,
                     "securityContext": POD_SECURITY,
+                    "terminationGracePeriodSeconds": site.spec.gateway.drain_seconds
+                    + STOP_MARGIN_S,
+                    **pod,
                     "containers": [
                         {
                             "name": COMPONENT,
@@ -275,6 +344,22 @@ def deployment(
                     "volumes": volumes,
                 },
             },
+        },
+    }
+
+
+def disruption_budget(owner: Manifest, site: ImagingSite) -> Manifest | None:
+    """At most one of several gateways evicted at a time (a node drain, an upgrade)."""
+    if site.spec.gateway_replicas < 2:
+        return None
+    site_name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(owner, names.site_child(site_name, "gateway"), COMPONENT),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": names.selector_labels(site_name, COMPONENT)},
         },
     }
 
@@ -404,11 +489,13 @@ def children(
 ) -> list[Manifest]:
     """Every child of a site, in the order they are applied (dependencies first)."""
     config = config_map(owner, gateway_config(site, owner["metadata"]["namespace"], rules))
+    budget = disruption_budget(owner, site)
     return [
         service_account(owner),
         config,
         *volume_claims(owner, site),
         network_policy(owner, site, settings),
         service(owner, site),
+        *([budget] if budget is not None else []),
         deployment(owner, site, config, settings),
     ]

@@ -36,7 +36,6 @@ from telerad.runtime.store.tiers import open_tiers
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
-STOP_GRACE_S = 20.0
 START_TIMEOUT_S = 60.0
 
 
@@ -108,7 +107,7 @@ def _child(spec: _Spec, listener: socket.socket, slots: Slots, ready: Event) -> 
     receiver.dimse.start(listener)
     ready.set()
     stop.wait()
-    receiver.dimse.stop(STOP_GRACE_S)
+    receiver.dimse.stop(config.drain_seconds)
     receiver.catalog.close()
 
 

@@ -24,7 +24,7 @@ from telerad.runtime.gateway.flow import Flow
 from telerad.runtime.gateway.http import build_app
 from telerad.runtime.gateway.metrics import GatewayMetrics
 from telerad.runtime.gateway.outbox import Outbox
-from telerad.runtime.gateway.receivers import STOP_GRACE_S, Pool, Receiver, default_count
+from telerad.runtime.gateway.receivers import Pool, Receiver, default_count
 from telerad.runtime.gateway.waiters import Waiters
 from telerad.runtime.store import backends
 from telerad.runtime.store.catalog import Catalog
@@ -63,7 +63,9 @@ class Gateway:
         swept = sum(t.sweep_uncatalogued(self.catalog.catalogued_paths, before) for t in tiers)
         if swept:
             log.warning("removed %d uncatalogued (unacknowledged) files left by a crash", swept)
-        self.deid = Deidentifier(storage.hot_dir / DEID_KEY_FILE)
+        self.deid = Deidentifier(
+            config.deidentification_key_file or storage.hot_dir / DEID_KEY_FILE
+        )
         self.flow = Flow(config, self.catalog, self.receiver.tiers, self.metrics, deid=self.deid)
         expires = _certificate_expiry(config)
         self.metrics.watch(
@@ -131,7 +133,7 @@ class Gateway:
         )
         await self._stopping.wait()
         self.draining = True
-        log.info("stopping: no new associations, %ss for running ones", STOP_GRACE_S)
+        log.info("stopping: no new associations, %ss for running ones", self.config.drain_seconds)
         await self.stop()
 
     async def start(self) -> None:
@@ -204,8 +206,8 @@ class Gateway:
 
     async def stop(self) -> None:
         await asyncio.gather(
-            asyncio.to_thread(self.dimse.stop, STOP_GRACE_S),
-            asyncio.to_thread(self.pool.stop, STOP_GRACE_S),
+            asyncio.to_thread(self.dimse.stop, self.config.drain_seconds),
+            asyncio.to_thread(self.pool.stop, self.config.drain_seconds),
         )
         for task in self._tasks:
             task.cancel()
