@@ -338,6 +338,11 @@ class HttpLimits(ApiModel):
     """The slowest body accepted, averaged over each window."""
 
 
+UNREADY_SECONDS = 5.0
+"""Longer than an endpoint change takes to reach kube-proxy and cloud load balancers that
+watch the pod's readiness (a second or two)."""
+
+
 class GatewayConfig(ApiModel):
     """Everything a site gateway needs; rendered by the operator into the site's ConfigMap."""
 
@@ -374,9 +379,13 @@ class GatewayConfig(ApiModel):
     """Retries of failed jobs."""
     receivers: int | None = Field(default=None, ge=1, le=64)
     """Processes serving the DICOM port; default one per CPU the gateway may run on."""
+    unready_seconds: float = Field(default=UNREADY_SECONDS, ge=0, le=300)
+    """On SIGTERM, how long the gateway goes on accepting while /readyz says it is not
+    ready, so that its Service (or load balancer) stops sending to it before it stops
+    accepting: a connection sent meanwhile is served, not refused."""
     drain_seconds: int = Field(default=20, ge=1, le=3600)
-    """On SIGTERM, how long running associations may go on once the gateway has stopped
-    being ready and accepting; the pod's grace period is longer."""
+    """Then, how long running associations may go on once it has stopped accepting; the
+    pod's grace period covers both."""
     deidentification_key_file: Path | None = None
     """The key behind the pseudonyms of de-identified copies (a mounted Secret's key, the
     same for every gateway of the site); default `<hotDir>/deid.key`, made on first use."""

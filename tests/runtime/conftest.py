@@ -303,6 +303,9 @@ def start_gateway(
             update={
                 "storage": config.storage.model_copy(update=storage),
                 "catalog": overrides.pop("catalog", None) or new_catalog(),
+                # Nothing balances across a test's gateways unless it says so: a stopping
+                # one has no load balancer to wait for.
+                "unready_seconds": 0,
                 **overrides,
             }
         )

@@ -91,3 +91,23 @@ def test_readyz_is_503_while_draining(gateway: GatewayProcess) -> None:
     assert int(assoc.send_c_echo().Status) == 0  # the running association still served
     assoc.release()
     assert gateway.proc.wait(30) == 0
+
+
+def test_after_sigterm_a_gateway_accepts_until_its_service_has_let_it_go(
+    start_gateway: GatewayFactory,
+) -> None:
+    # Its Service (kube-proxy, a cloud load balancer) drops it a moment after /readyz says
+    # 503: what it sent meanwhile is served, not refused. Then the port closes.
+    gateway = start_gateway(unready_seconds=3)
+    assert gateway.proc is not None
+    url = f"{gateway.url}/readyz"
+    gateway.proc.send_signal(signal.SIGTERM)
+    gateway.wait_for(lambda: httpx.get(url, timeout=5).status_code == 503, timeout=5)
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(Verification)
+    late = ae.associate("127.0.0.1", gateway.port, ae_title=gateway.ae_title)
+    assert late.is_established, "refused while the Service may still send to it"
+    assert int(late.send_c_echo().Status) == 0
+    late.release()
+    assert gateway.proc.wait(30) == 0
+    assert not ae.associate("127.0.0.1", gateway.port, ae_title=gateway.ae_title).is_established

@@ -569,7 +569,8 @@ def test_a_shared_site_gets_two_gateways_that_roll_one_at_a_time_on_no_volume() 
     budget = built["PodDisruptionBudget/st-marys-gateway"]["spec"]
     assert budget == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
     pod = deployment["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] == 45 + site_builders.STOP_MARGIN_S
+    # Still accepting while its Service drops it, then 45 s of drain, then the rest.
+    assert pod["terminationGracePeriodSeconds"] == 5 + 45 + site_builders.STOP_MARGIN_S
     (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert term["podAffinityTerm"] == {
         "labelSelector": {"matchLabels": selector},

@@ -3,6 +3,7 @@ NetworkPolicy and ServiceAccount."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -12,6 +13,7 @@ from telerad.api.config import (
     COLD,
     HOT,
     MIN_FREE_BYTES,
+    UNREADY_SECONDS,
     WARM,
     CatalogConfig,
     CompiledRule,
@@ -318,7 +320,8 @@ def deployment(
                     "serviceAccountName": name,
                     "automountServiceAccountToken": False,
                     "securityContext": POD_SECURITY,
-                    "terminationGracePeriodSeconds": site.spec.gateway.drain_seconds
+                    "terminationGracePeriodSeconds": math.ceil(UNREADY_SECONDS)
+                    + site.spec.gateway.drain_seconds
                     + STOP_MARGIN_S,
                     **pod,
                     "containers": [

@@ -81,6 +81,7 @@ class Gateway:
         self.outbox: Outbox | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._linger = 0.0
         self.draining = False
         """Stopping: no new associations, running ones finishing (SIGTERM received)."""
 
@@ -118,8 +119,11 @@ class Gateway:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        # SIGTERM: the pod stopping, with a Service to leave first. Ctrl-C: someone at a
+        # terminal, with none.
+        linger = {signal.SIGTERM: self.config.unready_seconds, signal.SIGINT: 0.0}
+        for sig, seconds in linger.items():
+            loop.add_signal_handler(sig, self._stop_after, seconds)
         await self.start()
         log.info(
             "gateway %s/%s: DICOM %s on %s:%d, HTTP on :%d%s",
@@ -133,8 +137,18 @@ class Gateway:
         )
         await self._stopping.wait()
         self.draining = True
-        log.info("stopping: no new associations, %ss for running ones", self.config.drain_seconds)
+        log.info(
+            "stopping: not ready, still accepting for %ss, then %ss for running associations",
+            self._linger,
+            self.config.drain_seconds,
+        )
+        await asyncio.sleep(self._linger)
         await self.stop()
+
+    def _stop_after(self, linger: float) -> None:
+        if not self._stopping.is_set():
+            self._linger = linger
+            self._stopping.set()
 
     async def start(self) -> None:
         listener = DimseServer.listen(self.config)
