@@ -2,14 +2,15 @@
 # The real peers the tests and benchmarks run against, from Debian: dcmtk (storescu,
 # storescp, echoscu, findscu), Orthanc with its DICOMweb and PostgreSQL plugins,
 # dicom3tools (dciodvfy), Prometheus (the autoscaler's Prometheus source; promtool checks
-# the alert rules), and PostgreSQL 15 (throwaway clusters for the PostgreSQL catalog's
-# tests, tests/postgres.py).
+# the alert rules), PostgreSQL 15 (throwaway clusters for the PostgreSQL catalog's
+# tests, tests/postgres.py) and HAProxy (the load balancer in front of a site's gateways,
+# tests/haproxy.py).
 # A no-op when they are installed already.
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb orthanc-postgresql dicom3tools prometheus postgresql-15
+packages=(dcmtk orthanc orthanc-dicomweb orthanc-postgresql dicom3tools prometheus postgresql-15 haproxy
   containerd runc containernetworking-plugins buildah debootstrap docker-registry)
 need=()
-for cmd_pkg in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools prometheus:prometheus \
+for cmd_pkg in storescu:dcmtk haproxy:haproxy Orthanc:orthanc dciodvfy:dicom3tools prometheus:prometheus \
   containerd:containerd runc:runc buildah:buildah debootstrap:debootstrap docker-registry:docker-registry; do
   command -v "${cmd_pkg%%:*}" >/dev/null || need+=("${cmd_pkg#*:}")
 done
