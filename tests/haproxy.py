@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from telerad.devcluster.process import stop_group
 from tests.postgres import free_port
 
 INSTALL = "install HAProxy: `make debs` (hack/debs.sh) installs Debian's haproxy"
@@ -85,8 +86,12 @@ class HAProxy:
         if checked.returncode != 0:
             raise RuntimeError(f"haproxy refused its config:\n{checked.stderr}")
         with self.log.open("wb") as log:
+            # A group of its own, stopped as one (stop_group) by its own PID.
             self.proc = subprocess.Popen(
-                [binary, "-db", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+                [binary, "-db", "-f", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._listening():
@@ -111,10 +116,5 @@ class HAProxy:
         time.sleep(CHECK_INTERVAL_MS * 3 / 1000)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_group(self.proc.pid, timeout=10)
+        self.proc.wait()

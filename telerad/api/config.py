@@ -14,7 +14,14 @@ from pydantic.alias_generators import to_snake
 from telerad.api.aimodel import InferenceServer, IntendedUse, ModelRef, Thresholds
 from telerad.api.base import ApiModel, Rule
 from telerad.api.routing import Match
-from telerad.api.site import AllowedCaller, Completion, Destination, Dimse, Notifications
+from telerad.api.site import (
+    DRAIN_SECONDS,
+    AllowedCaller,
+    Completion,
+    Destination,
+    Dimse,
+    Notifications,
+)
 from telerad.api.types import AETitle, DNSLabel, HttpUrl, Priority
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -383,7 +390,7 @@ class GatewayConfig(ApiModel):
     """On SIGTERM, how long the gateway goes on accepting while /readyz says it is not
     ready, so that its Service (or load balancer) stops sending to it before it stops
     accepting: a connection sent meanwhile is served, not refused."""
-    drain_seconds: int = Field(default=20, ge=1, le=3600)
+    drain_seconds: int = Field(default=DRAIN_SECONDS, ge=1, le=3600)
     """Then, how long running associations may go on once it has stopped accepting; the
     pod's grace period covers both."""
     deidentification_key_file: Path | None = None

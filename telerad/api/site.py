@@ -350,6 +350,10 @@ class Dimse(ApiModel):
     """Largest PDU the receiver accepts, in bytes."""
 
 
+DRAIN_SECONDS = 20
+"""What running associations get by default once a stopping gateway stops accepting."""
+
+
 class Gateway(ApiModel):
     """The site's gateway pods: how many, and how they stop."""
 
@@ -358,7 +362,7 @@ class Gateway(ApiModel):
     they can (the site `shared`: its catalog in PostgreSQL, its hot tier in an object store,
     and a de-identification key they share), else 1: a catalog in SQLite or a hot tier on a
     volume has one writer, and such a site rolls out by stopping its gateway first."""
-    drain_seconds: Annotated[int, Field(ge=1, le=3600)] = 20
+    drain_seconds: Annotated[int, Field(ge=1, le=3600)] = DRAIN_SECONDS
     """How long a stopping gateway (a rollout, its node drained) lets running associations
     and requests finish once it has stopped being ready; the pod's grace period follows."""
     deidentification_key_ref: SecretKeyRef | None = None
@@ -367,14 +371,23 @@ class Gateway(ApiModel):
     Without it the gateway keeps one of its own on the hot tier's volume."""
 
 
+def unshared(spec: ImagingSiteSpec) -> list[str]:
+    """What keeps several gateways from serving the site: what they would write on one
+    pod's volume, by the field that would move it off (none: the site is shared)."""
+    return [
+        what
+        for what, absent in (
+            ("spec.catalog (the catalog is SQLite)", spec.catalog is None),
+            ("spec.storage.hot.objectStore", spec.storage.hot.object_store is None),
+            ("spec.gateway.deidentificationKeyRef", spec.gateway.deidentification_key_ref is None),
+        )
+        if absent
+    ]
+
+
 def shared(spec: ImagingSiteSpec) -> bool:
-    """Whether several gateways can serve the site: nothing they write is on one pod's
-    volume."""
-    return (
-        spec.catalog is not None
-        and spec.storage.hot.object_store is not None
-        and spec.gateway.deidentification_key_ref is not None
-    )
+    """Whether several gateways can serve the site."""
+    return not unshared(spec)
 
 
 class ImagingSiteSpec(ApiModel):

@@ -423,10 +423,8 @@ def stored_files(hot: Path) -> dict[str, Path]:
     return {p.name.removesuffix(".dcm"): p for p in (hot / "studies").rglob("*.dcm")}
 
 
-def stow(
-    gateway: GatewayProcess, bodies: list[bytes], path: str = "/studies", **kw: str
-) -> httpx.Response:
-    """STOW-RS these encoded data sets in one multipart request."""
+def stow_body(bodies: list[bytes]) -> tuple[bytes, str]:
+    """A STOW-RS request's body holding these encoded data sets, and its Content-Type."""
     boundary = "telerad-test-boundary-5f1c"
     content = (
         b"".join(
@@ -435,9 +433,15 @@ def stow(
         )
         + f"--{boundary}--\r\n".encode()
     )
-    content_type = kw.get(
-        "content_type", f'multipart/related; type="application/dicom"; boundary={boundary}'
-    )
+    return content, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def stow(
+    gateway: GatewayProcess, bodies: list[bytes], path: str = "/studies", **kw: str
+) -> httpx.Response:
+    """STOW-RS these encoded data sets in one multipart request."""
+    content, content_type = stow_body(bodies)
+    content_type = kw.get("content_type", content_type)
     return httpx.post(
         f"{gateway.url}{path}",
         content=content,

@@ -23,12 +23,17 @@ from telerad import synthetic
 from telerad.api.site import Completion
 from tests.haproxy import HAProxy
 
-from .conftest import GatewayFactory, GatewayProcess, dataset_bytes, retrieved, stored
+from .conftest import (
+    GatewayFactory,
+    GatewayProcess,
+    dataset_bytes,
+    retrieved,
+    stored,
+    stow_body,
+)
 from .test_shared_catalog import new_catalog  # noqa: F401  (the fixture: one PostgreSQL)
 
 pytestmark = pytest.mark.parametrize("hot_tier", ["s3"])
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT = "1.2.840.10008.1.2.1"
 SLICES = 4  # per association and per STOW request
 SAMPLE = 20  # every 20th instance acknowledged is retrieved
 
@@ -80,6 +85,8 @@ class Traffic:
     auth: dict[str, str]
     stop: threading.Event = field(default_factory=threading.Event)
     acknowledged: list[tuple[str, str, str, bytes]] = field(default_factory=list)
+    """(study, series, SOP instance, the data set after its file meta) of each instance a
+    sender was told is stored."""
     failures: list[str] = field(default_factory=list)
     rounds: itertools.count[int] = field(default_factory=itertools.count)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -97,13 +104,15 @@ class Traffic:
             thread.join(120)
         assert not any(t.is_alive() for t in self.threads), "a sender hung"
 
-    def _study(self) -> list[pydicom.Dataset]:
-        return list(synthetic.ct_series(n_slices=SLICES, size=32, seed=next(self.rounds)))
+    def _study(self) -> list[tuple[pydicom.Dataset, bytes]]:
+        """A new small study: each data set and its Part 10 file."""
+        study = synthetic.ct_series(n_slices=SLICES, size=32, seed=next(self.rounds))
+        return [(ds, _part10(ds)) for ds in study]
 
-    def _keep(self, ds: pydicom.Dataset) -> None:
-        _, body = dataset_bytes(_part10(ds))
-        key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-        self.acknowledged.append((*key, body))
+    def _keep(self, study: list[tuple[pydicom.Dataset, bytes]]) -> None:
+        for ds, part10 in study:
+            key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+            self.acknowledged.append((*key, dataset_bytes(part10)[1]))
 
     def _dimse(self) -> None:
         # dcmtk's storescu, a process per association: pynetdicom's own associations,
@@ -113,9 +122,9 @@ class Traffic:
             while not self.stop.is_set():
                 study = self._study()
                 files = []
-                for i, ds in enumerate(study):
+                for i, (_, part10) in enumerate(study):
                     path = Path(scratch) / f"{i}.dcm"
-                    path.write_bytes(_part10(ds))
+                    path.write_bytes(part10)
                     files.append(str(path))
                 sent = subprocess.run(
                     [
@@ -138,24 +147,13 @@ class Traffic:
                 if sent.returncode != 0:
                     self.failures.append(f"storescu: {sent.returncode}: {sent.stderr[-300:]}")
                     continue
-                for ds in study:
-                    self._keep(ds)
+                self._keep(study)
 
     def _stow(self) -> None:
-        boundary = "replicas-test"
         with httpx.Client(timeout=60) as client:
             while not self.stop.is_set():
                 study = self._study()
-                content = (
-                    b"".join(
-                        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                        + _part10(ds)
-                        + b"\r\n"
-                        for ds in study
-                    )
-                    + f"--{boundary}--\r\n".encode()
-                )
-                kind = f'multipart/related; type="application/dicom"; boundary={boundary}'
+                content, kind = stow_body([part10 for _, part10 in study])
                 try:
                     response = client.post(
                         f"{self.front.url}/studies",
@@ -168,8 +166,7 @@ class Traffic:
                 if response.status_code != 200:
                     self.failures.append(f"STOW: {response.status_code}")
                     continue
-                for ds in study:
-                    self._keep(ds)
+                self._keep(study)
 
 
 def _part10(ds: pydicom.Dataset) -> bytes:

@@ -80,8 +80,6 @@ class Gateway:
         self.waiters: Waiters | None = None
         self.outbox: Outbox | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
-        self._linger = 0.0
         self.draining = False
         """Stopping: no new associations, running ones finishing (SIGTERM received)."""
 
@@ -119,11 +117,16 @@ class Gateway:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        # SIGTERM: the pod stopping, with a Service to leave first. Ctrl-C: someone at a
-        # terminal, with none.
-        linger = {signal.SIGTERM: self.config.unready_seconds, signal.SIGINT: 0.0}
-        for sig, seconds in linger.items():
-            loop.add_signal_handler(sig, self._stop_after, seconds)
+        # How long to go on accepting once asked to stop. SIGTERM: the pod stopping, with a
+        # Service to leave first. Ctrl-C: someone at a terminal, with none.
+        stopping: asyncio.Future[float] = loop.create_future()
+
+        def stop_after(linger: float) -> None:
+            if not stopping.done():
+                stopping.set_result(linger)
+
+        for sig, seconds in ((signal.SIGTERM, self.config.unready_seconds), (signal.SIGINT, 0.0)):
+            loop.add_signal_handler(sig, stop_after, seconds)
         await self.start()
         log.info(
             "gateway %s/%s: DICOM %s on %s:%d, HTTP on :%d%s",
@@ -135,20 +138,15 @@ class Gateway:
             self.config.http_port,
             " (TLS)" if self.config.tls else "",
         )
-        await self._stopping.wait()
+        linger = await stopping
         self.draining = True
         log.info(
             "stopping: not ready, still accepting for %ss, then %ss for running associations",
-            self._linger,
+            linger,
             self.config.drain_seconds,
         )
-        await asyncio.sleep(self._linger)
+        await asyncio.sleep(linger)
         await self.stop()
-
-    def _stop_after(self, linger: float) -> None:
-        if not self._stopping.is_set():
-            self._linger = linger
-            self._stopping.set()
 
     async def start(self) -> None:
         listener = DimseServer.listen(self.config)
